@@ -1,0 +1,124 @@
+"""``selfage label-ages`` and ``selfage make-reg``: ages of the references and the regularisation set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from selfage_cli.cli.common import (
+    BaseModelOpt,
+    Common,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    run,
+)
+
+DexWeightsOpt = Annotated[
+    Path | None,
+    typer.Option("--dex-weights", envvar="SELFAGE_DEX_WEIGHTS", show_default=False,
+                 help="DEX age classifier checkpoint (dex_age_classifier.pth from the SAM project, "
+                 "yuval-alaluf/SAM); default: the project's config."),
+]
+
+
+def label_ages(
+    ages: Annotated[list[str] | None, typer.Argument(help="Optional NAME=AGE pairs (file name or stem).",
+                                                     show_default=False)] = None,
+    reg: Annotated[Path | None, typer.Option("--reg", help="Also label this folder of other people's aligned "
+                                             "faces as the regularisation set.", show_default=False)] = None,
+    ages_file: Annotated[Path | None, typer.Option("--ages-file", help="CSV of name,age lines.",
+                                                   show_default=False)] = None,
+    birth_date: Annotated[str | None, typer.Option("--birth-date", help="YYYY-MM-DD: with EXIF dates gives "
+                                                   "the age at each photo.", show_default=False)] = None,
+    dex_weights: DexWeightsOpt = None,
+    prefer: Annotated[str, typer.Option("--prefer", help="Priority of age sources, first wins.")]
+    = "file,filename,exif,dex",
+    dex_preprocess: Annotated[str, typer.Option("--dex-preprocess", help="antialias (512→256 antialiased, then "
+                                                "224) or reference (the reference's direct 512→224).")]
+    = "antialias",
+    project: ProjectOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Give every aligned reference (and, with --reg, every regularisation image) an integer age.
+
+    Sources, by default in this priority: an ages file or NAME=AGE pairs; the file name
+    convention {age}_anything.jpg; the EXIF date with --birth-date; the DEX age estimate.
+    Conflicting sources produce a warning listing both values. User files are never renamed.
+
+    Examples:
+
+      selfage label-ages -p proj                      # ages from file names like 34_beach.jpg
+
+      selfage label-ages --birth-date 1990-04-02 -p proj
+
+      selfage label-ages me_2010.jpg=20 me_2020.jpg=30 -p proj
+
+      selfage label-ages --reg ./reg_faces --dex-weights dex_age_classifier.pth -p proj
+    """
+    common = Common(project=project, device=device, json=json_out, quiet=quiet, debug=debug)
+
+    def action():
+        from selfage_cli.ages.stage import label_ages as label
+
+        return label(common.open_project(), pairs=ages or [], reg=reg, ages_file=ages_file,
+                     birth_date=birth_date, dex_weights=dex_weights, prefer=prefer,
+                     dex_preprocess=dex_preprocess, device=device)
+
+    run(common, action)
+
+
+def make_reg(
+    count: Annotated[int, typer.Option("--count", help="Number of images to generate.")] = 200,
+    age_range: Annotated[str, typer.Option("--age-range", help="LOW-HIGH ages, spread evenly.")] = "0-90",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check each image's age with DEX when "
+                                         "its weights are available and report disagreements.")] = True,
+    dex_weights: DexWeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated per batch.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps per image.")] = 50,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing generated set.")] = False,
+    project: ProjectOpt = None,
+    base_model: BaseModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate an age-labelled regularisation set with the base model itself (no download).
+
+    Prompts "photo of person as {age}-year-old" with ages spread evenly over --age-range; each
+    image is aligned when a face is found and recorded with its prompted age.
+
+    Examples:
+
+      selfage make-reg --count 200 -p proj
+
+      selfage make-reg --count 40 --age-range 10-70 --base-model ./sd15 -p proj
+    """
+    common = Common(project=project, base_model=base_model, device=device, dtype=dtype, json=json_out,
+                    quiet=quiet, debug=debug)
+
+    def action():
+        from selfage_cli.ages.reg import make_reg as generate
+
+        proj = common.open_project()
+        return generate(proj, count=count, age_range=age_range, verify=verify, dex_weights=dex_weights,
+                        batch_size=batch_size, steps=steps, seed=seed, force=force,
+                        base_model=common.resolved_base_model(proj), device=device, dtype=dtype)
+
+    run(common, action)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("label-ages")(label_ages)
+    app.command("make-reg")(make_reg)

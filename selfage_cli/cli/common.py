@@ -1,0 +1,141 @@
+"""Options shared by every command and the one place that turns results and errors into output.
+
+Each command function builds a :class:`Common` from its shared options and hands the library call
+to :func:`run`, which prints the summary (text or ``--json``), maps errors to exit codes and hides
+tracebacks unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from selfage_cli import console
+from selfage_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, SelfageError
+from selfage_cli.project import Project, resolve_project
+from selfage_cli.summary import StageSummary
+
+ProjectOpt = Annotated[
+    Path | None,
+    typer.Option("--project", "-p", envvar="SELFAGE_PROJECT", help="Project folder (default: current folder).",
+                 show_default=False),
+]
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option("--base-model", help="SD 1.x/2.x Hub id or local diffusers folder "
+                 "(default: the project's, else stable-diffusion-v1-5/stable-diffusion-v1-5).", show_default=False),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+
+
+@dataclass
+class Common:
+    """The shared options of one command invocation."""
+
+    project: Path | None = None
+    base_model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+
+    def open_project(self) -> Project:
+        return resolve_project(self.project)
+
+    def resolved_base_model(self, project: Project | None = None) -> str:
+        """--base-model, else the project's recorded base model, else SD 1.5 from the Hub."""
+        from selfage_cli.models import DEFAULT_BASE_MODEL
+
+        if self.base_model:
+            return self.base_model
+        if project is not None and project.exists():
+            recorded = project.config("base_model")
+            if recorded:
+                return str(recorded)
+        return DEFAULT_BASE_MODEL
+
+
+def run(common: Common, action: Callable[[], StageSummary | None]) -> None:
+    """Run a library call, print its summary, and exit with 0, 1, 2 or 130."""
+    console.configure(quiet=common.quiet or common.json)
+    try:
+        summary = action()
+    except SelfageError as exc:
+        _fail(common, str(exc), exc.exit_code, exc)
+    except KeyboardInterrupt as exc:
+        _fail(common, "interrupted.", EXIT_INTERRUPTED, exc)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        if _is_oom(exc):
+            _fail(common, f"out of memory ({str(exc).splitlines()[0][:160]}); see the command's --help for "
+                  "options that use less memory (smaller batches, --max-batch, --gradient-checkpointing).",
+                  EXIT_USAGE, exc)
+        _fail(common, f"unexpected {type(exc).__name__}: {exc}. Rerun with --debug for the traceback and "
+              "report it if it persists.", EXIT_USAGE, exc)
+    if summary is None:
+        raise typer.Exit(0)
+    summary.warnings = list(dict.fromkeys(summary.warnings + console.WARNINGS))
+    if common.json:
+        sys.stdout.write(json.dumps(summary.to_json(), default=str) + "\n")
+    else:
+        _print_summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _is_oom(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _fail(common: Common, message: str, code: int, exc: BaseException) -> None:
+    if common.debug:
+        traceback.print_exception(exc)
+    if common.json:
+        sys.stdout.write(json.dumps({"ok": False, "exit_code": code, "error": message}) + "\n")
+    console.error(message)
+    raise typer.Exit(code)
+
+
+def _print_summary(summary: StageSummary) -> None:
+    out = console.stdout
+    for line in summary.lines:
+        out.print(line)
+    for failure in summary.failures:
+        out.print(f"[red]failed:[/red] {failure.item}: {failure.reason}")
+    if summary.failures:
+        out.print(f"[red]{len(summary.failures)} item(s) failed[/red], {len(summary.done)} done.")
+
+
+def parse_int_list(value: str, option: str, low: int = 0, high: int = 100) -> list[int]:
+    """``"0,20,80"`` → [0, 20, 80]; integers in [low, high], no duplicates, not empty (else exit 2)."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise SelfageError(f"{option} is empty; give integers such as {option} 0,20,80.")
+    out: list[int] = []
+    for part in parts:
+        try:
+            number = int(part)
+        except ValueError:
+            raise SelfageError(f"{option}: {part!r} is not an integer; give integers such as {option} 0,20,80.") from None
+        if not low <= number <= high:
+            raise SelfageError(f"{option}: {number} is outside {low}–{high}; give ages in that range.")
+        if number in out:
+            raise SelfageError(f"{option}: {number} is given twice; list each value once.")
+        out.append(number)
+    return out
+
+
+def common_options(**kwargs: Any) -> Common:
+    return Common(**kwargs)

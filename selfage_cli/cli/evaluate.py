@@ -1,0 +1,49 @@
+"""``selfage eval``: age error, identity distance and reconstruction quality of recorded edits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from selfage_cli.cli.common import Common, DebugOpt, DeviceOpt, JsonOpt, ProjectOpt, QuietOpt, run
+
+
+def evaluate(
+    edits: Annotated[list[str] | None, typer.Argument(help="Edits to evaluate, by input stem or path "
+                                                      "(default: all recorded edits).", show_default=False)]
+    = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Folder for report.json, report.md and "
+                                                "contact_sheet.png (default: PROJECT/eval).",
+                                                show_default=False)] = None,
+    dex_weights: Annotated[Path | None, typer.Option("--dex-weights", envvar="SELFAGE_DEX_WEIGHTS",
+                                                     help="DEX checkpoint; without it only identity is "
+                                                     "reported.", show_default=False)] = None,
+    project: ProjectOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score edits: DEX age error per target age, dlib identity distance, reconstruction PSNR/SSIM.
+
+    Examples:
+
+      selfage eval -p proj
+
+      selfage eval photo --report ./report --json -p proj
+    """
+    common = Common(project=project, device=device, json=json_out, quiet=quiet, debug=debug)
+
+    def action():
+        from selfage_cli.eval.stage import evaluate_project
+
+        return evaluate_project(common.open_project(), edits=edits or [], report_dir=report,
+                                dex_weights=dex_weights, device=device)
+
+    run(common, action)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)

@@ -1,0 +1,96 @@
+"""Terminal output shared by all stages: messages on stderr, progress bars, the JSON summary on stdout.
+
+Library code reports through :func:`info`, :func:`warn` and :func:`progress`; the CLI decides
+(``--quiet``, ``--json``) what is shown. Stdout is reserved for the ``--json`` summary, so a
+Makefile or script can parse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
+_state = {"quiet": False}
+WARNINGS: list[str] = []
+
+
+def configure(quiet: bool = False) -> None:
+    """Set verbosity for this process and silence the libraries' own chatter."""
+    _state["quiet"] = quiet
+    WARNINGS.clear()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        import diffusers.utils.logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def quiet() -> bool:
+    return _state["quiet"]
+
+
+def info(message: str) -> None:
+    """A progress message (suppressed by --quiet)."""
+    if not _state["quiet"]:
+        stderr.print(message)
+
+
+def warn(message: str) -> None:
+    """A warning: always shown, and collected for the --json summary."""
+    WARNINGS.append(message)
+    stderr.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def error(message: str) -> None:
+    stderr.print(f"[red]error:[/red] {message}")
+
+
+@contextlib.contextmanager
+def progress(transient: bool = False) -> Iterator[Progress]:
+    """A rich progress bar on stderr (disabled under --quiet). Use ``add_task``/``advance``."""
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=_state["quiet"],
+        transient=transient,
+    )
+    with bar:
+        yield bar
+
+
+def new_task(bar: Progress, description: str, total: float | None) -> int:
+    """A task on a progress bar with an empty status field (the columns above expect it)."""
+    return bar.add_task(description, total=total, status="")

@@ -1,0 +1,325 @@
+"""Loading Stable Diffusion 1.x/2.x pipelines, choosing device and dtype, and building random ones.
+
+``load_pipeline`` takes a Hub id or a local diffusers folder, interchangeably, through
+``from_pretrained``. ``build_random_pipeline`` makes a randomly initialised pipeline in two
+architectures — ``tiny`` (SD 1.5's layout at tiny widths, 128 px) for tests and the demo, and
+``sd15`` (the exact SD 1.5 architecture) for benchmarks — with the real CLIP BPE vocabulary shipped
+in the package, so the tiny model tokenises exactly like SD 1.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from selfage_cli.errors import ModelNotFoundError, SelfageError
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+ARCHITECTURES = ("tiny", "sd15")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---- device and dtype --------------------------------------------------------------------------
+def resolve_device(device: str | None = None) -> torch.device:
+    """``--device`` value (``auto``/None, ``cpu``, ``cuda``, ``cuda:1``, ``mps``) → torch.device."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise SelfageError(f"--device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise SelfageError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu.")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise SelfageError(f"--device {device} was asked for but MPS is not available; use --device cpu.")
+    return chosen
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype`` value (``auto``/None, ``fp32``, ``fp16``, ``bf16``) → torch dtype for frozen weights.
+
+    auto: bf16 on CUDA GPUs that support it, else fp16 on CUDA and MPS; fp32 on the CPU.
+    """
+    if dtype in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise SelfageError(f"--dtype {dtype!r} is not known; use auto, fp32, fp16 or bf16.")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def load_pipeline(
+    base_model: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> StableDiffusionPipeline:
+    """Load an SD 1.x/2.x pipeline from a Hub id or a local diffusers folder.
+
+    Safety checker and feature extractor are not loaded (we never generate unconditioned images
+    for display). Raises :class:`ModelNotFoundError` with the fix when the model cannot be had.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    name = str(base_model or DEFAULT_BASE_MODEL)
+    device = resolve_device(device if isinstance(device, str) or device is None else str(device))
+    dtype = dtype or resolve_dtype(None, device)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"--base-model {local} is a folder without model_index.json; pass a diffusers pipeline folder "
+                "(e.g. one written by `selfage random-model` or `save_pretrained`)."
+            )
+        source: str = str(local.resolve())
+    else:
+        if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+            raise ModelNotFoundError(f"--base-model {name}: no such folder; check the path.")
+        source = name
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelNotFoundError(_explain_load_failure(name, exc)) from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _explain_load_failure(name: str, exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if Path(name).exists():
+        return f"--base-model {name} could not be loaded as a diffusers pipeline ({text}); check the folder."
+    offline = " (HF_HUB_OFFLINE is set)" if _hub_offline() else ""
+    return (
+        f"--base-model {name} was not found in the local Hugging Face cache and the Hub could not provide it"
+        f"{offline} ({text}); download it on a machine with network (`huggingface-cli download {name} "
+        f"--local-dir ./sd15`) and pass the folder with --base-model ./sd15."
+    )
+
+
+def model_fingerprint(base_model: str | os.PathLike[str]) -> str:
+    """A short stable identifier of a base model: its UNet config (and weight file names when local).
+
+    Used to check that a LoRA and an inversion cache belong to the same base model.
+    """
+    path = Path(str(base_model)).expanduser()
+    digest = hashlib.sha256()
+    if path.is_dir():
+        config = path / "unet" / "config.json"
+        if config.is_file():
+            data = json.loads(config.read_text())
+            data = {k: v for k, v in data.items() if not k.startswith("_")}
+            digest.update(json.dumps(data, sort_keys=True).encode())
+        for weight in sorted((path / "unet").glob("*.safetensors")) + sorted((path / "unet").glob("*.bin")):
+            stat = weight.stat()
+            digest.update(f"{weight.name}:{stat.st_size}".encode())
+    else:
+        digest.update(str(base_model).encode())
+    return digest.hexdigest()[:16]
+
+
+def pipeline_fingerprint(pipe: Any) -> str:
+    """Fingerprint of a loaded pipeline's UNet config (same recipe as :func:`model_fingerprint`)."""
+    data = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def native_resolution(pipe: Any) -> int:
+    """The pixel resolution the UNet was trained at (SD 1.5: 512, SD 2.x-v: 768, tiny: 128)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+# ---- random model factory --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """The configs of a pipeline's three networks (diffusers/transformers config kwargs)."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+    # SD 1.5's scheduler config (DDIM flavour): scaled-linear betas 0.00085 → 0.012.
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "trained_betas": None,
+}
+
+
+def _unet_config(widths: tuple[int, ...], layers: int, heads: int, cross_dim: int, sample_size: int,
+                 groups: int) -> dict[str, Any]:
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": list(widths),
+        "layers_per_block": layers,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": groups,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": cross_dim,
+        "attention_head_dim": heads,
+    }
+
+
+def _vae_config(widths: tuple[int, ...], layers: int, sample_size: int, groups: int) -> dict[str, Any]:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": list(widths),
+        "layers_per_block": layers,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": groups,
+        "sample_size": sample_size,
+        "scaling_factor": 0.18215,
+    }
+
+
+def _text_config(hidden: int, layers: int, heads: int, intermediate: int, projection: int) -> dict[str, Any]:
+    return {
+        "vocab_size": 49408,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": projection,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }
+
+
+def architecture(arch: str) -> Architecture:
+    """The network configs of ``tiny`` or ``sd15``."""
+    if arch == "sd15":
+        return Architecture(
+            unet=_unet_config((320, 640, 1280, 1280), layers=2, heads=8, cross_dim=768, sample_size=64, groups=32),
+            vae=_vae_config((128, 256, 512, 512), layers=2, sample_size=512, groups=32),
+            text_encoder=_text_config(hidden=768, layers=12, heads=12, intermediate=3072, projection=768),
+        )
+    if arch == "tiny":
+        # SD 1.5's layout (four levels, cross-attention in the first three, mid block), tiny widths,
+        # 16² latent = 128 px images.
+        return Architecture(
+            unet=_unet_config((32, 64, 64, 64), layers=1, heads=4, cross_dim=32, sample_size=16, groups=8),
+            vae=_vae_config((16, 32, 32, 32), layers=1, sample_size=128, groups=8),
+            text_encoder=_text_config(hidden=32, layers=2, heads=4, intermediate=64, projection=32),
+        )
+    raise SelfageError(f"--arch {arch!r} is not known; use one of: {', '.join(ARCHITECTURES)}.")
+
+
+def tokenizer_folder() -> Path:
+    """The packaged CLIP tokenizer files (vocab.json, merges.txt built from CLIP's BPE list)."""
+    return Path(str(resources.files("selfage_cli") / "data" / "clip_tokenizer"))
+
+
+def load_clip_tokenizer() -> Any:
+    """SD 1.5's tokenizer (CLIP ViT-L/14 BPE, 77 tokens, padded with the end token)."""
+    from transformers import CLIPTokenizer
+
+    folder = tokenizer_folder()
+    return CLIPTokenizer(
+        vocab_file=str(folder / "vocab.json"),
+        merges_file=str(folder / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+
+
+def build_random_pipeline(arch: str = "tiny", seed: int = 0, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A randomly initialised SD-1.x pipeline of the given architecture.
+
+    ``sd15`` with ``device="meta"`` builds the networks without allocating weights (config checks).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = architecture(arch)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**spec.unet)
+        vae = AutoencoderKL(**spec.vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+    if str(device) != "meta":
+        # Random UNets predict noise of wild magnitude; shrink the output layer so that
+        # sampling stays in range and pictures are at least images (still meaningless).
+        with torch.no_grad():
+            unet.conv_out.weight.mul_(0.1)
+        if dtype != torch.float32:
+            unet, vae, text_encoder = (m.to(dtype=dtype) for m in (unet, vae, text_encoder))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_random_model(out_dir: str | os.PathLike[str], arch: str = "tiny", seed: int = 0,
+                      device: str | torch.device = "cpu", force: bool = False) -> Path:
+    """Write a random pipeline as an ordinary diffusers folder that ``--base-model PATH`` loads."""
+    out = Path(out_dir).expanduser()
+    if (out / "model_index.json").exists() and not force:
+        raise SelfageError(f"{out} already holds a model; pass --force to overwrite it or choose another folder.")
+    if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
+        raise SelfageError(f"{out} is not empty; choose an empty or new folder.")
+    pipe = build_random_pipeline(arch, seed=seed, device=device)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
