@@ -122,7 +122,7 @@ def _explain_load_failure(name: str, exc: Exception) -> str:
     offline = " (HF_HUB_OFFLINE is set)" if _hub_offline() else ""
     return (
         f"--base-model {name} was not found in the local Hugging Face cache and the Hub could not provide it"
-        f"{offline} ({text}); download it on a machine with network (`huggingface-cli download {name} "
+        f"{offline} ({text}); download it on a machine with network (`hf download {name} "
         f"--local-dir ./sd15`) and pass the folder with --base-model ./sd15."
     )
 
@@ -268,9 +268,10 @@ def load_clip_tokenizer() -> Any:
     from transformers import CLIPTokenizer
 
     folder = tokenizer_folder()
+    # Positional: transformers 4 names them vocab_file/merges_file, transformers 5 vocab/merges.
     return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
         model_max_length=77,
         pad_token="<|endoftext|>",
     )
