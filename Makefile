@@ -10,7 +10,7 @@ PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench docs clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix selfage_cli tests benchmarks
 	$(VENV)/bin/ruff format selfage_cli tests benchmarks
+
+docs: install
+	$(VENV)/bin/typer selfage_cli.cli utils docs --name selfage --title "selfage command reference" --output docs/cli.md
 
 bench: install
 	$(PY) -m benchmarks --model tiny --what all
