@@ -21,27 +21,52 @@ from selfage_cli.cli.common import (
 
 DexWeightsOpt = Annotated[
     Path | None,
-    typer.Option("--dex-weights", envvar="SELFAGE_DEX_WEIGHTS", show_default=False,
-                 help="DEX age classifier checkpoint (dex_age_classifier.pth from the SAM project, "
-                 "yuval-alaluf/SAM); default: the project's config."),
+    typer.Option(
+        "--dex-weights",
+        show_default=False,
+        help="DEX age classifier checkpoint (dex_age_classifier.pth from the SAM project, "
+        "yuval-alaluf/SAM); default: $SELFAGE_DEX_WEIGHTS, else the path the project remembers. "
+        "Given here, it is remembered in the project.",
+    ),
 ]
 
 
 def label_ages(
-    ages: Annotated[list[str] | None, typer.Argument(help="Optional NAME=AGE pairs (file name or stem).",
-                                                     show_default=False)] = None,
-    reg: Annotated[Path | None, typer.Option("--reg", help="Also label this folder of other people's aligned "
-                                             "faces as the regularisation set.", show_default=False)] = None,
-    ages_file: Annotated[Path | None, typer.Option("--ages-file", help="CSV of name,age lines.",
-                                                   show_default=False)] = None,
-    birth_date: Annotated[str | None, typer.Option("--birth-date", help="YYYY-MM-DD: with EXIF dates gives "
-                                                   "the age at each photo.", show_default=False)] = None,
+    ages: Annotated[
+        list[str] | None, typer.Argument(help="Optional NAME=AGE pairs (file name or stem).", show_default=False)
+    ] = None,
+    reg: Annotated[
+        Path | None,
+        typer.Option(
+            "--reg",
+            help="Also label this folder of other people's aligned faces as the regularisation set.",
+            show_default=False,
+        ),
+    ] = None,
+    ages_file: Annotated[
+        Path | None, typer.Option("--ages-file", help="CSV of name,age lines.", show_default=False)
+    ] = None,
+    birth_date: Annotated[
+        str | None,
+        typer.Option(
+            "--birth-date", help="YYYY-MM-DD: with EXIF dates gives the age at each photo.", show_default=False
+        ),
+    ] = None,
     dex_weights: DexWeightsOpt = None,
-    prefer: Annotated[str, typer.Option("--prefer", help="Priority of age sources, first wins.")]
-    = "file,filename,exif,dex",
-    dex_preprocess: Annotated[str, typer.Option("--dex-preprocess", help="antialias (512→256 antialiased, then "
-                                                "224) or reference (the reference's direct 512→224).")]
-    = "antialias",
+    prefer: Annotated[
+        str,
+        typer.Option(
+            "--prefer",
+            help="Priority of age sources (file, filename, exif, dex): the first with a value wins; sources left out are not used.",
+        ),
+    ] = "file,filename,exif,dex",
+    dex_preprocess: Annotated[
+        str,
+        typer.Option(
+            "--dex-preprocess",
+            help="antialias (512→256 antialiased, then 224) or reference (the reference's direct 512→224).",
+        ),
+    ] = "antialias",
     project: ProjectOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -52,7 +77,10 @@ def label_ages(
 
     Sources, by default in this priority: an ages file or NAME=AGE pairs; the file name
     convention {age}_anything.jpg; the EXIF date with --birth-date; the DEX age estimate.
-    Conflicting sources produce a warning listing both values. User files are never renamed.
+    Sources left out of --prefer are not used. DEX runs only for images with no age from an earlier
+    source, or on every image when --dex-weights is given (its estimate then also feeds the conflict
+    warnings). Conflicting sources produce a warning listing both values. User files are never
+    renamed or modified. See docs/ages.md.
 
     Examples:
 
@@ -69,9 +97,17 @@ def label_ages(
     def action():
         from selfage_cli.ages.stage import label_ages as label
 
-        return label(common.open_project(), pairs=ages or [], reg=reg, ages_file=ages_file,
-                     birth_date=birth_date, dex_weights=dex_weights, prefer=prefer,
-                     dex_preprocess=dex_preprocess, device=device)
+        return label(
+            common.open_project(),
+            pairs=ages or [],
+            reg=reg,
+            ages_file=ages_file,
+            birth_date=birth_date,
+            dex_weights=dex_weights,
+            prefer=prefer,
+            dex_preprocess=dex_preprocess,
+            device=device,
+        )
 
     run(common, action)
 
@@ -79,8 +115,13 @@ def label_ages(
 def make_reg(
     count: Annotated[int, typer.Option("--count", help="Number of images to generate.")] = 200,
     age_range: Annotated[str, typer.Option("--age-range", help="LOW-HIGH ages, spread evenly.")] = "0-90",
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check each image's age with DEX when "
-                                         "its weights are available and report disagreements.")] = True,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Check each image's age with DEX when its weights are available and report disagreements.",
+        ),
+    ] = True,
     dex_weights: DexWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated per batch.")] = 4,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps per image.")] = 50,
@@ -105,16 +146,28 @@ def make_reg(
 
       selfage make-reg --count 40 --age-range 10-70 --base-model ./sd15 -p proj
     """
-    common = Common(project=project, base_model=base_model, device=device, dtype=dtype, json=json_out,
-                    quiet=quiet, debug=debug)
+    common = Common(
+        project=project, base_model=base_model, device=device, dtype=dtype, json=json_out, quiet=quiet, debug=debug
+    )
 
     def action():
         from selfage_cli.ages.reg import make_reg as generate
 
         proj = common.open_project()
-        return generate(proj, count=count, age_range=age_range, verify=verify, dex_weights=dex_weights,
-                        batch_size=batch_size, steps=steps, seed=seed, force=force,
-                        base_model=common.resolved_base_model(proj), device=device, dtype=dtype)
+        return generate(
+            proj,
+            count=count,
+            age_range=age_range,
+            verify=verify,
+            dex_weights=dex_weights,
+            batch_size=batch_size,
+            steps=steps,
+            seed=seed,
+            force=force,
+            base_model=common.resolved_base_model(proj),
+            device=device,
+            dtype=dtype,
+        )
 
     run(common, action)
 

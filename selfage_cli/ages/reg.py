@@ -1,0 +1,299 @@
+"""The regularisation set: a user's folder of other people's faces, or one generated with the base model.
+
+``selfage make-reg`` is the DreamBooth class-image approach: the base model itself draws
+"photo of person as {age}-year-old" for integer ages spread evenly over ``--age-range``, at its
+native resolution; each image is aligned like the references (FFHQ recipe) when a face is found,
+and otherwise kept as generated (``aligned_ok: false``). Each is recorded with its prompted age
+(``age_source: prompt``); with DEX weights available the estimate is recorded too and large
+disagreements are reported. Images go to ``reg/generated/``; an existing set is only replaced with
+``--force``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from selfage_cli import console
+from selfage_cli.ages.sources import MAX_AGE, MIN_AGE
+from selfage_cli.errors import SelfageError
+from selfage_cli.project import Project
+from selfage_cli.summary import StageSummary
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+REG_PROMPT = "photo of person as {age}-year-old"
+GENERATED_DIR = ("reg", "generated")
+DEFAULT_ALIGNED_SIZE = 512
+DEX_DISAGREEMENT_YEARS = 10.0
+GUIDANCE_SCALE = 7.5
+
+
+# ---- a user's folder ---------------------------------------------------------------------------------------
+def scan_reg_folder(
+    folder: str | os.PathLike[str],
+) -> tuple[Path, list[tuple[Path, tuple[int, int]]], list[tuple[Path, str]]]:
+    """Images of a regularisation folder (recursively, sorted): (folder, [(path, (w, h))], [(path, why unreadable)]).
+
+    Raises :class:`SelfageError` when the folder does not exist or holds no image files.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise SelfageError(f"--reg {root}: no such folder; pass a folder of aligned face images of other people.")
+    root = root.resolve()
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise SelfageError(
+            f"--reg {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass a folder of aligned faces "
+            "or generate a set with `selfage make-reg`."
+        )
+    images: list[tuple[Path, tuple[int, int]]] = []
+    unreadable: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+                size = image.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            unreadable.append((path, f"not a readable image ({exc}); replace or remove the file"))
+            continue
+        images.append((path, size))
+    if not images:
+        raise SelfageError(f"--reg {root}: none of its {len(files)} image files can be read; check the folder.")
+    return root, images, unreadable
+
+
+# ---- generating one -------------------------------------------------------------------------------------
+def parse_age_range(text: str) -> tuple[int, int]:
+    """``--age-range 0-90`` → (0, 90), both within 0–100 and low ≤ high."""
+    parts = str(text).replace("–", "-").split("-")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        low, high = int(parts[0].strip()), int(parts[1].strip())
+    except ValueError:
+        raise SelfageError(f"--age-range {text!r} is not LOW-HIGH; write whole years, e.g. --age-range 0-90.") from None
+    if not (MIN_AGE <= low <= high <= MAX_AGE):
+        raise SelfageError(f"--age-range {text}: need {MIN_AGE} ≤ LOW ≤ HIGH ≤ {MAX_AGE}; e.g. --age-range 0-90.")
+    return low, high
+
+
+def spread_ages(count: int, low: int, high: int) -> list[int]:
+    """``count`` integer ages spread evenly from ``low`` to ``high`` (both included when count > 1)."""
+    if count == 1:
+        return [round((low + high) / 2)]
+    return [int(round(low + (high - low) * i / (count - 1))) for i in range(count)]
+
+
+def make_reg(
+    project: Project,
+    *,
+    count: int = 200,
+    age_range: str = "0-90",
+    verify: bool = True,
+    dex_weights: Path | None = None,
+    batch_size: int = 4,
+    steps: int = 50,
+    seed: int = 0,
+    force: bool = False,
+    base_model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> StageSummary:
+    """Generate, align and record an age-labelled regularisation set; see the module doc."""
+    from selfage_cli.ages.dex import find_dex_weights, load_dex
+    from selfage_cli.models import load_pipeline, native_resolution, resolve_device, resolve_dtype
+
+    summary = StageSummary("make-reg")
+    if count < 1:
+        raise SelfageError(f"--count {count}: generate at least 1 image.")
+    if batch_size < 1:
+        raise SelfageError(f"--batch-size {batch_size}: must be at least 1.")
+    if steps < 1:
+        raise SelfageError(f"--steps {steps}: must be at least 1.")
+    low, high = parse_age_range(age_range)
+    manifest = project.read()
+    _refuse_existing_set(project, manifest, force)
+
+    dex_model = None
+    dex_path = find_dex_weights(dex_weights, project) if verify else None
+    if dex_path is not None:
+        dex_model = load_dex(dex_path, "cpu")  # checked before minutes of generation; moved to the device later
+    elif verify:
+        console.info(
+            "Not verifying ages with DEX: no weights (--dex-weights, $SELFAGE_DEX_WEIGHTS or the project's config)."
+        )
+
+    torch_device = resolve_device(device)
+    pipe = load_pipeline(base_model, torch_device, resolve_dtype(dtype, torch_device))
+    resolution = native_resolution(pipe)
+    aligned_size = _aligned_size(manifest)
+    ages = spread_ages(count, low, high)
+    partial = project.subdir("reg") / ".generated.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    records: list[dict[str, Any]] = []
+    generated: list[Image.Image] = []
+    console.info(f"Generating {count} regularisation image(s) at {resolution}px, ages {low}–{high}.")
+    with console.progress() as bar:
+        task = console.new_task(bar, "make-reg", total=count)
+        for start in range(0, count, batch_size):
+            batch_ages = ages[start : start + batch_size]
+            images = _generate(
+                pipe, batch_ages, [seed + start + k for k in range(len(batch_ages))], steps, resolution, torch_device
+            )
+            for offset, (age, image) in enumerate(zip(batch_ages, images, strict=True)):
+                index = start + offset
+                ident = f"{index:04d}_age{age}"
+                aligned_image, ok, reason = _align(image, aligned_size, f"generated image {ident}")
+                aligned_image.save(partial / f"{ident}.png")
+                record: dict[str, Any] = {
+                    "id": ident,
+                    "source": None,
+                    "aligned": f"{'/'.join(GENERATED_DIR)}/{ident}.png",
+                    "age": age,
+                    "age_source": "prompt",
+                    "aligned_ok": ok,
+                    "prompt": REG_PROMPT.format(age=age),
+                    "seed": seed + index,
+                }
+                if not ok:
+                    record["align_failure"] = reason
+                records.append(record)
+                generated.append(aligned_image)
+            bar.update(task, advance=len(batch_ages))
+    del pipe
+
+    if dex_model is not None:
+        _verify_with_dex(dex_model, generated, records, torch_device, summary)
+
+    final = project.subdir(*GENERATED_DIR[:-1]) / GENERATED_DIR[-1]
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    with project.update() as manifest:
+        manifest["regularisation"] = {
+            "folder": None,
+            "generated": True,
+            "base_model": str(base_model) if base_model else None,
+            "prompt": REG_PROMPT,
+            "age_range": [low, high],
+            "steps": steps,
+            "images": records,
+        }
+        if dex_weights is not None:
+            manifest.setdefault("config", {})["dex_weights"] = str(Path(dex_weights).expanduser().resolve())
+
+    aligned_count = sum(1 for r in records if r["aligned_ok"])
+    summary.done.extend(
+        {
+            "id": r["id"],
+            "age": r["age"],
+            "aligned_ok": r["aligned_ok"],
+            "aligned": r["aligned"],
+            **({"dex_age": r["dex_age"]} if "dex_age" in r else {}),
+        }
+        for r in records
+    )
+    summary.lines.append(
+        f"wrote {count} regularisation image(s) to {final} (ages {low}–{high}); "
+        f"{aligned_count} aligned, {count - aligned_count} kept as generated (no face found)"
+    )
+    if count - aligned_count:
+        console.warn(
+            f"make-reg: {count - aligned_count} of {count} generated image(s) had no detectable face and are "
+            "kept unaligned (aligned_ok: false); a real SD 1.5 base model rarely does this."
+        )
+    summary.data.update({"folder": project.relative(final), "count": count, "aligned": aligned_count, "ages": ages})
+    return summary
+
+
+def _refuse_existing_set(project: Project, manifest: dict[str, Any], force: bool) -> None:
+    section = manifest.get("regularisation") or {}
+    folder = project.root.joinpath(*GENERATED_DIR)
+    has_files = folder.is_dir() and any(folder.iterdir())
+    if force:
+        return
+    if section.get("images"):
+        what = "a generated set" if section.get("generated") else f"the folder {section.get('folder')}"
+        raise SelfageError(
+            f"{project.manifest_path} already records a regularisation set ({what}, {len(section['images'])} "
+            "images); pass --force to replace it."
+        )
+    if has_files:
+        raise SelfageError(f"{folder} already holds files; pass --force to replace them.")
+
+
+def _aligned_size(manifest: dict[str, Any]) -> int:
+    """Align to the references' size (the training resolution), else 512."""
+    for entry in manifest.get("references", []):
+        if isinstance(entry.get("size"), int) and entry["size"] > 0:
+            return int(entry["size"])
+    return DEFAULT_ALIGNED_SIZE
+
+
+def _generate(
+    pipe: Any, ages: list[int], seeds: list[int], steps: int, resolution: int, device: Any
+) -> list[Image.Image]:
+    import torch
+
+    generator_device = "cpu" if device.type == "mps" else device
+    generators = [torch.Generator(device=generator_device).manual_seed(s) for s in seeds]
+    result = pipe(
+        prompt=[REG_PROMPT.format(age=age) for age in ages],
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE_SCALE,
+        height=resolution,
+        width=resolution,
+        generator=generators,
+        output_type="pil",
+    )
+    return list(result.images)
+
+
+def _align(image: Image.Image, size: int, name: str) -> tuple[Image.Image, bool, str | None]:
+    """(image, aligned?, why not): the FFHQ-aligned face, else the generated image as it is."""
+    from selfage_cli.faces.align import align_image
+
+    try:
+        faces = align_image(image, size=size, detector="hog", name=name)
+    except SelfageError as exc:
+        return image, False, str(exc)
+    if not faces:
+        return image, False, "no face found"
+    return faces[0].image, True, None
+
+
+def _verify_with_dex(
+    model: Any, images: list[Image.Image], records: list[dict[str, Any]], device: Any, summary: StageSummary
+) -> None:
+    from selfage_cli.ages.dex import estimate_ages
+
+    estimates = estimate_ages(model, images, device=device)
+    off: list[str] = []
+    errors: list[float] = []
+    for record, estimate in zip(records, estimates, strict=True):
+        record["dex_age"] = round(float(estimate), 2)
+        errors.append(abs(float(estimate) - record["age"]))
+        if errors[-1] > DEX_DISAGREEMENT_YEARS:
+            off.append(f"{record['id']} (prompted {record['age']}, DEX {estimate:.1f})")
+    mae = sum(errors) / len(errors)
+    summary.data["dex_mean_abs_error"] = round(mae, 2)
+    summary.lines.append(f"DEX verification: mean |prompted − estimated| = {mae:.1f} years")
+    if off:
+        shown = ", ".join(off[:10]) + (f" and {len(off) - 10} more" if len(off) > 10 else "")
+        console.warn(
+            f"make-reg: DEX disagrees with the prompted age by more than {DEX_DISAGREEMENT_YEARS:g} years on "
+            f"{len(off)} of {len(records)} image(s): {shown}. They are kept with their prompted age; delete "
+            "or relabel them if they look wrong."
+        )

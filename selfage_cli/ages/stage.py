@@ -1,0 +1,386 @@
+"""``selfage label-ages``: give every reference (and every regularisation image) an integer age.
+
+Sources (names used by ``--prefer`` and recorded as ``age_source``):
+
+* ``file``: an ages file (``--ages-file``) or ``NAME=AGE`` pairs (pairs win over the file);
+* ``filename``: the ``{age}_anything.ext`` convention, read from the raw photo's name;
+* ``exif``: the EXIF date of the raw photo with ``--birth-date`` (references only: a birth date
+  belongs to one person);
+* ``dex``: the DEX classifier's estimate on the aligned image, rounded to whole years.
+
+The first source in ``--prefer`` order (default ``file,filename,exif,dex``) that has a value wins;
+sources left out of ``--prefer`` are never used. Every source's value is kept in
+``age_candidates``, and values from earlier runs stay there until a source is evaluated again
+(file names always; EXIF when ``--birth-date`` is given; DEX when it runs; the ages file/pairs for
+the names they list), so ``label-ages --reg DIR`` does not forget ages given earlier with NAME=AGE.
+Conflicting values produce a warning listing both (DEX only when it is more than
+``DEX_CONFLICT_YEARS`` off, as its estimates are a few years off on their own).
+
+DEX runs only when an image has no value from the sources before it, or on every image when
+``--dex-weights`` is given explicitly (then its estimate goes into ``age_candidates`` and into the
+conflict warning). Nothing is written to the manifest unless every image got a valid age.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfage_cli import console
+from selfage_cli.ages import sources
+from selfage_cli.errors import SelfageError
+from selfage_cli.project import Project
+from selfage_cli.summary import StageSummary
+
+SOURCES = ("file", "filename", "exif", "dex")
+DEFAULT_PREFER = "file,filename,exif,dex"
+DEX_CONFLICT_YEARS = 10.0
+REFERENCES = "references"
+REGULARISATION = "regularisation"
+
+WAYS_TO_GIVE_AN_AGE = (
+    "give an age with NAME=AGE or --ages-file CSV (name,age lines), name the photo {age}_anything.jpg, "
+    "pass --birth-date YYYY-MM-DD for photos with an EXIF date, or let DEX estimate it (--dex-weights "
+    "dex_age_classifier.pth, published by the SAM project, yuval-alaluf/SAM)"
+)
+
+
+@dataclass
+class AgeItem:
+    """One image to label and what each source says about it."""
+
+    section: str  # "references" or "regularisation"
+    id: str
+    source: Path | None  # the raw photo (references) or the user's image (regularisation)
+    image: Path  # what DEX looks at: the aligned image (references) or the image itself
+    names: set[str]  # lower-cased names an ages file or NAME=AGE may use for it
+    candidates: dict[str, float] = field(default_factory=dict)
+    exif_error: str | None = None
+    age: int | None = None
+    age_source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return str(self.source) if self.source is not None else str(self.image)
+
+
+def parse_prefer(prefer: str) -> list[str]:
+    """``--prefer file,filename,exif,dex`` → ordered source names (subset, no duplicates)."""
+    names = [part.strip().lower() for part in (prefer or "").split(",") if part.strip()]
+    if not names:
+        raise SelfageError(f"--prefer is empty; list age sources in priority order, e.g. --prefer {DEFAULT_PREFER}.")
+    for name in names:
+        if name not in SOURCES:
+            raise SelfageError(f"--prefer: unknown age source {name!r}; use some of {', '.join(SOURCES)}.")
+    if len(set(names)) != len(names):
+        raise SelfageError(f"--prefer {prefer}: a source is listed twice; list each once.")
+    return names
+
+
+def label_ages(
+    project: Project,
+    *,
+    pairs: list[str] | None = None,
+    reg: Path | None = None,
+    ages_file: Path | None = None,
+    birth_date: str | None = None,
+    dex_weights: Path | None = None,
+    prefer: str = DEFAULT_PREFER,
+    dex_preprocess: str = "antialias",
+    device: str = "auto",
+) -> StageSummary:
+    """Label the project's references (and the ``reg`` folder's images) with integer ages; see the module doc."""
+    from selfage_cli.ages.dex import PREPROCESS_MODES
+
+    summary = StageSummary("label-ages")
+    order = parse_prefer(prefer)
+    if dex_preprocess not in PREPROCESS_MODES:
+        raise SelfageError(f"--dex-preprocess {dex_preprocess!r} is not known; use antialias or reference.")
+    given = sources.parse_ages_file(ages_file) if ages_file is not None else {}
+    from_pairs = sources.parse_pairs(list(pairs or []))
+    for name, age in from_pairs.items():
+        if name in given and given[name] != age:
+            console.warn(f"{name}: NAME=AGE gives {age}, --ages-file gives {given[name]}; using {age}.")
+        given[name] = age
+    birth = sources.parse_birth_date(birth_date)
+    if given and "file" not in order:
+        console.warn(
+            "ages from --ages-file/NAME=AGE are recorded as candidates but not used: --prefer leaves out 'file'."
+        )
+    if birth is not None and "exif" not in order:
+        console.warn("--birth-date is given but --prefer leaves out 'exif'; EXIF ages are recorded but not used.")
+
+    manifest = project.read()
+    references = manifest.get("references", [])
+    if not references and reg is None:
+        raise SelfageError(
+            f"{project.manifest_path if project.exists() else project.root}: the project has no references to "
+            "label; run `selfage align PHOTOS... -p PROJECT` first (or `selfage train --refs DIR`)."
+        )
+    items = [_reference_item(project, entry) for entry in references]
+    reg_folder: Path | None = None
+    if reg is not None:
+        reg_folder, reg_items = _regularisation_items(reg, manifest, summary)
+        items.extend(reg_items)
+
+    _apply_names(items, given, summary)
+    for item in items:
+        name_age = sources.age_from_filename(item.source.name if item.source is not None else item.id)
+        if name_age is None:
+            item.candidates.pop("filename", None)
+        else:
+            item.candidates["filename"] = name_age
+        if birth is not None and item.section == REFERENCES:
+            _exif_candidate(item, birth)
+
+    _run_dex_if_needed(project, items, order, dex_weights, dex_preprocess, device)
+    _choose(items, order)
+    _write(project, items, reg_folder, dex_weights, summary)
+    return summary
+
+
+# ---- the images ----------------------------------------------------------------------------------------
+def _reference_item(project: Project, entry: dict[str, Any]) -> AgeItem:
+    ident = str(entry.get("id"))
+    aligned_rel = entry.get("aligned")
+    if not aligned_rel:
+        raise SelfageError(
+            f"{project.manifest_path}: reference {ident!r} has no aligned image; run `selfage align` on its photo "
+            "again."
+        )
+    aligned = project.path(aligned_rel)
+    source = Path(entry["source"]) if entry.get("source") else None
+    names = {ident, aligned.name, aligned.stem}
+    if source is not None:
+        names |= {source.name, source.stem}
+    item = AgeItem(REFERENCES, ident, source, aligned, {n.lower() for n in names})
+    item.candidates = _previous_candidates(entry)
+    return item
+
+
+def _previous_candidates(entry: dict[str, Any]) -> dict[str, float]:
+    """The candidates recorded by an earlier run (plus its chosen age, when no candidates were kept)."""
+    previous = {k: v for k, v in (entry.get("age_candidates") or {}).items() if k in SOURCES and v is not None}
+    if entry.get("age") is not None and entry.get("age_source") in SOURCES:
+        previous.setdefault(entry["age_source"], entry["age"])
+    return previous
+
+
+def _regularisation_items(reg: Path, manifest: dict[str, Any], summary: StageSummary) -> tuple[Path, list[AgeItem]]:
+    from selfage_cli.ages.reg import scan_reg_folder
+
+    folder, images, unreadable = scan_reg_folder(reg)
+    for path, reason in unreadable:
+        summary.fail(str(path), reason)
+    section = manifest.get("regularisation") or {}
+    before = {str(img.get("source")): img for img in section.get("images", []) if img.get("source")}
+    items: list[AgeItem] = []
+    for path, size in images:
+        rel = path.relative_to(folder)
+        ident = rel.with_suffix("").as_posix()
+        names = {ident, rel.as_posix(), path.name, path.stem}
+        item = AgeItem(REGULARISATION, ident, path, path, {n.lower() for n in names}, extra={"size": list(size)})
+        if str(path) in before:
+            item.candidates = _previous_candidates(before[str(path)])
+        items.append(item)
+    return folder, items
+
+
+def _apply_names(items: list[AgeItem], given: dict[str, int], summary: StageSummary) -> None:
+    """Put ages from the ages file / NAME=AGE pairs on the images whose names they give."""
+    unmatched: list[str] = []
+    for name, age in given.items():
+        matched = [item for item in items if name.lower() in item.names]
+        if not matched:
+            unmatched.append(name)
+        for item in matched:
+            item.candidates["file"] = age
+    if unmatched:
+        shown = ", ".join(unmatched[:10]) + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
+        console.warn(
+            f"ages given for names that match no image of the project: {shown}; check the spelling "
+            "(a file name, its stem or the reference's id)."
+        )
+
+
+def _exif_candidate(item: AgeItem, birth: Any) -> None:
+    item.candidates.pop("exif", None)
+    if item.source is None or not item.source.is_file():
+        item.exif_error = f"{item.label}: the original photo is no longer there to read its EXIF date"
+        return
+    try:
+        age = sources.age_from_exif(item.source, birth)
+    except SelfageError as exc:
+        item.exif_error = str(exc).rstrip(".")
+        return
+    if age is not None:
+        item.candidates["exif"] = age
+
+
+# ---- DEX --------------------------------------------------------------------------------------------------
+def _has_age_before_dex(item: AgeItem, order: list[str]) -> bool:
+    for name in order:
+        if name == "dex":
+            return False
+        if name in item.candidates:
+            return True
+        if name == "exif" and item.exif_error:
+            return True  # the EXIF error is reported; DEX does not paper over it
+    return False
+
+
+def _run_dex_if_needed(
+    project: Project, items: list[AgeItem], order: list[str], dex_weights: Path | None, preprocess: str, device: str
+) -> None:
+    from selfage_cli.ages.dex import estimate_ages, find_dex_weights, load_dex
+
+    if "dex" not in order or not items:
+        return
+    needing = [item for item in items if not _has_age_before_dex(item, order) and "dex" not in item.candidates]
+    if dex_weights is not None:
+        needing = items  # weights given explicitly: estimate everything, for the conflict warnings too
+    if not needing:
+        return
+    path = find_dex_weights(dex_weights, project)
+    if path is None:
+        return  # the missing ages are reported by _choose, with every way to give one
+    from PIL import Image
+
+    from selfage_cli.models import resolve_device
+
+    images = []
+    for item in needing:
+        try:
+            with Image.open(item.image) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise SelfageError(
+                f"{item.image}: cannot be read for the DEX estimate ({exc}); re-run `selfage align` or remove it."
+            ) from None
+    console.info(f"Estimating {len(images)} age(s) with DEX ({path.name}).")
+    model = load_dex(path, resolve_device(device))
+    estimates = estimate_ages(model, images, preprocess=preprocess)
+    for item, value in zip(needing, estimates, strict=True):
+        item.candidates["dex"] = round(float(value), 2)
+
+
+# ---- choosing and checking ----------------------------------------------------------------------------
+def _as_age(source: str, value: float) -> int:
+    if source == "dex":
+        return int(min(max(round(float(value)), sources.MIN_AGE), sources.MAX_AGE))
+    return int(value)
+
+
+def _choose(items: list[AgeItem], order: list[str]) -> None:
+    """Pick each image's age by priority; warn about conflicts; raise if any image has none."""
+    missing: list[AgeItem] = []
+    exif_errors: list[str] = []
+    for item in items:
+        blocked = False
+        for name in order:
+            if name in item.candidates:
+                item.age = _as_age(name, item.candidates[name])
+                item.age_source = name
+                break
+            if name == "exif" and item.exif_error:
+                blocked = True  # the EXIF date is needed but unreadable: an error, not a silent fall-through
+                exif_errors.append(item.exif_error)
+                break
+        if item.age is None:
+            if not blocked:
+                missing.append(item)
+            continue
+        if item.exif_error and "exif" in order:
+            console.warn(f"{item.exif_error}; not needed, the age comes from {item.age_source}.")
+        _warn_conflicts(item)
+    problems: list[str] = []
+    if exif_errors:
+        problems.append(
+            "; ".join(exif_errors[:5]) + (f" (and {len(exif_errors) - 5} more)" if len(exif_errors) > 5 else "")
+        )
+    if missing:
+        listed = ", ".join(item.label for item in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        kinds = sorted({item.section for item in missing})
+        problems.append(
+            f"no age from any source ({'/'.join(order)}) for {len(missing)} {' and '.join(kinds)} "
+            f"image(s): {listed}{more}; {WAYS_TO_GIVE_AN_AGE}"
+        )
+    if problems:
+        raise SelfageError(". ".join(problems) + ". Nothing was written to the manifest.")
+
+
+def _warn_conflicts(item: AgeItem) -> None:
+    assert item.age is not None and item.age_source is not None
+    for name, value in item.candidates.items():
+        if name == item.age_source:
+            continue
+        differs = abs(float(value) - item.age) > DEX_CONFLICT_YEARS if name == "dex" else int(value) != item.age
+        if differs:
+            console.warn(
+                f"{item.label}: age sources disagree: {item.age_source} says {item.age}, {name} says "
+                f"{value:g}; using {item.age} ({item.age_source}). Use --prefer or NAME=AGE to choose."
+            )
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+def _write(
+    project: Project, items: list[AgeItem], reg_folder: Path | None, dex_weights: Path | None, summary: StageSummary
+) -> None:
+    refs = {item.id: item for item in items if item.section == REFERENCES}
+    reg_items = [item for item in items if item.section == REGULARISATION]
+    with project.update() as manifest:
+        for entry in manifest.get("references", []):
+            item = refs.get(str(entry.get("id")))
+            if item is None:
+                continue  # added by a concurrent `align`: labelled next time
+            entry["age"] = item.age
+            entry["age_source"] = item.age_source
+            entry["age_candidates"] = dict(item.candidates)
+        if reg_folder is not None:
+            previous = manifest.get("regularisation") or {}
+            if previous.get("images") and (previous.get("generated") or previous.get("folder") != str(reg_folder)):
+                what = "generated set" if previous.get("generated") else f"folder {previous.get('folder')}"
+                console.warn(
+                    f"--reg {reg_folder} replaces the regularisation set recorded before ({what}, "
+                    f"{len(previous['images'])} images); its files are left where they are."
+                )
+            manifest["regularisation"] = {
+                "folder": str(reg_folder),
+                "generated": False,
+                "images": [
+                    {
+                        "id": item.id,
+                        "source": str(item.source),
+                        "aligned": None,
+                        "age": item.age,
+                        "age_source": item.age_source,
+                        "age_candidates": dict(item.candidates),
+                        **item.extra,
+                    }
+                    for item in reg_items
+                ],
+            }
+        if dex_weights is not None:
+            manifest.setdefault("config", {})["dex_weights"] = str(Path(dex_weights).expanduser().resolve())
+    counts: dict[str, int] = {}
+    for item in items:
+        summary.done.append(
+            {
+                "section": item.section,
+                "id": item.id,
+                "age": item.age,
+                "age_source": item.age_source,
+                "age_candidates": dict(item.candidates),
+            }
+        )
+        counts[item.age_source or "?"] = counts.get(item.age_source or "?", 0) + 1
+    for item in items:
+        if item.section == REFERENCES:
+            summary.lines.append(f"{item.id}: {item.age} ({item.age_source})")
+    if reg_folder is not None:
+        summary.lines.append(f"regularisation: {len(reg_items)} image(s) from {reg_folder} labelled")
+    summary.lines.append(f"labelled {len(items)} image(s): " + ", ".join(f"{n} from {s}" for s, n in counts.items()))
+    summary.data["by_source"] = counts
