@@ -1,0 +1,269 @@
+"""Training on the tiny model (CPU): weights change as they should, the VAE encodes each image once,
+the saved LoRA loads into plain diffusers, and an interrupted run resumes bit-identically."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from selfage_cli.errors import EXIT_INTERRUPTED, InterruptedRun, SelfageError
+from selfage_cli.project import Project, find
+from selfage_cli.train.config import TrainConfig
+from selfage_cli.train.loop import Trainer
+from selfage_cli.train.stage import train_project
+
+REF_AGES = (30, 40, 50)
+REG_AGES = (8, 25, 65, 80)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a small shared CPU, two OpenMP threads spin-wait and run ~20× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_train_project(root: Path, portraits: list[Path], size: int = 128) -> Project:
+    """A project with 3 aligned, labelled references and 4 labelled regularisation images."""
+    project = Project(root)
+    faces = [Image.open(p).convert("RGB") for p in portraits]
+    faces = [f.crop((0, 0, min(f.size), min(f.size))).resize((size, size)) for f in faces]
+    (root / "refs" / "aligned").mkdir(parents=True, exist_ok=True)
+    (root / "reg").mkdir(parents=True, exist_ok=True)
+    with project.update() as manifest:
+        for i, age in enumerate(REF_AGES):
+            path = root / "refs" / "aligned" / f"{age}_me.png"
+            faces[0].rotate(5 * i).save(path)
+            manifest["references"].append(
+                {
+                    "id": f"{age}_me",
+                    "source": f"/photos/{age}_me.jpg",
+                    "aligned": project.relative(path),
+                    "age": age,
+                    "age_source": "filename",
+                }
+            )
+        for i, age in enumerate(REG_AGES):
+            path = root / "reg" / f"{age}_other.png"
+            faces[1].rotate(-7 * i).save(path)
+            manifest["regularisation"]["images"].append(
+                {"id": f"{age}_other", "source": str(path), "age": age, "age_source": "filename"}
+            )
+        manifest["regularisation"]["folder"] = str(root / "reg")
+    return project
+
+
+def tiny_config(model: Path, **overrides: Any) -> TrainConfig:
+    values = dict(
+        base_model=str(model),
+        steps=3,
+        batch_size=2,
+        rank=4,
+        lr=1e-2,
+        resolution=128,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        device="cpu",
+        dtype="fp32",
+        seed=3,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run(project: Project, config: TrainConfig, name: str, **kwargs: Any):
+    args = dict(refs=None, reg=None, birth_date=None, ages_file=None, run_name=name, resume=False, force=False)
+    args.update(kwargs)
+    return train_project(project, config, **args)
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
+) -> Iterator[dict[str, Any]]:
+    """One 3-step run with a spy on the VAE encoder and the trained pipeline captured."""
+    from diffusers import AutoencoderKL
+
+    import selfage_cli.models as models
+
+    project = make_train_project(tmp_path_factory.mktemp("train") / "proj", [astronaut_path, hopper_path])
+    encoded: list[torch.Tensor] = []
+    captured: dict[str, Any] = {}
+    real_encode, real_load = AutoencoderKL.encode, models.load_pipeline
+
+    def spy_encode(self, x, *args, **kwargs):
+        encoded.append(x.detach().clone())
+        return real_encode(self, x, *args, **kwargs)
+
+    def capture_load(*args, **kwargs):
+        captured["pipe"] = real_load(*args, **kwargs)
+        return captured["pipe"]
+
+    def capture_trainer(self, stats):
+        captured["trainer"] = self
+        captured.setdefault("losses", []).append(stats["loss"])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoencoderKL, "encode", spy_encode)
+        mp.setattr(models, "load_pipeline", capture_load)
+        mp.setattr(Trainer, "on_step_end", capture_trainer)
+        mp.setattr("selfage_cli.train.validate.VALIDATION_STEPS", 2)
+        summary = run(project, tiny_config(tiny_model_dir, validate_ages="20,60"), "full")
+    yield {"project": project, "summary": summary, "encoded": encoded, **captured}
+
+
+def test_few_steps_train_and_record_the_run(trained: dict[str, Any]) -> None:
+    project, summary = trained["project"], trained["summary"]
+    assert summary.exit_code == 0
+    losses = trained["losses"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    run_dir = project.root / "runs" / "full"
+    log = [json.loads(line) for line in (run_dir / "loss.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3]
+    assert [row["loss"] for row in log] == pytest.approx(losses, abs=1e-5)
+    meta = json.loads((run_dir / "pytorch_lora_weights.json").read_text())
+    assert meta["finished"] is True and meta["steps_done"] == 3 and meta["rank"] == meta["alpha"] == 4
+    assert meta["ages"] == list(REF_AGES)
+    assert meta["prompts"] == [f"photo of sks person as {a}-year-old" for a in REF_AGES]
+    assert meta["base_model_fingerprint"]
+    entry = find(project.read()["runs"], "full", key="name")
+    assert entry["finished"] is True and entry["steps_done"] == entry["steps_total"] == 3
+    assert entry["lora"] == "runs/full/pytorch_lora_weights.safetensors"
+    assert entry["validation_grid"] == "runs/full/validation.png"
+    with Image.open(project.path(entry["validation_grid"])) as grid:
+        assert grid.size[0] == 2 * 128
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+
+def test_batch_is_references_then_regularisation_with_age_prompts(trained: dict[str, Any]) -> None:
+    trainer: Trainer = trained["trainer"]
+    n_refs = len(trainer.refs)
+    for micro in range(3):
+        indices = trainer.batch_indices(micro)
+        assert all(i < n_refs for i in indices[:2]) and all(i >= n_refs for i in indices[2:])
+    images = trainer.refs + trainer.regs
+    prompts = [images[i].prompt for i in trainer.batch_indices(0)]
+    assert prompts[0].startswith("photo of sks person as ") and prompts[2].startswith("photo of person as ")
+    assert {img.prompt for img in trainer.regs} == {f"photo of person as {a}-year-old" for a in REG_AGES}
+
+
+def test_lora_weights_change_and_base_weights_do_not(trained: dict[str, Any], tiny_pipe: Any) -> None:
+    pipe, fresh = trained["pipe"], tiny_pipe
+    for part in ("unet", "text_encoder"):
+        trained_params = dict(getattr(pipe, part).named_parameters())
+        lora_b = [p for n, p in trained_params.items() if "lora_B" in n]
+        assert lora_b and all(p.dtype == torch.float32 for p in lora_b)
+        assert max(float(p.detach().abs().max()) for p in lora_b) > 0, f"{part} LoRA did not change (B starts at 0)"
+        base = {n.replace(".base_layer", ""): p for n, p in trained_params.items() if "lora_" not in n}
+        for name, original in getattr(fresh, part).named_parameters():
+            assert torch.equal(base[name], original), f"{part} base weight {name} changed"
+
+
+def test_vae_encodes_each_image_exactly_once(trained: dict[str, Any]) -> None:
+    encoded = torch.cat(trained["encoded"])
+    assert encoded.shape[0] == len(REF_AGES) + len(REG_AGES)
+    assert len({tuple(row.flatten()[:64].tolist()) for row in encoded}) == encoded.shape[0]
+
+
+def test_saved_lora_loads_in_plain_diffusers_and_changes_output(trained: dict[str, Any], tiny_pipe: Any) -> None:
+    folder = trained["project"].root / "runs" / "full"
+    keys = load_file(str(folder / "pytorch_lora_weights.safetensors")).keys()
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    pipe = copy.deepcopy(tiny_pipe)
+
+    def render():
+        return pipe(
+            "photo of sks person as 40-year-old",
+            num_inference_steps=2,
+            height=128,
+            width=128,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    before = render()
+    pipe.load_lora_weights(str(folder))
+    after = render()
+    assert abs(after - before).max() > 1e-4
+    trained_unet = dict(trained["pipe"].unet.named_parameters())
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            assert torch.allclose(param, trained_unet[name.replace("default_0", "default")])
+    scales = {m.scaling["default_0"] for m in pipe.unet.modules() if hasattr(m, "scaling") and m.scaling}
+    assert scales == {1.0}  # alpha = rank
+
+
+def test_interrupted_run_resumes_bit_identically(
+    trained: dict[str, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = trained["project"]
+    config = tiny_config(tiny_model_dir)
+
+    def interrupt_after_one(self, stats):
+        if stats["step"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "on_step_end", interrupt_after_one)
+    with pytest.raises(InterruptedRun, match="step 1/3.*--resume --run half") as info:
+        run(project, config, "half")
+    assert info.value.exit_code == EXIT_INTERRUPTED == 130
+    entry = find(project.read()["runs"], "half", key="name")
+    assert entry["finished"] is False and entry["steps_done"] == 1
+    folder = project.root / "runs" / "half"
+    assert json.loads((folder / "pytorch_lora_weights.json").read_text())["finished"] is False
+    with pytest.raises(SelfageError, match="unfinished run; pass --resume"):
+        run(project, config, "half")
+
+    monkeypatch.undo()
+    resumed_steps = []
+    monkeypatch.setattr(Trainer, "on_step_end", lambda self, stats: resumed_steps.append(stats["step"]))
+    summary = run(project, tiny_config(tiny_model_dir, steps=50, lr=1.0), "half", resume=True)  # recorded config wins
+    assert resumed_steps == [2, 3] and summary.exit_code == 0
+    assert find(project.read()["runs"], "half", key="name")["finished"] is True
+    full = load_file(str(project.root / "runs" / "full" / "pytorch_lora_weights.safetensors"))
+    half = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    assert full.keys() == half.keys()
+    for key in full:
+        assert torch.equal(full[key], half[key]), key
+    log = [json.loads(line)["step"] for line in (folder / "loss.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3]
+
+    with pytest.raises(SelfageError, match="finished run; pass --force"):
+        run(project, config, "half")
+    again = run(project, config, "half", resume=True)
+    assert again.skipped and "already finished" in again.lines[0]
+
+
+def test_latent_cache_draws_what_re_encoding_draws(trained: dict[str, Any], tiny_pipe: Any, tmp_path: Path) -> None:
+    """Sampling the cached latent distribution gives the same step as re-encoding (same generator)."""
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    losses = {}
+    for cache in (True, False):
+        config = tiny_config(Path(trained["trainer"].config.base_model), latent_cache=cache)
+        trainer = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=None)
+        losses[cache] = [trainer.step()["loss"] for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_frozen_text_encoder_uses_cached_embeddings(trained: dict[str, Any], tiny_pipe: Any, tmp_path: Path) -> None:
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    config = tiny_config(Path(trained["trainer"].config.base_model), train_text_encoder=False)
+    pipe = copy.deepcopy(tiny_pipe)
+    trainer = Trainer(pipe, config, refs, regs, run_dir=None)
+    assert trainer.prompt_cache is not None and trainer.prompt_cache.shape[0] == len(REF_AGES) + len(REG_AGES)
+    calls = []
+    pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    assert torch.isfinite(torch.tensor(trainer.step()["loss"]))
+    assert calls == [] and not any("lora" in n for n, _ in pipe.text_encoder.named_parameters())
+    keys = load_file(str(trainer.save_lora(tmp_path))).keys()
+    assert keys and all(k.startswith("unet.") for k in keys)
