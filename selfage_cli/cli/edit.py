@@ -22,44 +22,70 @@ from selfage_cli.cli.common import (
 
 
 def edit(
-    images: Annotated[list[Path] | None, typer.Argument(help="Photos to edit (default: every input in the "
-                                                        "project).", show_default=False)] = None,
-    ages: Annotated[str, typer.Option("--ages", help="Target ages, integers 0–100, comma-separated.")]
-    = "0,20,80",
-    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write a labelled strip: source "
-                                               "then every age.")] = False,
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Photos to edit (default: every input in the project).", show_default=False),
+    ] = None,
+    ages: Annotated[str, typer.Option("--ages", help="Target ages, integers 0–100, comma-separated.")] = "0,20,80",
+    side_by_side: Annotated[
+        bool, typer.Option("--side-by-side", help="Also write a labelled strip: source then every age.")
+    ] = False,
     gif: Annotated[bool, typer.Option("--gif", help="Also write an animation, one frame per age.")] = False,
-    source_age: Annotated[int | None, typer.Option("--source-age", help="Age in the photo (default: DEX "
-                                                   "estimate).", show_default=False)] = None,
-    gender: Annotated[str | None, typer.Option("--gender", help="female or male: girl/boy, woman/man in "
-                                               "prompts.", show_default=False)] = None,
-    lora: Annotated[Path | None, typer.Option("--lora", help="LoRA file or run folder (default: the "
-                                              "project's latest finished run).", show_default=False)] = None,
-    no_lora: Annotated[bool, typer.Option("--no-lora", help="Edit with the base model alone (no "
-                                          "personalisation).")] = False,
-    inversion: Annotated[str, typer.Option("--inversion", help="null-text (paper) or negative-prompt "
-                                           "(no optimisation, much faster).")] = "null-text",
-    ddim_steps: Annotated[int, typer.Option("--ddim-steps")] = 50,
+    source_age: Annotated[
+        float | None,
+        typer.Option(
+            "--source-age",
+            help="Age in the photo (default: the age recorded for the input, else the DEX estimate).",
+            show_default=False,
+        ),
+    ] = None,
+    gender: Annotated[
+        str | None, typer.Option("--gender", help="female or male: girl/boy, woman/man in prompts.", show_default=False)
+    ] = None,
+    lora: Annotated[
+        Path | None,
+        typer.Option(
+            "--lora",
+            help="LoRA file, its folder, or a run name (default: the project's latest finished run).",
+            show_default=False,
+        ),
+    ] = None,
+    no_lora: Annotated[
+        bool, typer.Option("--no-lora", help="Edit with the base model alone (no personalisation).")
+    ] = False,
+    inversion: Annotated[
+        str, typer.Option("--inversion", help="null-text (paper) or negative-prompt (no optimisation, much faster).")
+    ] = "null-text",
+    ddim_steps: Annotated[int, typer.Option("--ddim-steps", help="DDIM steps of inversion and editing.")] = 50,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
-    inner_steps: Annotated[int, typer.Option("--inner-steps", help="Null-text optimisation steps per "
-                                             "timestep.")] = 10,
-    cross_replace: Annotated[float, typer.Option("--cross-replace", help="Fraction of steps with "
-                                                 "cross-attention replacement.")] = 0.8,
-    self_replace: Annotated[float, typer.Option("--self-replace", help="Fraction of steps with "
-                                                "self-attention injection.")] = 0.5,
-    blend_threshold: Annotated[float, typer.Option("--blend-threshold", help="Local-blend mask "
-                                                   "threshold.")] = 0.3,
-    blend_start: Annotated[float, typer.Option("--blend-start", help="Fraction of steps before local "
-                                               "blending starts.")] = 0.2,
-    max_batch: Annotated[int | None, typer.Option("--max-batch", help="At most this many ages per pass "
-                                                  "(less memory).", show_default=False)] = None,
-    aligned: Annotated[bool, typer.Option("--aligned", help="Inputs are already FFHQ-aligned squares: "
-                                          "skip alignment.")] = False,
-    no_round_source_age: Annotated[bool, typer.Option("--no-round-source-age", help="Paste DEX's float age "
-                                                      "into the prompt, as the reference does.")] = False,
-    dex_weights: Annotated[Path | None, typer.Option("--dex-weights", envvar="SELFAGE_DEX_WEIGHTS",
-                                                     help="DEX checkpoint for the source age.",
-                                                     show_default=False)] = None,
+    inner_steps: Annotated[int, typer.Option("--inner-steps", help="Null-text optimisation steps per timestep.")] = 10,
+    cross_replace: Annotated[
+        float, typer.Option("--cross-replace", help="Fraction of steps with cross-attention replacement.")
+    ] = 0.8,
+    self_replace: Annotated[
+        float, typer.Option("--self-replace", help="Fraction of steps with self-attention injection.")
+    ] = 0.5,
+    blend_threshold: Annotated[float, typer.Option("--blend-threshold", help="Local-blend mask threshold.")] = 0.3,
+    blend_start: Annotated[
+        float, typer.Option("--blend-start", help="Fraction of steps before local blending starts.")
+    ] = 0.2,
+    max_batch: Annotated[
+        int | None,
+        typer.Option("--max-batch", help="At most this many ages per pass (less memory).", show_default=False),
+    ] = None,
+    aligned: Annotated[
+        bool, typer.Option("--aligned", help="Inputs are already FFHQ-aligned squares: skip alignment.")
+    ] = False,
+    no_round_source_age: Annotated[
+        bool,
+        typer.Option("--no-round-source-age", help="Paste DEX's float age into the prompt, as the reference does."),
+    ] = False,
+    dex_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--dex-weights", envvar="SELFAGE_DEX_WEIGHTS", help="DEX checkpoint for the source age.", show_default=False
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     project: ProjectOpt = None,
@@ -73,7 +99,8 @@ def edit(
     """Edit photos of the person to target ages (null-text inversion + prompt-to-prompt).
 
     Writes edits/STEM/AGE.png for each age, plus a strip and a GIF on request, all recorded in
-    selfage.json. The inversion is cached: editing the same photo again skips it.
+    selfage.json; existing outputs are kept unless --force. The inversion is cached: editing the
+    same photo again skips it. Out of GPU memory: use --max-batch. See docs/editing.md.
 
     Examples:
 
@@ -82,9 +109,12 @@ def edit(
       selfage edit --ages 10,30,50,70 --gif -p proj          # every input in the project
 
       selfage edit face.png --aligned --source-age 34 --inversion negative-prompt -p proj
+
+      accelerate launch -m selfage_cli edit --ages 0,40,80 -p proj   # photos split across GPUs
     """
-    common = Common(project=project, base_model=base_model, device=device, dtype=dtype, json=json_out,
-                    quiet=quiet, debug=debug)
+    common = Common(
+        project=project, base_model=base_model, device=device, dtype=dtype, json=json_out, quiet=quiet, debug=debug
+    )
 
     def action():
         from selfage_cli.edit.config import EditConfig
@@ -92,15 +122,36 @@ def edit(
 
         proj = common.open_project()
         config = EditConfig(
-            ages=parse_int_list(ages, "--ages"), side_by_side=side_by_side, gif=gif, source_age=source_age,
-            gender=gender, inversion=inversion, ddim_steps=ddim_steps, guidance=guidance,
-            inner_steps=inner_steps, cross_replace=cross_replace, self_replace=self_replace,
-            blend_threshold=blend_threshold, blend_start=blend_start, max_batch=max_batch,
-            round_source_age=not no_round_source_age, seed=seed,
+            ages=parse_int_list(ages, "--ages"),
+            side_by_side=side_by_side,
+            gif=gif,
+            source_age=int(source_age) if source_age is not None and float(source_age).is_integer() else source_age,
+            gender=gender,
+            inversion=inversion,
+            ddim_steps=ddim_steps,
+            guidance=guidance,
+            inner_steps=inner_steps,
+            cross_replace=cross_replace,
+            self_replace=self_replace,
+            blend_threshold=blend_threshold,
+            blend_start=blend_start,
+            max_batch=max_batch,
+            round_source_age=not no_round_source_age,
+            seed=seed,
         )
-        return edit_project(proj, config, images=images or [], base_model=common.resolved_base_model(proj),
-                            lora=lora, no_lora=no_lora, aligned=aligned, dex_weights=dex_weights,
-                            force=force, device=device, dtype=dtype)
+        return edit_project(
+            proj,
+            config,
+            images=images or [],
+            base_model=common.resolved_base_model(proj),
+            lora=lora,
+            no_lora=no_lora,
+            aligned=aligned,
+            dex_weights=dex_weights,
+            force=force,
+            device=device,
+            dtype=dtype,
+        )
 
     run(common, action)
 

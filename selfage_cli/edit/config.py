@@ -1,0 +1,131 @@
+"""The options of one ``selfage edit`` call, validated once, in one place.
+
+:class:`EditConfig` holds every setting of the method (defaults are the reference's) and the output
+choices. It refuses bad values with a :class:`SelfageError` naming the option and the fix, so the
+stage code can trust it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from selfage_cli.errors import SelfageError
+
+INVERSION_MODES = ("null-text", "negative-prompt")
+GENDERS = ("female", "male")
+MIN_AGE, MAX_AGE = 0, 100
+
+
+@dataclass
+class EditConfig:
+    """Every option of an edit (method settings and outputs), validated on construction."""
+
+    ages: list[int] = field(default_factory=lambda: [0, 20, 80])
+    side_by_side: bool = False
+    gif: bool = False
+    source_age: float | None = None  # None: recorded age of the input, else the DEX estimate
+    gender: str | None = None
+    inversion: str = "null-text"
+    ddim_steps: int = 50
+    guidance: float = 7.5
+    inner_steps: int = 10
+    cross_replace: float = 0.8
+    self_replace: float = 0.5
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    max_batch: int | None = None
+    round_source_age: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SelfageError (exit 2) for the first bad value, naming the option and the fix."""
+        self.ages = _check_ages(self.ages)
+        if self.source_age is not None:
+            if (
+                isinstance(self.source_age, bool)
+                or not isinstance(self.source_age, int | float)
+                or not math.isfinite(self.source_age)
+            ):
+                raise SelfageError(
+                    f"--source-age {self.source_age!r} is not a number; give the age in the photo, e.g. 34."
+                )
+            if not MIN_AGE <= self.source_age <= MAX_AGE:
+                raise SelfageError(
+                    f"--source-age {self.source_age} is outside {MIN_AGE}–{MAX_AGE}; give the age in the photo."
+                )
+        if self.gender is not None:
+            gender = str(self.gender).strip().lower()
+            if gender not in GENDERS:
+                raise SelfageError(f"--gender {self.gender!r} is not known; use female or male (or leave it out).")
+            self.gender = gender
+        if self.inversion not in INVERSION_MODES:
+            raise SelfageError(
+                f"--inversion {self.inversion!r} is not known; use null-text (the paper's) or negative-prompt (faster)."
+            )
+        _check_int("--ddim-steps", self.ddim_steps, 1, 1000)
+        _check_int("--inner-steps", self.inner_steps, 0, 1000)
+        if not isinstance(self.guidance, int | float) or not math.isfinite(self.guidance) or self.guidance < 1.0:
+            raise SelfageError(f"--guidance {self.guidance} must be a number ≥ 1 (the paper uses 7.5).")
+        for option, value in (
+            ("--cross-replace", self.cross_replace),
+            ("--self-replace", self.self_replace),
+            ("--blend-threshold", self.blend_threshold),
+            ("--blend-start", self.blend_start),
+        ):
+            if not isinstance(value, int | float) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise SelfageError(f"{option} {value} must be a fraction between 0 and 1.")
+        if self.max_batch is not None:
+            _check_int("--max-batch", self.max_batch, 1, 10_000)
+        _check_int("--seed", self.seed, 0, 2**63 - 1)
+
+    @property
+    def needs_source_age(self) -> bool:
+        return self.source_age is None
+
+    def prompt_age(self, age: float | int) -> float | int:
+        """The age as it goes into the inversion prompt: rounded to an integer unless --no-round-source-age
+        (which pastes a DEX float as it is, like the reference; integer ages stay integers)."""
+        return int(round(age)) if self.round_source_age else age
+
+    def p2p_settings(self) -> Any:
+        """The engine's prompt-to-prompt settings for these options."""
+        from selfage_cli.edit.engine import P2PSettings
+
+        return P2PSettings(
+            cross_replace=self.cross_replace,
+            self_replace=self.self_replace,
+            blend_threshold=self.blend_threshold,
+            blend_start=self.blend_start,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Every option, as recorded in the manifest's edit entries."""
+        return asdict(self)
+
+
+def _check_int(option: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SelfageError(f"{option} {value!r} is not an integer; give a whole number.")
+    if not low <= value <= high:
+        raise SelfageError(f"{option} {value} is outside {low}–{high}; give a value in that range.")
+
+
+def _check_ages(ages: Any) -> list[int]:
+    values = list(ages or [])
+    if not values:
+        raise SelfageError("--ages is empty; give integers such as --ages 0,20,80.")
+    seen: list[int] = []
+    for age in values:
+        if isinstance(age, bool) or not isinstance(age, int):
+            raise SelfageError(f"--ages: {age!r} is not an integer; give integers such as --ages 0,20,80.")
+        if not MIN_AGE <= age <= MAX_AGE:
+            raise SelfageError(f"--ages: {age} is outside {MIN_AGE}–{MAX_AGE}; give ages in that range.")
+        if age in seen:
+            raise SelfageError(f"--ages: {age} is given twice; list each age once.")
+        seen.append(age)
+    return seen

@@ -1,0 +1,195 @@
+"""The photos an edit works on: registering them as project inputs and loading them for the model.
+
+Raw photos go through the align stage's own code (``selfage_cli.faces.stage.align_photos`` with
+``role="inputs"``). With ``--aligned`` the photos are taken as FFHQ-aligned squares: each is copied,
+resized to the model's native resolution, into ``inputs/aligned/<id>.png`` and registered (the
+original file is never modified). Without IMAGES every registered input is edited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from selfage_cli.errors import SelfageError
+from selfage_cli.project import Project, now_iso, sha256_file, upsert
+from selfage_cli.summary import StageSummary
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+ALIGN_MIN_SIZE = 512  # raw photos are FFHQ-aligned at 512 px (or the model's resolution if larger)
+
+
+@dataclass
+class InputPhoto:
+    """One registered input, as the edit loop needs it."""
+
+    id: str
+    entry: dict[str, Any]
+
+    @property
+    def aligned(self) -> str:
+        return str(self.entry["aligned"])
+
+
+def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given, folders searched recursively for images; missing paths reported as failures."""
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for image in images:
+        path = Path(image).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                missing.append((str(image), "the folder holds no images (png, jpg, webp, bmp, tif)"))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append((str(image), "no such file or folder; check the path"))
+    unique: list[Path] = []
+    for file in files:
+        if file.resolve() not in [u.resolve() for u in unique]:
+            unique.append(file)
+    return unique, missing
+
+
+def find_input_by_sha(project: Project, sha: str) -> dict[str, Any] | None:
+    """The registered input whose source has this sha256 (the first face when several)."""
+    entries = [e for e in project.read().get("inputs", []) if e.get("sha256") == sha and e.get("aligned")]
+    entries.sort(key=lambda e: int(e.get("face_index") or 0))
+    for entry in entries:
+        if project.path(entry["aligned"]).is_file():
+            return entry
+    return None
+
+
+def all_inputs(project: Project) -> list[InputPhoto]:
+    """Every input registered in the project (exit 2 when there is none)."""
+    entries = [e for e in project.read().get("inputs", []) if e.get("aligned")]
+    if not entries:
+        raise SelfageError(
+            f"{project.manifest_path}: no inputs are registered in this project; pass photos to edit "
+            "(selfage edit photo.jpg --ages 0,20,80) or register them first with selfage align PHOTO --role inputs."
+        )
+    return [InputPhoto(str(e["id"]), e) for e in entries]
+
+
+def register_aligned(project: Project, files: list[Path], resolution: int, summary: StageSummary) -> list[InputPhoto]:
+    """``--aligned``: copy square photos, resized to ``resolution``, into ``inputs/aligned/`` and register them."""
+    out: list[InputPhoto] = []
+    for file in files:
+        try:
+            sha = sha256_file(file)
+        except OSError as exc:
+            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
+            continue
+        existing = find_input_by_sha(project, sha)
+        if existing is not None and (existing.get("detector") or int(existing.get("size") or 0) == resolution):
+            out.append(InputPhoto(str(existing["id"]), existing))
+            continue
+        try:
+            with Image.open(file) as handle:
+                handle.load()
+                image = ImageOps.exif_transpose(handle)
+                image = _to_rgb(image)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            summary.fail(str(file), f"is not a readable image ({type(exc).__name__}: {exc}); pass a PNG or JPEG photo")
+            continue
+        if image.width != image.height:
+            summary.fail(
+                str(file),
+                f"is {image.width}×{image.height}, not square, so it cannot be an aligned face; drop --aligned to "
+                "align it (selfage finds and crops the face)",
+            )
+            continue
+        if image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        with project.update() as manifest:
+            inputs = manifest.setdefault("inputs", [])
+            input_id = existing["id"] if existing is not None else _unique_id(inputs, file.stem)
+            target = project.subdir("inputs", "aligned") / f"{input_id}.png"
+            image.save(target, format="PNG")
+            entry = {
+                "id": input_id,
+                "source": str(file.resolve()),
+                "sha256": sha,
+                "aligned": project.relative(target),
+                "size": resolution,
+                "detector": None,
+                "prealigned": True,
+                "face_index": 0,
+                "faces_found": 1,
+                "age": existing.get("age") if existing else None,
+                "age_source": existing.get("age_source") if existing else None,
+                "age_candidates": existing.get("age_candidates", {}) if existing else {},
+                "registered": now_iso(),
+            }
+            upsert(inputs, entry)
+        out.append(InputPhoto(input_id, entry))
+    return out
+
+
+def register_raw(project: Project, files: list[Path], resolution: int, summary: StageSummary) -> list[InputPhoto]:
+    """Align raw photos with the align stage's code (role ``inputs``) and return their entries."""
+    from selfage_cli.faces.stage import align_photos
+
+    aligned = align_photos(project, files, role="inputs", size=max(ALIGN_MIN_SIZE, resolution))
+    summary.warnings.extend(aligned.warnings)
+    reasons = {failure.item: failure.reason for failure in aligned.failures}
+    out: list[InputPhoto] = []
+    for file in files:
+        try:
+            entry = find_input_by_sha(project, sha256_file(file))
+        except OSError as exc:
+            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
+            continue
+        if entry is None:
+            reason = next((r for item, r in reasons.items() if _same_file(item, file)), None)
+            summary.fail(str(file), reason or "could not be aligned (no face found); try another photo or --aligned")
+            continue
+        out.append(InputPhoto(str(entry["id"]), entry))
+    return out
+
+
+def _same_file(item: str, file: Path) -> bool:
+    try:
+        return Path(item).expanduser().resolve() == file.resolve() or Path(item).name == file.name
+    except OSError:
+        return False
+
+
+def _unique_id(entries: list[dict[str, Any]], stem: str) -> str:
+    taken = {str(e.get("id")) for e in entries}
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "input"
+    if base not in taken:
+        return base
+    number = 2
+    while f"{base}_{number}" in taken:
+        number += 1
+    return f"{base}_{number}"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        grey = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        return Image.alpha_composite(grey, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        return Image.fromarray((array / top * 255.0).clip(0, 255).astype("uint8")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_for_model(project: Project, photo: InputPhoto, resolution: int) -> Image.Image:
+    """The aligned input as an RGB image at the model's resolution."""
+    with Image.open(project.path(photo.aligned)) as handle:
+        image = handle.convert("RGB")
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return image

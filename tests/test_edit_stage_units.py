@@ -1,0 +1,249 @@
+"""The edit stage's parts without the model: options, cache keys, output files, LoRA resolution, process split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from selfage_cli.edit.cache import InversionCache, InversionKey
+from selfage_cli.edit.config import EditConfig
+from selfage_cli.edit.lora import ResolvedLora, check_base_model, identifier_from_meta, resolve_lora
+from selfage_cli.edit.outputs import existing_outputs, make_strip, plan_outputs, write_outputs
+from selfage_cli.edit.stage import _oom_message, _split_for_process
+from selfage_cli.errors import SelfageError
+from selfage_cli.project import Project
+
+
+# ---- options -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"gender": "other"}, "--gender"),
+        ({"inversion": "ddim"}, "--inversion"),
+        ({"cross_replace": 1.5}, "--cross-replace"),
+        ({"self_replace": -0.1}, "--self-replace"),
+        ({"blend_threshold": 2}, "--blend-threshold"),
+        ({"blend_start": float("nan")}, "--blend-start"),
+        ({"ddim_steps": 0}, "--ddim-steps"),
+        ({"inner_steps": -1}, "--inner-steps"),
+        ({"guidance": 0.5}, "--guidance"),
+        ({"max_batch": 0}, "--max-batch"),
+        ({"source_age": 120}, "--source-age"),
+        ({"ages": []}, "--ages"),
+        ({"ages": [10, 10]}, "twice"),
+        ({"ages": [10, 101]}, "outside"),
+        ({"ages": [1.5]}, "not an integer"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(changes: dict, fragment: str) -> None:
+    with pytest.raises(SelfageError, match=fragment.replace("-", r"\-")):
+        EditConfig(**changes)
+
+
+def test_config_normalises_gender_and_rounds_source_age() -> None:
+    config = EditConfig(gender="Female")
+    assert config.gender == "female"
+    assert config.prompt_age(34.71) == 35
+    assert EditConfig(round_source_age=False).prompt_age(34.71) == 34.71
+    assert EditConfig(round_source_age=False).prompt_age(34) == 34
+    assert config.to_json()["ages"] == [0, 20, 80]
+
+
+# ---- cache -----------------------------------------------------------------------------------------------
+def _key(**changes) -> InversionKey:
+    values = dict(
+        image_sha256="a" * 64,
+        base_model="fp",
+        lora_sha256="none",
+        prompt="photo of sks woman as 30-year-old",
+        guidance=7.5,
+        steps=50,
+        mode="null-text",
+        inner_steps=10,
+        dtype="fp32",
+        resolution=512,
+    )
+    values.update(changes)
+    return InversionKey(**values)
+
+
+def test_cache_key_depends_on_everything_the_inversion_depends_on() -> None:
+    base = _key().digest
+    for change in (
+        {"image_sha256": "b" * 64},
+        {"base_model": "other"},
+        {"lora_sha256": "c" * 64},
+        {"prompt": "photo of woman as 30-year-old"},
+        {"guidance": 5.0},
+        {"steps": 20},
+        {"mode": "negative-prompt"},
+        {"inner_steps": 5},
+        {"dtype": "bf16"},
+        {"resolution": 768},
+    ):
+        assert _key(**change).digest != base, change
+    # negative-prompt inversion runs no optimisation: the inner-step count does not split its cache
+    assert _key(mode="negative-prompt", inner_steps=3).digest == _key(mode="negative-prompt", inner_steps=10).digest
+
+
+def test_cache_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
+    from selfage_cli.edit.inversion import Inversion
+
+    cache = InversionCache(Project(tmp_path))
+    key = _key()
+    assert cache.load(key) is None
+    inversion = Inversion(
+        x_t=torch.randn(1, 4, 16, 16),
+        null_embeddings=torch.randn(3, 77, 32),
+        mode="null-text",
+        prompt=key.prompt,
+        steps=3,
+        guidance=7.5,
+        inner_steps_run=[2, 1, 2],
+        seconds=1.25,
+    )
+    path = cache.save(key, inversion)
+    assert path.parent == tmp_path / "cache" / "inversions"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    loaded = cache.load(key)
+    assert torch.equal(loaded.x_t, inversion.x_t) and torch.equal(loaded.null_embeddings, inversion.null_embeddings)
+    assert loaded.inner_steps_run == [2, 1, 2] and loaded.steps == 3 and loaded.prompt == key.prompt
+    path.write_bytes(b"garbage")  # a torn or edited file is recomputed, never fatal
+    assert cache.load(key) is None
+
+
+# ---- outputs -------------------------------------------------------------------------------------------
+def test_strip_has_one_tile_per_image_and_gif_one_frame_per_age(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    ages = [5, 40, 80]
+    outputs = plan_outputs(project, "me", ages, side_by_side=True, gif=True)
+    assert existing_outputs(outputs) == []
+    colours = {5: "red", 40: "green", 80: "blue"}
+    write_outputs(
+        outputs,
+        Image.new("RGB", (64, 64), "grey"),
+        34,
+        {a: Image.new("RGB", (64, 64), colours[a]) for a in ages},
+        tile=64,
+    )
+    assert sorted(p.name for p in outputs.folder.iterdir()) == ["40.png", "5.png", "80.png", "ages.gif", "strip.png"]
+    strip = Image.open(outputs.strip)
+    assert strip.width == (1 + len(ages)) * 64 and strip.height > 64
+    assert strip.getpixel((64 + 32, 32))[0] > 200  # second tile is the first age (red)
+    with Image.open(outputs.gif) as gif:
+        assert gif.n_frames == len(ages)
+    assert len(existing_outputs(outputs)) == 5
+    assert make_strip([Image.new("RGB", (10, 10))] * 2, ["a", "b"], 32).width == 64
+
+
+# ---- LoRA resolution --------------------------------------------------------------------------------------
+def _write_lora(folder: Path, meta: dict | None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / "pytorch_lora_weights.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"unet.x.lora_A.weight": torch.zeros(1)}, str(file))
+    if meta is not None:
+        (folder / "pytorch_lora_weights.json").write_text(json.dumps(meta))
+    return file
+
+
+def test_default_lora_is_the_latest_finished_run(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    with pytest.raises(SelfageError) as info:
+        resolve_lora(project, None, no_lora=False)
+    for way_out in ("selfage train", "--lora", "--no-lora"):
+        assert way_out in str(info.value)
+    for name, finished in (("old", True), ("new", True), ("broken", False)):
+        _write_lora(tmp_path / "runs" / name, {"finished": finished, "base_model": "m", "base_model_fingerprint": "f"})
+        with project.update() as manifest:
+            manifest["runs"].append(
+                {"name": name, "lora": f"runs/{name}/pytorch_lora_weights.safetensors", "finished": finished}
+            )
+    chosen = resolve_lora(project, None, no_lora=False)
+    assert chosen.run == "new" and chosen.path == tmp_path / "runs" / "new" / "pytorch_lora_weights.safetensors"
+    named = resolve_lora(project, Path("broken"), no_lora=False)  # a run name, used although unfinished
+    assert named.run == "broken" and any("did not finish" in w for w in named.warnings)
+    assert resolve_lora(project, None, no_lora=True) is None
+    with pytest.raises(SelfageError, match="contradict"):
+        resolve_lora(project, Path("x"), no_lora=True)
+
+
+def test_only_unfinished_runs_says_how_to_finish_them(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    _write_lora(tmp_path / "runs" / "half", {"finished": False})
+    with project.update() as manifest:
+        manifest["runs"].append(
+            {"name": "half", "lora": "runs/half/pytorch_lora_weights.safetensors", "finished": False}
+        )
+    with pytest.raises(SelfageError, match="--resume"):
+        resolve_lora(project, None, no_lora=False)
+
+
+def test_lora_option_takes_file_or_folder_and_warns_without_json(tmp_path: Path) -> None:
+    project = Project(tmp_path / "proj")
+    file = _write_lora(tmp_path / "theirs", None)
+    for option in (file, file.parent):
+        chosen = resolve_lora(project, option, no_lora=False)
+        assert chosen.path == file.resolve() and chosen.meta is None
+        assert any("no pytorch_lora_weights.json" in w for w in chosen.warnings)
+        assert chosen.identifier == "sks"
+    assert chosen.manifest_fields(project)["lora_source"] == str(file.resolve())
+    with pytest.raises(SelfageError, match="no such file"):
+        resolve_lora(project, tmp_path / "missing.safetensors", no_lora=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SelfageError, match="without pytorch_lora_weights"):
+        resolve_lora(project, tmp_path / "empty", no_lora=False)
+
+
+def test_lora_for_another_base_model_is_refused(tiny_model_dir: Path, tiny_pipe) -> None:
+    from selfage_cli.models import model_fingerprint
+
+    good = ResolvedLora(
+        path=Path("x"),
+        origin="t",
+        meta={"base_model": str(tiny_model_dir), "base_model_fingerprint": model_fingerprint(tiny_model_dir)},
+    )
+    check_base_model(good, str(tiny_model_dir), tiny_pipe)
+    other = ResolvedLora(
+        path=Path("x"), origin="t", meta={"base_model": "someone/else", "base_model_fingerprint": "0" * 16}
+    )
+    with pytest.raises(SelfageError, match="trained on someone/else"):
+        check_base_model(other, str(tiny_model_dir), tiny_pipe)
+    check_base_model(ResolvedLora(path=Path("x"), origin="t", meta=None), str(tiny_model_dir), tiny_pipe)
+
+
+def test_identifier_comes_from_the_training_prompt() -> None:
+    assert identifier_from_meta(None) == "sks"
+    assert identifier_from_meta({"identifier": "zwx"}) == "zwx"
+    assert identifier_from_meta({"config": {"instance_prompt": "photo of ohwx person"}}) == "ohwx"
+
+
+# ---- processes, memory --------------------------------------------------------------------------------------
+class _FakeState:
+    num_processes = 2
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def split_between_processes(self, items):
+        import contextlib
+
+        half = (len(items) + 1) // 2
+        return contextlib.nullcontext(items[:half] if self.index == 0 else items[half:])
+
+
+def test_photos_are_split_across_processes() -> None:
+    photos = ["a", "b", "c"]
+    assert _split_for_process(photos, None) == photos
+    shares = [_split_for_process(photos, _FakeState(i)) for i in range(2)]
+    assert shares[0] + shares[1] == photos and all(shares)
+
+
+def test_out_of_memory_suggests_max_batch() -> None:
+    assert "--max-batch 4" in _oom_message(EditConfig(ages=list(range(0, 90, 10))), "me")
+    assert "--max-batch 1" in _oom_message(EditConfig(ages=[1, 2, 3], max_batch=2), "me")
