@@ -1,0 +1,451 @@
+"""The ``selfage align`` stage: photos and folders in, aligned PNGs and manifest entries out.
+
+:func:`align_photos` hashes every photo, skips those already aligned (same sha256) unless ``force``,
+aligns the rest in a process pool (each worker loads the dlib models once), writes the PNGs, and
+registers the successes in one locked manifest update. After references it runs the identity check
+(:func:`check_identity`), which ``selfage align --check`` also runs alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfage_cli.errors import SelfageError
+from selfage_cli.project import Project, find, now_iso, sha256_file
+from selfage_cli.summary import StageSummary
+
+ROLES = {"refs": ("references", ("refs", "aligned")), "inputs": ("inputs", ("inputs", "aligned"))}
+# Folders of a project that hold selfage's own outputs: never aligned as sources.
+OUTPUT_DIRS = ("refs/aligned", "inputs/aligned", "edits", "runs", "cache", "reg")
+AGE_KEYS = ("age", "age_source", "age_candidates")
+MIN_JOBS_PER_WORKER = 3
+
+
+@dataclass(frozen=True)
+class AlignJob:
+    """One photo for a worker."""
+
+    source: str
+    size: int
+    detector: str
+    all_faces: bool
+    descriptors: bool
+
+
+@dataclass
+class JobResult:
+    """What a worker sends back: per face, manifest fields plus the encoded PNG."""
+
+    source: str
+    faces: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float | None = None  # the process's peak resident memory so far (Linux), for benchmarks
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_job(job: AlignJob) -> JobResult:
+    """Align one photo (runs in a worker process or in-process); never raises for a bad photo."""
+    from selfage_cli.faces.align import align_loaded
+    from selfage_cli.faces.errors import FaceError
+    from selfage_cli.faces.identity import face_descriptor
+    from selfage_cli.faces.loading import load_image
+
+    start = time.perf_counter()
+    result = JobResult(source=job.source)
+    path = Path(job.source)
+    try:
+        image = load_image(path)
+        faces, result.warnings = align_loaded(
+            image, name=path.name, size=job.size, detector=job.detector, all_faces=job.all_faces
+        )
+        for face in faces:
+            fields = face.to_entry()
+            if job.descriptors:
+                descriptor = face_descriptor(face.image, face.aligned_landmarks)
+                fields["descriptor"] = None if descriptor is None else [round(float(v), 6) for v in descriptor]
+            buffer = io.BytesIO()
+            face.image.save(buffer, format="PNG")
+            fields["png"] = buffer.getvalue()
+            result.faces.append(fields)
+    except FaceError as exc:
+        result.error = str(exc)
+    except SelfageError:
+        raise  # a setup problem (e.g. missing dlib model files), not this photo's: exit 2 with its fix
+    except MemoryError:
+        result.error = f"{path.name}: out of memory while aligning; downscale the photo or use fewer --workers."
+    except Exception as exc:  # noqa: BLE001 - one bad photo must not stop the others
+        result.error = f"{path.name}: unexpected {type(exc).__name__} while aligning ({exc}); please report it."
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_mb = _peak_rss_mb()
+    return result
+
+
+# ---- sources ----------------------------------------------------------------------------------
+def collect_sources(sources: list[Path], project: Project | None = None) -> list[Path]:
+    """Files as given and image files found recursively in folders (hidden ones and project outputs skipped)."""
+    from selfage_cli.faces.loading import is_image_name
+
+    excluded = [project.root / d for d in OUTPUT_DIRS] if project is not None else []
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            root = path.resolve()
+            files = sorted(
+                f
+                for f in root.rglob("*")
+                if f.is_file()
+                and is_image_name(f)
+                and not any(part.startswith(".") for part in f.relative_to(root).parts)
+                and not any(f.is_relative_to(d) for d in excluded)
+            )
+            if not files:
+                raise SelfageError(
+                    f"{path}: no photos found in this folder (searched recursively for .jpg, .jpeg, .png, .webp, "
+                    ".bmp, .tif, .tiff); check the path."
+                )
+            found.extend(files)
+        elif path.exists():
+            found.append(path.resolve())
+        else:
+            raise SelfageError(f"{path}: no such file or folder; check the path.")
+    return list(dict.fromkeys(found))
+
+
+def _safe_id(stem: str) -> str:
+    cleaned = re.sub(r"[^\w.\-]+", "_", stem).strip("._") or "photo"
+    return cleaned[:100]
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    candidate, number = base, 2
+    while candidate in taken:
+        candidate = f"{base}_{number}"
+        number += 1
+    taken.add(candidate)
+    return candidate
+
+
+def _workers(requested: int, jobs: int) -> int:
+    """Processes to use: as requested (at most one per photo); automatic (0): one per core, but only when
+    each worker gets at least MIN_JOBS_PER_WORKER photos (starting a worker and loading the dlib models
+    costs about as much as aligning two photos)."""
+    if requested < 0:
+        raise SelfageError(f"--workers {requested} must be 0 (one per core) or a positive number.")
+    if requested:
+        return max(1, min(requested, jobs))
+    return max(1, min(os.cpu_count() or 1, jobs // MIN_JOBS_PER_WORKER))
+
+
+def _run_jobs(jobs: list[AlignJob], workers: int, on_result) -> None:
+    """Run jobs in-process (one worker) or in a spawn-based process pool; call ``on_result`` as each ends."""
+    if workers <= 1:
+        for job in jobs:
+            on_result(run_job(job))
+        return
+    import multiprocessing
+
+    # spawn: no inherited threads or locks (torch may be loaded in the parent); each worker loads the
+    # dlib models on first use and keeps them for its next photos.
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {executor.submit(run_job, job): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                on_result(future.result())
+            except BrokenProcessPool:
+                on_result(
+                    JobResult(
+                        source=job.source,
+                        error=f"{Path(job.source).name}: the worker process died "
+                        "(out of memory?); rerun with fewer --workers.",
+                    )
+                )
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown(wait=True)
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+def align_photos(
+    project: Project,
+    sources: list[Path],
+    *,
+    role: str = "refs",
+    size: int = 512,
+    detector: str = "hog",
+    all_faces: bool = False,
+    force: bool = False,
+    workers: int = 0,
+) -> StageSummary:
+    """Align photos into ``refs/aligned/`` or ``inputs/aligned/`` and register them (the ``selfage align`` body)."""
+    from selfage_cli import console
+    from selfage_cli.faces.align import check_size
+    from selfage_cli.faces.detect import check_detector
+
+    if role not in ROLES:
+        raise SelfageError(f"--role {role!r} is not known; use refs (photos for training) or inputs (photos to edit).")
+    size = check_size(size)
+    detector = check_detector(detector)
+    if not sources:
+        raise SelfageError("no photos given; pass photos or folders, e.g. selfage align ./me -p proj.")
+    section, folder_parts = ROLES[role]
+    summary = StageSummary("align")
+    summary.data.update({"role": role, "aligned_dir": "/".join(folder_parts)})
+
+    paths = collect_sources(sources, project)
+    manifest = project.read()
+    entries = manifest.get(section, [])
+
+    # Hash, skip already-aligned photos and duplicates within this call.
+    todo: dict[str, str] = {}  # source → sha256
+    seen_hashes: dict[str, str] = {}
+    for path in paths:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            summary.fail(str(path), f"cannot be read ({exc.strerror}); check its permissions.")
+            continue
+        existing = find(entries, digest, key="sha256")
+        if existing is not None and not force:
+            summary.skipped.append(
+                {
+                    "id": existing.get("id"),
+                    "source": str(path),
+                    "aligned": existing.get("aligned"),
+                    "reason": "already aligned (same sha256)",
+                }
+            )
+            continue
+        if digest in seen_hashes:
+            summary.skipped.append({"source": str(path), "reason": f"same content as {seen_hashes[digest]}"})
+            continue
+        seen_hashes[digest] = str(path)
+        todo[str(path)] = digest
+
+    out_dir = project.subdir(*folder_parts)
+    jobs = [
+        AlignJob(source=s, size=size, detector=detector, all_faces=all_faces, descriptors=role == "refs") for s in todo
+    ]
+    results: dict[str, JobResult] = {}
+    temp_files: dict[tuple[str, int], Path] = {}
+    n_workers = _workers(workers, len(jobs)) if jobs else 0
+    started = time.perf_counter()
+    try:
+        if jobs:
+            with console.progress() as bar:
+                from selfage_cli.console import new_task
+
+                task = new_task(bar, f"aligning ({n_workers} worker{'s' if n_workers > 1 else ''})", len(jobs))
+
+                def on_result(result: JobResult) -> None:
+                    results[result.source] = result
+                    for index, face in enumerate(result.faces):
+                        temp = out_dir / f".tmp-{uuid.uuid4().hex}.png"
+                        temp.write_bytes(face.pop("png"))
+                        temp_files[(result.source, index)] = temp
+                    bar.update(task, advance=1, status=Path(result.source).name)
+
+                _run_jobs(jobs, n_workers, on_result)
+        elapsed = time.perf_counter() - started
+
+        # Register the successes (ids allocated and files moved into place under the manifest lock).
+        with project.update() as manifest:
+            entries = manifest.setdefault(section, [])
+            for source, digest in todo.items():
+                result = results.get(source)
+                if result is None:
+                    continue
+                for message in result.warnings:
+                    console.warn(message)
+                    summary.warnings.append(message)
+                if result.error is not None:
+                    summary.fail(source, result.error.removeprefix(f"{Path(source).name}: "))
+                    continue
+                _register(project, entries, source, digest, result, temp_files, out_dir, role, all_faces, summary)
+            summary.data["references" if role == "refs" else "inputs"] = len(entries)
+    finally:
+        for temp in temp_files.values():
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+    photos = len(todo)
+    summary.data["seconds_per_photo"] = round(elapsed / photos, 3) if photos else None
+    summary.data["workers"] = n_workers
+    rel_dir = "/".join(folder_parts)
+    summary.lines.append(
+        f"aligned {len(summary.done)} face(s) from {photos - len(summary.failures)} photo(s) into {rel_dir}/"
+        + (f"; {len(summary.skipped)} skipped (already aligned; --force to redo)" if summary.skipped else "")
+        + (f"; {len(summary.failures)} failed" if summary.failures else "")
+        + (f" [{elapsed / photos:.2f} s per photo, {n_workers} worker(s)]" if photos else "")
+    )
+    if role == "refs":
+        identity = check_identity(project)
+        summary.lines.extend(identity.lines)
+        summary.warnings.extend(identity.warnings)
+        summary.data.update(identity.data)
+    return summary
+
+
+def _register(
+    project: Project,
+    entries: list[dict[str, Any]],
+    source: str,
+    digest: str,
+    result: JobResult,
+    temp_files: dict[tuple[str, int], Path],
+    out_dir: Path,
+    role: str,
+    all_faces: bool,
+    summary: StageSummary,
+) -> None:
+    """Replace this source's old entries (same sha256 or same path) by the new faces; move PNGs into place."""
+    old = [e for e in entries if e.get("sha256") == digest or e.get("source") == source]
+    same_content = [e for e in old if e.get("sha256") == digest]
+    old_ids = [e.get("id") for e in old]
+    for entry in old:
+        entries.remove(entry)
+        aligned = entry.get("aligned")
+        if aligned:
+            with contextlib.suppress(FileNotFoundError, SelfageError):
+                project.path(aligned).unlink()
+    if old and not same_content:
+        from selfage_cli import console
+
+        message = f"{Path(source).name} changed since it was aligned; re-aligned it (its age labels were dropped)."
+        console.warn(message)
+        summary.warnings.append(message)
+    taken = {str(e.get("id")) for e in entries}
+    taken |= {p.stem for p in out_dir.glob("*.png")}
+    stem = _safe_id(Path(source).stem)
+    for index, face in enumerate(result.faces):
+        base = f"{stem}_face{face['face_index'] + 1}" if all_faces else stem
+        wanted = old_ids[index] if index < len(old_ids) and old_ids[index] not in taken else None
+        entry_id = wanted if wanted else _unique(base, taken)
+        taken.add(entry_id)
+        target = out_dir / f"{entry_id}.png"
+        os.replace(temp_files.pop((source, index)), target)
+        entry: dict[str, Any] = {
+            "id": entry_id,
+            "source": source,
+            "sha256": digest,
+            "aligned": project.relative(target),
+        }
+        entry.update(face)
+        previous = next((e for e in same_content if e.get("id") == entry_id), None)
+        for key in AGE_KEYS:
+            entry[key] = previous.get(key) if previous is not None else ({} if key == "age_candidates" else None)
+        entry["aligned_at"] = now_iso()
+        if role != "refs":
+            entry.pop("descriptor", None)
+        entries.append(entry)
+        summary.done.append(
+            {
+                "id": entry_id,
+                "source": source,
+                "aligned": entry["aligned"],
+                "face_index": face["face_index"],
+                "faces_found": face["faces_found"],
+                "score": face["score"],
+            }
+        )
+        summary.lines.append(f"{Path(source).name} → {entry['aligned']}")
+
+
+# ---- identity check ----------------------------------------------------------------------------
+def check_identity(project: Project) -> StageSummary:
+    """Pairwise descriptor distances of the aligned references; warn about likely other people.
+
+    Descriptors stored in the manifest are used; missing ones are computed from the aligned images.
+    A reference whose median distance to the others exceeds 0.6 (dlib's same-person threshold) is a
+    suspect: a warning names its file.
+    """
+    from selfage_cli import console
+    from selfage_cli.faces.identity import (
+        SAME_PERSON_THRESHOLD,
+        distance_table,
+        face_descriptor,
+        format_table,
+        median_distances,
+        suspects,
+    )
+
+    summary = StageSummary("align")
+    references = project.read().get("references", [])
+    descriptors: dict[str, Any] = {}
+    for entry in references:
+        descriptor = entry.get("descriptor")
+        if descriptor is None and entry.get("aligned"):
+            path = project.path(entry["aligned"])
+            try:
+                from PIL import Image
+
+                with Image.open(path) as img:
+                    descriptor = face_descriptor(img.convert("RGB"))
+            except OSError as exc:
+                message = (
+                    f"{entry['aligned']}: cannot be read for the identity check ({exc}); re-run selfage align --force."
+                )
+                console.warn(message)
+                summary.warnings.append(message)
+                continue
+            if descriptor is None:
+                message = (
+                    f"{entry['aligned']}: no face found in the aligned image; it is left out of the identity check."
+                )
+                console.warn(message)
+                summary.warnings.append(message)
+                continue
+        if descriptor is not None:
+            descriptors[str(entry["id"])] = descriptor
+    table = distance_table(descriptors)
+    medians = median_distances(table)
+    flagged = suspects(table)
+    summary.data["distances"] = table
+    summary.data["median_distances"] = {k: round(v, 4) for k, v in medians.items()}
+    summary.data["suspects"] = flagged
+    if len(descriptors) < 2:
+        summary.lines.append(f"identity check: needs at least two aligned references (found {len(descriptors)}).")
+        return summary
+    summary.lines.append(
+        f"identity check: dlib descriptor distances between the {len(descriptors)} references "
+        f"(same person below {SAME_PERSON_THRESHOLD}):"
+    )
+    summary.lines.extend("  " + line for line in format_table(table))
+    by_id = {str(e.get("id")): e for e in references}
+    for key in flagged:
+        entry = by_id.get(key, {})
+        message = (
+            f"{entry.get('aligned', key)} (from {Path(str(entry.get('source', key))).name}): median identity distance "
+            f"{medians[key]:.2f} to the other references is above {SAME_PERSON_THRESHOLD} (dlib's same-person "
+            "threshold); if it shows someone else, remove that photo: it would poison the personalisation."
+        )
+        console.warn(message)
+        summary.warnings.append(message)
+    if not flagged:
+        summary.lines.append("identity check: all references look like the same person.")
+    return summary
