@@ -89,7 +89,7 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
     project = Project(folder)
     project.set_config(base_model=str(model))
 
-    stage("align", align_photos(project, [refs], role="refs", size=512))
+    stage("align", align_photos(project, [refs], role="refs", size=128))
     stage("label-ages", label_ages(project, pairs=[], reg=None, ages_file=None, birth_date=None, dex_weights=None,
                                    prefer="file,filename,exif,dex", dex_preprocess="antialias", device="cpu"))
     stage("make-reg", make_reg(project, count=4, age_range="10-70", verify=False, dex_weights=None, batch_size=4,

@@ -1,0 +1,35 @@
+"""`selfage demo`: every stage end to end, offline, on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from selfage_cli.cli import app
+from selfage_cli.project import Project
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and "meaningless" in summary["note"]
+    manifest = Project(folder).read()
+    assert len(manifest["references"]) == 3 and all(r["age"] in (30, 35, 40) for r in manifest["references"])
+    assert len(manifest["regularisation"]["images"]) == 4
+    assert [run["finished"] for run in manifest["runs"]] == [True]
+    assert (folder / manifest["runs"][0]["lora"]).is_file()
+    edit = manifest["edits"][0]
+    assert sorted(int(age) for age in edit["outputs"]) == [10, 50, 80]
+    for path in edit["outputs"].values():
+        assert Image.open(folder / path).size == (128, 128)
+    strip = Image.open(folder / edit["strip"])
+    assert strip.width == 4 * 128
+    assert (folder / "eval" / "report.md").is_file()
+    # A second demo into the same folder needs --force; with it, the folder is rebuilt.
+    again = CliRunner().invoke(app, ["demo", str(folder)])
+    assert again.exit_code == 2 and "--force" in again.output
