@@ -1,0 +1,1 @@
+"""selfage benchmark suite: ``python -m benchmarks --help``."""

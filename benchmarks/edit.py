@@ -1,0 +1,188 @@
+"""Edit benchmark: 1 photo → K ages (default 9: 0, 10, …, 80), inversion and editing timed apart.
+
+For each inversion mode (``null-text``, ``negative-prompt``):
+
+- ``edit_inversion``: seconds of ``invert`` (VAE encode + DDIM inversion + null-text optimisation),
+  with the number of inner steps actually run (random weights change how often early stopping fires);
+- ``edit_batched``: seconds of ``edit_ages`` with every age in one pass (or ``--max-batch`` chunks),
+  VAE decode included, with the UNet calls made;
+- ``edit_naive_loop`` (in the modes of ``naive_modes``): the same editing with ``max_batch=1`` — the
+  reference's per-age loop of two-prompt runs — on the same inversion, dtype and attention backend,
+  with ``ratio`` = naive seconds / batched seconds;
+- ``edit_whole``: inversion + batched editing seconds, and the peak memory of that span.
+
+A short warm-up (2 DDIM steps, 1 inner step, batched and naive) runs first so one-off start-up costs
+(CUDA context, cuBLAS/cuDNN autotuning) are not timed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from benchmarks.harness import Recorder, measuring_memory, repeat_timed
+
+REFERENCE = {
+    "gpu": "NVIDIA H100 80GB",
+    "null_text_inversion_seconds": 95.5,
+    "editing_9_ages_seconds": 41.3,
+    "whole_edit_seconds": 140.5,
+    "whole_edit_peak_memory_gb": 11.8,
+}
+
+
+def bench_edit(
+    recorder: Recorder,
+    pipe: Any,
+    *,
+    device: torch.device,
+    photo: Path,
+    ages: list[int],
+    source_age: int = 35,
+    steps: int = 50,
+    inner_steps: int = 10,
+    guidance: float = 7.5,
+    modes: list[str] | tuple[str, ...] = ("null-text", "negative-prompt"),
+    naive_modes: list[str] | tuple[str, ...] = ("null-text",),
+    repeats: int = 1,
+    max_batch: int | None = None,
+    warmup: bool = True,
+) -> list[dict[str, Any]]:
+    """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
+    from selfage_cli.edit.engine import P2PSettings, edit_ages, invert
+    from selfage_cli.edit.prompts import build_prompts
+
+    prompts = build_prompts(source_age, list(ages), gender=None, identifier="sks")
+    settings = P2PSettings()
+    with Image.open(photo) as handle:
+        image = handle.convert("RGB")
+    base = {
+        "ages": list(ages),
+        "source_age": source_age,
+        "ddim_steps": steps,
+        "guidance": guidance,
+        "photo": photo.name,
+    }
+    records: list[dict[str, Any]] = []
+
+    if warmup:
+        short = invert(
+            pipe,
+            image,
+            prompts.source,
+            mode=modes[0],
+            steps=min(steps, 2),
+            guidance=guidance,
+            inner_steps=min(inner_steps, 1),
+        )
+        edit_ages(pipe, short, prompts, settings=settings, max_batch=max_batch, guidance=guidance)
+        if naive_modes:
+            edit_ages(pipe, short, prompts, settings=settings, max_batch=1, guidance=guidance)
+
+    for mode in modes:
+        mode_settings = {**base, "mode": mode, "inner_steps": inner_steps if mode == "null-text" else 0}
+        with measuring_memory(device) as peak:
+            inv_samples, inversion = repeat_timed(
+                lambda mode=mode: invert(
+                    pipe, image, prompts.source, mode=mode, steps=steps, guidance=guidance, inner_steps=inner_steps
+                ),
+                device,
+                repeats,
+                warmup=0,
+            )
+            edit_samples, result = repeat_timed(
+                lambda inversion=inversion: edit_ages(
+                    pipe, inversion, prompts, settings=settings, max_batch=max_batch, guidance=guidance
+                ),
+                device,
+                repeats,
+                warmup=0,
+            )
+            memory = peak.read()
+        records.append(
+            recorder.emit(
+                "edit_inversion",
+                mode_settings,
+                inv_samples,
+                memory,
+                inner_steps_run=inversion.total_inner_steps,
+                inner_steps_max=steps * inner_steps if mode == "null-text" else 0,
+                engine_seconds=inversion.seconds,
+                reference=REFERENCE,
+            )
+        )
+        batched = recorder.emit(
+            "edit_batched",
+            {**mode_settings, "max_batch": max_batch},
+            edit_samples,
+            memory,
+            unet_calls=result.unet_calls,
+            passes=len(result.chunks) or None,
+            sampling_seconds=result.seconds,
+            images=len(result.images),
+            reference=REFERENCE,
+        )
+        records.append(batched)
+        whole = [i + e for i, e in zip(inv_samples, edit_samples, strict=True)]
+        records.append(
+            recorder.emit(
+                "edit_whole",
+                mode_settings,
+                whole,
+                memory,
+                inversion_seconds=records[-2]["seconds"],
+                editing_seconds=batched["seconds"],
+                reference=REFERENCE,
+            )
+        )
+        if mode in naive_modes:
+            with measuring_memory(device) as peak:
+                naive_samples, naive = repeat_timed(
+                    lambda inversion=inversion: edit_ages(
+                        pipe, inversion, prompts, settings=settings, max_batch=1, guidance=guidance
+                    ),
+                    device,
+                    repeats,
+                    warmup=0,
+                )
+                naive_memory = peak.read()
+            ratio = statistics.median(naive_samples) / batched["seconds"]
+            naive_record = recorder.emit(
+                "edit_naive_loop",
+                {**mode_settings, "max_batch": 1},
+                naive_samples,
+                naive_memory,
+                unet_calls=naive.unet_calls,
+                passes=len(naive.chunks) or None,
+                sampling_seconds=naive.seconds,
+                batched_seconds=batched["seconds"],
+                ratio=ratio,
+                reference=REFERENCE,
+            )
+            records.append(naive_record)
+            records.append(
+                recorder.emit(
+                    "edit_batching_ratio",
+                    {**mode_settings, "max_batch": max_batch},
+                    ratio=ratio,
+                    naive_seconds=naive_record["seconds"],
+                    batched_seconds=batched["seconds"],
+                    max_abs_latent_difference=float((naive.latents - result.latents).abs().max()),
+                )
+            )
+    by_mode = {r["settings"]["mode"]: r for r in records if r["what"] == "edit_inversion"}
+    if "null-text" in by_mode and "negative-prompt" in by_mode:
+        records.append(
+            recorder.emit(
+                "edit_inversion_speedup",
+                {**base, "inner_steps": inner_steps},
+                speedup=by_mode["null-text"]["seconds"] / by_mode["negative-prompt"]["seconds"],
+                null_text_seconds=by_mode["null-text"]["seconds"],
+                negative_prompt_seconds=by_mode["negative-prompt"]["seconds"],
+            )
+        )
+    return records

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One command for a GPU machine without network: the selfage benchmark suite on the sd15 random model.
+#
+#   benchmarks/gpu.sh [WHEELS_DIR]            # on the GPU machine, from anywhere; ≤ 6 minutes
+#   benchmarks/gpu.sh --dry-run [WHEELS_DIR]  # the same script on the CPU with the tiny model (< 1 minute)
+#
+# 1. installs what this Python lacks (e.g. diffusers, importlib_metadata, lazy-importer) from the wheels in
+#    WHEELS_DIR (pip --no-index --no-deps --target; see docs/benchmarks.md for how to fetch them);
+# 2. builds the random sd15 pipeline on the GPU (nothing is downloaded or written to disk);
+# 3. train benchmark: paper configuration (4 + 4 images at 512², LoRA rank 16 on UNet and text encoder),
+#    per-step seconds with and without the latent cache (2 warm-up + 20 timed steps each, ~44 steps);
+# 4. edit benchmark: 1 photo → 9 ages (0, 10, …, 80), null-text and negative-prompt inversion, batched
+#    editing and the naive per-age loop (null-text mode) with their ratio;
+# 5. align benchmark, only when dlib and its models are importable (skipped otherwise, and in --dry-run).
+#
+# Every measurement is printed as one JSON line as soon as it is made and appended to
+# $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
+# (also written to $OUT/results.md). Env: PYTHON (default python3), BENCH_BUDGET_S (default 360).
+set -uo pipefail
+
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+
+DRY=0
+WHEELS=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "error: unknown option $arg; use --dry-run or --help." >&2; exit 2 ;;
+    *) WHEELS=$arg ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-$PWD/bench-out}
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "error: cannot create $OUTDIR; set OUT to a writable folder." >&2; exit 2; }
+RESULTS=$OUTDIR/results.jsonl
+BUDGET=${BENCH_BUDGET_S:-360}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-sh-$(date +%Y%m%dT%H%M%S)-$$}
+
+if [ -n "$WHEELS" ]; then
+  SITE=${SELFAGE_SITE:-/tmp/selfage-site}
+  "$PY" "$ROOT/benchmarks/install_wheels.py" "$WHEELS" "$SITE" || { echo "error: installing wheels from $WHEELS failed." >&2; exit 2; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$DRY" = 0 ]; then
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: no CUDA GPU is visible to $PY; run on a GPU machine or use --dry-run." >&2
+    exit 2
+  fi
+fi
+MISSING=$("$PY" - <<'EOF'
+import importlib.util
+names = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "typer", "rich", "PIL")
+print(" ".join(n for n in names if importlib.util.find_spec(n) is None))
+EOF
+)
+if [ -n "$MISSING" ]; then
+  echo "error: $PY lacks: $MISSING; pass a folder with wheels for them (and their missing dependencies):" \
+       "benchmarks/gpu.sh WHEELS_DIR (docs/benchmarks.md says how to fetch them)." >&2
+  exit 2
+fi
+
+if [ "$DRY" = 1 ]; then
+  COMMON=(--model tiny --device cpu --dtype fp32 --threads 1 --out "$RESULTS")
+  TRAIN=(--train-steps 1 --train-warmup 0)
+  EDIT=(--ddim-steps 3 --inner-steps 2 --ages 0,40,80 --no-warmup)
+else
+  COMMON=(--model sd15 --device cuda --dtype auto --out "$RESULTS")
+  TRAIN=(--train-steps 20 --train-warmup 2)
+  EDIT=(--ddim-steps 50 --inner-steps 10 --ages 0,10,20,30,40,50,60,70,80)
+fi
+
+"$PY" - <<'EOF' >&2 || true
+import platform, torch
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+print(f"selfage benchmarks: python {platform.python_version()}, torch {torch.__version__}, device {name}")
+EOF
+
+status=0
+phase() {  # phase NAME ARGS...: run one benchmark invocation within what is left of the budget
+  local name=$1; shift
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -le 5 ]; then
+    echo "skipped $name: the ${BUDGET}s budget is spent." >&2; status=1; return
+  fi
+  echo "--- $name (${left}s of budget left)" >&2
+  timeout --signal=INT --kill-after=10 "$left" "$PY" -m benchmarks "${COMMON[@]}" --what "$name" "$@"
+  local rc=$?
+  if [ $rc -ne 0 ]; then echo "$name ended with exit code $rc (124/130: out of time)." >&2; status=1; fi
+}
+
+cd "$ROOT" || exit 2
+if [ "$DRY" = 1 ]; then
+  phase train,edit "${TRAIN[@]}" "${EDIT[@]}"  # one process: the dry run is about the script, not the figures
+else
+  phase train "${TRAIN[@]}"
+  phase edit "${EDIT[@]}"
+fi
+if [ "$DRY" = 0 ] && "$PY" -c "import dlib, importlib.util as u, sys; sys.exit(u.find_spec('face_recognition_models') is None)" 2>/dev/null; then
+  phase align
+else
+  echo "--- align skipped (dlib or face_recognition_models missing, or --dry-run)" >&2
+fi
+
+"$PY" -m benchmarks.table "$RESULTS" --run "$BENCH_RUN_ID" > "$OUTDIR/results.md" && cat "$OUTDIR/results.md"
+echo "results: $RESULTS ($(( $(date +%s) - START ))s)" >&2
+exit $status

@@ -1,0 +1,115 @@
+"""Turn benchmark JSON lines into the markdown table that docs/benchmarks.md holds.
+
+Usage: ``python -m benchmarks.table results.jsonl [--run RUN_ID | --all]`` (default: the last run in the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            records.append(json.loads(line))
+    return records
+
+
+def _describe(record: dict[str, Any]) -> str:
+    s = record.get("settings", {})
+    what = record["what"]
+    if what.startswith("train"):
+        if "latent_cache" in s:
+            return (
+                f"{s['batch']} images at {s['resolution']}², rank {s['rank']}, text-encoder LoRA, "
+                f"latent cache {'on' if s['latent_cache'] else 'off'}, {s['timed_steps']} timed steps"
+            )
+        return f"{s.get('batch', '')} images, rank {s.get('rank', '')}"
+    if what.startswith("edit"):
+        ages = s.get("ages", [])
+        parts = [f"{len(ages)} ages", f"{s.get('ddim_steps')} steps"]
+        if "mode" in s:
+            parts.append(s["mode"])
+        if s.get("mode") == "null-text" or what == "edit_inversion_speedup":
+            parts.append(f"≤{s.get('inner_steps')} inner")
+        if "max_batch" in s:
+            parts.append(f"max_batch {s['max_batch'] or 'all'}")
+        return ", ".join(parts)
+    if what.startswith("align") and "size" in s:
+        how = "one process" if s.get("mode") == "single" else f"pool of {s.get('workers')} (start-up included)"
+        return f"{s['size']} JPEG → {s.get('output_size')}² PNG, {s.get('detector')}, {how}, {s.get('photos')} photos"
+    return ", ".join(f"{k} {v}" for k, v in s.items())
+
+
+def _extra(record: dict[str, Any]) -> str:
+    keys = ("inner_steps_run", "unet_calls", "ratio", "speedup", "seconds_per_photo", "photos", "reason")
+    out = []
+    for key in keys:
+        if key in record and record[key] is not None:
+            value = record[key]
+            out.append(
+                f"{key.replace('_', ' ')} {value:.2f}"
+                if isinstance(value, float)
+                else f"{key.replace('_', ' ')} {value}"
+            )
+    return "; ".join(out)
+
+
+def _seconds(record: dict[str, Any]) -> str:
+    if "seconds" not in record:
+        return "–"
+    text = f"{record['seconds']:.3f}"
+    if "p10" in record:
+        text += f" ({record['p10']:.3f}–{record['p90']:.3f})"
+    return text
+
+
+def _memory(record: dict[str, Any]) -> str:
+    if "peak_memory_bytes" not in record:
+        return "–"
+    gib = record["peak_memory_bytes"] / 2**30
+    kind = "GPU" if record.get("peak_memory_kind", "").startswith("cuda") else "RSS"
+    return f"{gib:.2f} GiB {kind}"
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """A markdown table (what, settings, median seconds (p10–p90), extra figures, peak memory)."""
+    if not records:
+        return "(no measurements)\n"
+    first = records[0]
+    loads = [r["load_average_1min"] for r in records if r.get("load_average_1min") is not None]
+    load = f"; 1-min load average {min(loads):.1f}–{max(loads):.1f}" if loads else ""
+    threads = f"; {first['threads']} torch thread(s)" if first.get("threads") else ""
+    lines = [
+        f"Device: {first.get('device')}; model {first.get('model')}; dtype {first.get('dtype')}; "
+        f"torch {first.get('torch')}{threads}{load}; git {first.get('git')}; run {first.get('run_id')} "
+        f"({first.get('timestamp')}).",
+        "",
+        "| what | settings | seconds, median (p10–p90) | figures | peak memory |",
+        "|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(f"| {r['what']} | {_describe(r)} | {_seconds(r)} | {_extra(r)} | {_memory(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.table", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--run", default=None, help="only this run_id (default: the last run in the file)")
+    parser.add_argument("--all", action="store_true", help="every run in the file")
+    args = parser.parse_args(argv)
+    records = read_records(args.results) if args.results.exists() else []
+    if not args.all and records:
+        run = args.run or records[-1].get("run_id")
+        records = [r for r in records if r.get("run_id") == run]
+    print(render(records), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The files ``selfage eval`` writes: ``report.json``, ``report.md`` and ``contact_sheet.png``.
+
+The contact sheet has one row per evaluated edit (photo) and one column per target age (the union
+over the edits, ascending), preceded by the aligned input. Each tile is captioned with the target
+age, the DEX estimate (``DEX –`` without weights) and the identity distance to the input
+(``id –`` when no face was found or identity was not measured).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+TILE = 160
+CAPTION_LINES = 3
+LINE_HEIGHT = 13
+PAD = 4
+BACKGROUND = (255, 255, 255)
+BLANK = (230, 230, 230)
+TEXT = (0, 0, 0)
+
+
+def json_safe(value: Any) -> Any:
+    """The value with non-finite floats replaced by ``None`` (JSON has no inf/NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict[str, Any], folder: Path, tiles: dict[tuple[str, Any], Image.Image]) -> dict[str, Path]:
+    """Write the three report files into ``folder`` (created); return their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": folder / "report.json",
+        "markdown": folder / "report.md",
+        "contact_sheet": folder / "contact_sheet.png",
+    }
+    _write_atomic(paths["json"], (json.dumps(json_safe(report), indent=2) + "\n").encode())
+    _write_atomic(paths["markdown"], render_markdown(report).encode())
+    sheet = contact_sheet(report, tiles)
+    tmp = paths["contact_sheet"].with_suffix(".tmp.png")
+    sheet.save(tmp)
+    os.replace(tmp, paths["contact_sheet"])
+    return paths
+
+
+# ---- markdown --------------------------------------------------------------------------------------
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: notes, the summary tables and one table per edit."""
+    s = report["summary"]
+    threshold = report["identity"]["threshold"]
+    out = ["# selfage eval report", "", f"Project: `{report['project']}` — {report['created']}", ""]
+    dex = report["dex"]
+    out.append(
+        f"DEX weights: `{dex['weights']}` ({dex['preprocess']} preprocessing)"
+        if dex["measured"]
+        else "DEX weights: none (identity-only report)"
+    )
+    out.append(
+        f"Identity: dlib 128-d descriptor distance; same person below {threshold}. "
+        f"References in the mean descriptor: {report['identity']['references_used']}."
+    )
+    out.append("")
+    for note in report["notes"]:
+        out.append(f"> **Note:** {note}")
+        out.append("")
+
+    out += ["## Summary", ""]
+    rows: list[list[Any]] = [["edits", s["edits"]], ["outputs", s["outputs"]]]
+    if s["age"]:
+        rows.append(["age MAE (years)", _f(s["age"]["mae"])])
+    for key, label in (("identity_to_input", "identity to input"), ("identity_to_references", "identity to refs")):
+        value = s.get(key)
+        if value and not value["count"]:
+            rows.append([f"{label}", f"no face found in any of the {value['no_face']} output(s)"])
+        elif value:
+            share = value["share_under_threshold"]
+            rows.append([f"{label}: mean distance", _f(value["mean"], 3)])
+            rows.append([f"{label}: share under {threshold}", "–" if share is None else f"{100 * share:.0f}%"])
+            if value["no_face"]:
+                rows.append([f"{label}: outputs without a face", value["no_face"]])
+    if s["reconstruction"]:
+        rows.append(["reconstruction PSNR (dB)", _f(s["reconstruction"]["psnr_mean"])])
+        rows.append(["reconstruction SSIM", _f(s["reconstruction"]["ssim_mean"], 3)])
+    out += _table(["metric", "value"], rows)
+
+    if s["age"]:
+        out += ["## Age error by bucket", ""]
+        for key, title in (("by_decade", "target decade"), ("by_band", "prompt band"), ("by_target_age", "target age")):
+            out += _table(
+                [title, "MAE", "outputs"], [[name, _f(v["mae"]), v["count"]] for name, v in s["age"][key].items()]
+            )
+
+    out += ["## Per edit", ""]
+    for edit in report["edits"]:
+        out.append(f"### {edit['id']}")
+        out.append("")
+        out.append(
+            f"Input `{edit['input']}`, source age {_f(edit['source_age'], 1)}"
+            f" (DEX on the input: {_f(edit['input_estimated_age'], 1)}), inversion {edit['inversion'] or '–'}, "
+            f"LoRA " + (f"`{edit['lora']}`" if edit["lora"] else "none (base model)") + "."
+        )
+        out.append("")
+        rows = [
+            [
+                o["target_age"],
+                _f(o["estimated_age"], 1),
+                _f(o["abs_error"], 1),
+                _f(o["distance_to_input"], 3),
+                _f(o["distance_to_references"], 3),
+                _f(o["same_person_as_input"]),
+                f"`{o['path']}`",
+            ]
+            for o in edit["outputs"]
+        ]
+        out += _table(
+            ["target age", "DEX age", "abs error", "dist. to input", "dist. to refs", "same person", "output"], rows
+        )
+        rec = edit["reconstruction"]
+        if rec:
+            psnr = "∞ (identical)" if rec["identical"] else _f(rec["psnr"])
+            out.append(
+                f"Reconstruction at the source age {rec['target_age']}: PSNR {psnr} dB, "
+                f"SSIM {_f(rec['ssim'], 4)}"
+                + (" (input resized to the output's size)" if rec["input_resized"] else "")
+                + "."
+            )
+            out.append("")
+    out += ["Files: `report.json` (every number), `contact_sheet.png` (rows = photos, columns = ages).", ""]
+    return "\n".join(out)
+
+
+# ---- contact sheet ---------------------------------------------------------------------------------------
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:  # Pillow without FreeType sizing
+        return ImageFont.load_default()
+
+
+def _caption(edit: dict[str, Any], output: dict[str, Any] | None, column: Any) -> list[str]:
+    if column == "input":
+        return ["input", f"source {_f(edit['source_age'], 1)}", f"DEX {_f(edit['input_estimated_age'], 1)}"]
+    if output is None:
+        return [f"target {column}", "not edited", ""]
+    distance = output["distance_to_input"]
+    if distance is None:
+        identity = "id: no face" if output["face_found"] is False else "id –"
+    else:
+        identity = f"id {distance:.3f}"
+    return [f"target {column}", f"DEX {_f(output['estimated_age'], 1)}", identity]
+
+
+def contact_sheet(report: dict[str, Any], tiles: dict[tuple[str, Any], Image.Image], tile: int = TILE) -> Image.Image:
+    """Rows = edits, columns = input + every target age; captions under each tile."""
+    edits = report["edits"]
+    ages = sorted({o["target_age"] for e in edits for o in e["outputs"]})
+    columns: list[Any] = ["input", *ages]
+    cell_h = tile + CAPTION_LINES * LINE_HEIGHT + 2 * PAD
+    cell_w = tile + 2 * PAD
+    sheet = Image.new(
+        "RGB", (max(1, len(columns)) * cell_w, max(1, len(edits)) * cell_h + LINE_HEIGHT + PAD), BACKGROUND
+    )
+    draw = ImageDraw.Draw(sheet)
+    font = _font()
+    for row, edit in enumerate(edits):
+        top = row * cell_h
+        by_age = {o["target_age"]: o for o in edit["outputs"]}
+        for col, column in enumerate(columns):
+            left = col * cell_w + PAD
+            image = tiles.get((edit["id"], column))
+            if image is not None:
+                sheet.paste(image.convert("RGB").resize((tile, tile), Image.LANCZOS), (left, top + PAD))
+            else:
+                draw.rectangle([left, top + PAD, left + tile - 1, top + PAD + tile - 1], fill=BLANK)
+            for line_no, text in enumerate(_caption(edit, by_age.get(column), column)):
+                draw.text((left, top + PAD + tile + 2 + line_no * LINE_HEIGHT), text, fill=TEXT, font=font)
+        draw.text(
+            (PAD + 2, top + PAD + 1),
+            edit["id"][:24],
+            fill=(255, 255, 0),
+            font=font,
+            stroke_width=1,
+            stroke_fill=(0, 0, 0),
+        )
+    footer = (
+        "id = dlib descriptor distance to the input (same person < "
+        f"{report['identity']['threshold']}); DEX = estimated age"
+    )
+    draw.text((PAD, sheet.height - LINE_HEIGHT - 1), footer, fill=TEXT, font=font)
+    return sheet

@@ -1,0 +1,443 @@
+"""``selfage eval``: score recorded edits for age accuracy, identity and reconstruction.
+
+For every recorded edit (or the ones named) and every target age:
+
+- **age**: the DEX estimate of the output (ages stage code, ``antialias`` preprocessing) against the
+  target age; absolute error per output, MAE overall / per decade / per prompt band (``metrics``);
+- **identity**: dlib 128-d descriptor distance of the output to the edit's aligned input and to the
+  mean descriptor of the person's references, and the share under 0.6 (dlib's same-person threshold);
+  an output where dlib finds no face has no distance (counted as ``no_face``);
+- **reconstruction**: for the output at the source age (when that age was among the targets), PSNR and
+  SSIM against the aligned input, resized to the output's size (Lanczos) when the two differ.
+
+Without DEX weights the report is identity-only, with a note saying how to add the age columns.
+The manifest is only read; the report files (``report.json``, ``report.md``, ``contact_sheet.png``)
+are rewritten on every run (they are derived from the project and hold no user data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from selfage_cli import console
+from selfage_cli.errors import SelfageError
+from selfage_cli.eval import metrics
+from selfage_cli.project import Project
+from selfage_cli.summary import StageSummary
+
+SAME_PERSON_THRESHOLD = 0.6
+DEX_PREPROCESS = "antialias"
+
+
+@dataclass
+class OutputScore:
+    """One output image of an edit and its scores (None where not measured)."""
+
+    target_age: int
+    path: str
+    estimated_age: float | None = None
+    distance_to_input: float | None = None
+    distance_to_references: float | None = None
+    face_found: bool | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+
+    @property
+    def abs_error(self) -> float | None:
+        if self.estimated_age is None:
+            return None
+        return abs(self.estimated_age - self.target_age)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target_age": self.target_age,
+            "path": self.path,
+            "estimated_age": self.estimated_age,
+            "abs_error": self.abs_error,
+            "distance_to_input": self.distance_to_input,
+            "distance_to_references": self.distance_to_references,
+            "same_person_as_input": None
+            if self.distance_to_input is None
+            else self.distance_to_input < SAME_PERSON_THRESHOLD,
+            "face_found": self.face_found,
+        }
+
+
+@dataclass
+class EditScore:
+    """All scores of one recorded edit."""
+
+    id: str
+    input: str
+    source_age: float | None
+    lora: str | None
+    settings: dict[str, Any]
+    outputs: list[OutputScore] = field(default_factory=list)
+    input_estimated_age: float | None = None
+    input_face_found: bool | None = None
+    reconstruction: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "input": self.input,
+            "source_age": self.source_age,
+            "input_estimated_age": self.input_estimated_age,
+            "input_face_found": self.input_face_found,
+            "lora": self.lora,
+            "inversion": self.settings.get("inversion"),
+            "outputs": [o.to_json() for o in self.outputs],
+            "reconstruction": self.reconstruction,
+        }
+
+
+# ---- selecting edits ---------------------------------------------------------------------------------
+def select_edits(project: Project, entries: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """The recorded edits named by id, input stem, or a path to the input/source photo (all when empty)."""
+    if not entries:
+        raise SelfageError(
+            f"{project.manifest_path}: no edits are recorded; run `selfage edit PHOTO --ages 0,20,80 -p "
+            f"{project.root}` first."
+        )
+    if not names:
+        return list(entries)
+    inputs = {entry.get("id"): entry for entry in project.read().get("inputs", [])}
+    chosen: list[dict[str, Any]] = []
+    for name in names:
+        match = [e for e in entries if _edit_matches(project, e, name, inputs)]
+        if not match:
+            known = ", ".join(str(e.get("id")) for e in entries)
+            raise SelfageError(f"EDIT {name!r} is not a recorded edit; name one of: {known}.")
+        chosen.extend(m for m in match if m not in chosen)
+    return chosen
+
+
+def _edit_matches(project: Project, entry: dict[str, Any], name: str, inputs: dict[Any, dict[str, Any]]) -> bool:
+    if name == entry.get("id"):
+        return True
+    if entry.get("input") and Path(str(entry["input"])).stem == name:
+        return True
+    given = Path(name).expanduser()
+    if not given.exists():
+        return False
+    given = given.resolve()
+    candidates = []
+    if entry.get("input"):
+        candidates.append(project.path(entry["input"]))
+    source = inputs.get(entry.get("id"), {}).get("source")
+    if source:
+        candidates.append(Path(source).expanduser().resolve())
+    return given in candidates
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class _Identity:
+    """dlib descriptors (cached per file) and distances; disabled with a note when dlib is unavailable."""
+
+    def __init__(self) -> None:
+        self.note: str | None = None
+        self._cache: dict[Path, np.ndarray | None] = {}
+        try:
+            from selfage_cli.faces import identity
+        except ImportError as exc:  # dlib or the model files missing
+            self.note = f"identity not measured: the face models could not be loaded ({exc}); run `selfage doctor`."
+            self._identity = None
+        else:
+            self._identity = identity
+
+    @property
+    def available(self) -> bool:
+        return self._identity is not None
+
+    def descriptor(self, path: Path, image: Image.Image | None = None) -> np.ndarray | None:
+        if not self.available:
+            return None
+        if path not in self._cache:
+            picture = image if image is not None else _open_rgb(path)
+            value = self._identity.face_descriptor(np.asarray(picture.convert("RGB")))
+            self._cache[path] = None if value is None else np.asarray(value, dtype=np.float64)
+        return self._cache[path]
+
+    def distance(self, a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+        if a is None or b is None or not self.available:
+            return None
+        return float(self._identity.descriptor_distance(a, b))
+
+
+def reference_mean_descriptor(
+    project: Project, references: list[dict[str, Any]], identity: _Identity
+) -> tuple[np.ndarray | None, int]:
+    """Mean 128-d descriptor of the references (recorded ``descriptor`` or computed), and how many were used."""
+    descriptors: list[np.ndarray] = []
+    for ref in references:
+        value = ref.get("descriptor")
+        if value is not None and len(value) == 128:
+            descriptors.append(np.asarray(value, dtype=np.float64))
+            continue
+        if ref.get("aligned") and identity.available:
+            path = project.path(ref["aligned"])
+            if path.is_file():
+                computed = identity.descriptor(path)
+                if computed is not None:
+                    descriptors.append(computed)
+    if not descriptors:
+        return None, 0
+    return np.mean(descriptors, axis=0), len(descriptors)
+
+
+def _source_age_output(entry: dict[str, Any]) -> int | None:
+    """The target age equal to the edit's source age (the reconstruction), when it was edited to."""
+    source = entry.get("source_age")
+    if source is None:
+        return None
+    source = float(source)
+    if not source.is_integer():
+        return None
+    ages = [int(a) for a in entry.get("target_ages", [])]
+    return int(source) if int(source) in ages else None
+
+
+def reconstruction_scores(input_image: Image.Image, output_image: Image.Image) -> dict[str, Any]:
+    """PSNR/SSIM of an output against the aligned input (resized to the output's size when needed)."""
+    resized = input_image.size != output_image.size
+    reference = input_image.resize(output_image.size, Image.LANCZOS) if resized else input_image
+    value = metrics.psnr(reference, output_image)
+    return {
+        "psnr": None if math.isinf(value) else value,
+        "identical": math.isinf(value),
+        "ssim": metrics.ssim(reference, output_image),
+        "size": list(output_image.size),
+        "input_resized": resized,
+    }
+
+
+# ---- the stage ------------------------------------------------------------------------------------------
+def evaluate_project(
+    project: Project,
+    *,
+    edits: list[str],
+    report_dir: Path | None,
+    dex_weights: Path | None,
+    device: str,
+) -> StageSummary:
+    """Score the project's recorded edits and write report.json, report.md and contact_sheet.png."""
+    from selfage_cli.eval.report import write_report
+
+    if not project.exists():
+        raise SelfageError(
+            f"--project {project.root} has no {project.manifest_path.name}; point -p at a project where "
+            "`selfage edit` has run."
+        )
+    manifest = project.read()
+    chosen = select_edits(project, manifest.get("edits", []), list(edits or []))
+    summary = StageSummary("eval")
+    notes: list[str] = []
+
+    dex_model, dex_path, dex_note = _load_dex(dex_weights, project, device)
+    if dex_note:
+        notes.append(dex_note)
+        console.warn(dex_note)
+    identity = _Identity()
+    if identity.note:
+        notes.append(identity.note)
+        console.warn(identity.note)
+
+    ref_mean, ref_count = reference_mean_descriptor(project, manifest.get("references", []), identity)
+    if identity.available and ref_mean is None:
+        notes.append(
+            "distance to the references not measured: the project has no references with a face "
+            "descriptor (run `selfage align --role refs` on the person's photos)."
+        )
+
+    scores: list[EditScore] = []
+    images: list[tuple[OutputScore | EditScore, Image.Image]] = []  # for DEX, batched at the end
+    tiles: dict[tuple[str, int | str], Image.Image] = {}
+    with console.progress(transient=True) as bar:
+        task = console.new_task(bar, "identity", total=sum(len(e.get("target_ages", [])) for e in chosen))
+        for entry in chosen:
+            score = _score_edit(project, entry, identity, ref_mean, summary, images, tiles)
+            if score is not None:
+                scores.append(score)
+            bar.update(task, advance=len(entry.get("target_ages", [])))
+
+    if dex_model is not None and images:
+        from selfage_cli.ages.dex import estimate_ages
+
+        estimates = estimate_ages(dex_model, [img for _, img in images], preprocess=DEX_PREPROCESS)
+        for (holder, _), estimate in zip(images, estimates, strict=True):
+            if isinstance(holder, OutputScore):
+                holder.estimated_age = float(estimate)
+            else:
+                holder.input_estimated_age = float(estimate)
+
+    report = build_report(
+        project, scores, dex_path=dex_path, ref_count=ref_count, notes=notes, identity_available=identity.available
+    )
+    folder = Path(report_dir).expanduser() if report_dir is not None else project.root / "eval"
+    files = write_report(report, folder, tiles)
+    report["files"] = {k: str(v) for k, v in files.items()}
+
+    for score in scores:
+        summary.done.append({"id": score.id, "outputs": len(score.outputs)})
+    summary.data["report"] = report
+    summary.warnings.extend(notes)
+    summary.lines.extend(_summary_lines(report))
+    summary.lines.append(f"wrote {', '.join(str(p) for p in files.values())}")
+    return summary
+
+
+def _load_dex(option: Path | None, project: Project, device: str) -> tuple[Any, str | None, str | None]:
+    """(model, path, note): the DEX model, or None and the note explaining the identity-only report."""
+    from selfage_cli.ages.dex import MISSING_WEIGHTS_HELP, find_dex_weights, load_dex
+
+    try:
+        path = find_dex_weights(option, project)
+    except SelfageError as exc:  # a named file that does not exist: downgrade, say why
+        return None, None, f"age error not measured: {exc}"
+    if path is None:
+        return None, None, f"age error not measured (identity only): {MISSING_WEIGHTS_HELP}."
+    return load_dex(path, device), str(path), None
+
+
+def _score_edit(
+    project: Project,
+    entry: dict[str, Any],
+    identity: _Identity,
+    ref_mean: np.ndarray | None,
+    summary: StageSummary,
+    images: list[tuple[Any, Image.Image]],
+    tiles: dict[tuple[str, int | str], Image.Image],
+) -> EditScore | None:
+    edit_id = str(entry.get("id"))
+    input_rel = entry.get("input")
+    input_path = project.path(input_rel) if input_rel else None
+    if input_path is None or not input_path.is_file():
+        summary.fail(edit_id, f"the aligned input {input_rel} is missing; re-run `selfage edit` on the photo.")
+        return None
+    input_image = _open_rgb(input_path)
+    score = EditScore(
+        id=edit_id,
+        input=str(input_rel),
+        source_age=entry.get("source_age"),
+        lora=entry.get("lora"),
+        settings=dict(entry.get("settings") or {}),
+    )
+    input_descriptor = identity.descriptor(input_path, input_image)
+    score.input_face_found = None if not identity.available else input_descriptor is not None
+    images.append((score, input_image))
+    tiles[(edit_id, "input")] = input_image
+    recon_age = _source_age_output(entry)
+    outputs = entry.get("outputs") or {}
+    for age in entry.get("target_ages", []):
+        age = int(age)
+        rel = outputs.get(str(age))
+        path = project.path(rel) if rel else None
+        if path is None or not path.is_file():
+            summary.fail(
+                f"{edit_id}/{age}",
+                f"the output {rel or '(not recorded)'} is missing; re-run `selfage edit --force` for this photo.",
+            )
+            continue
+        image = _open_rgb(path)
+        output = OutputScore(target_age=age, path=str(rel))
+        descriptor = identity.descriptor(path, image)
+        output.face_found = None if not identity.available else descriptor is not None
+        output.distance_to_input = identity.distance(descriptor, input_descriptor)
+        output.distance_to_references = identity.distance(descriptor, ref_mean)
+        if age == recon_age:
+            score.reconstruction = {"target_age": age, **reconstruction_scores(input_image, image)}
+            output.psnr = score.reconstruction["psnr"]
+            output.ssim = score.reconstruction["ssim"]
+        score.outputs.append(output)
+        images.append((output, image))
+        tiles[(edit_id, age)] = image
+    return score
+
+
+def build_report(
+    project: Project,
+    scores: list[EditScore],
+    *,
+    dex_path: str | None,
+    ref_count: int,
+    notes: list[str],
+    identity_available: bool,
+) -> dict[str, Any]:
+    """The report as one JSON-ready dict (per-edit scores plus the aggregates)."""
+    from selfage_cli.project import now_iso
+
+    outputs = [o for s in scores for o in s.outputs]
+    age_errors = [metrics.AgeError(o.target_age, o.estimated_age) for o in outputs if o.estimated_age is not None]
+    recon = [s.reconstruction for s in scores if s.reconstruction]
+    psnrs = [r["psnr"] for r in recon if r["psnr"] is not None]
+    return {
+        "report_version": 1,
+        "created": now_iso(),
+        "project": str(project.root),
+        "dex": {"weights": dex_path, "preprocess": DEX_PREPROCESS if dex_path else None, "measured": bool(dex_path)},
+        "identity": {"measured": identity_available, "threshold": SAME_PERSON_THRESHOLD, "references_used": ref_count},
+        "notes": notes,
+        "edits": [s.to_json() for s in scores],
+        "summary": {
+            "edits": len(scores),
+            "outputs": len(outputs),
+            "age": metrics.aggregate_age_errors(age_errors),
+            "identity_to_input": metrics.distance_summary([o.distance_to_input for o in outputs], SAME_PERSON_THRESHOLD)
+            if identity_available
+            else None,
+            "identity_to_references": metrics.distance_summary(
+                [o.distance_to_references for o in outputs], SAME_PERSON_THRESHOLD
+            )
+            if identity_available and ref_count
+            else None,
+            "reconstruction": {
+                "count": len(recon),
+                "psnr_mean": float(np.mean(psnrs)) if psnrs else None,
+                "identical": sum(1 for r in recon if r["identical"]),
+                "ssim_mean": float(np.mean([r["ssim"] for r in recon])) if recon else None,
+            }
+            if recon
+            else None,
+        },
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
+    s = report["summary"]
+    lines = [f"evaluated {s['edits']} edit(s), {s['outputs']} output(s)"]
+    if s["age"]:
+        lines.append(f"age: MAE {_fmt(s['age']['mae'])} years over {s['age']['count']} output(s)")
+    else:
+        lines.append("age: not measured (no DEX weights)")
+    for key, label in (("identity_to_input", "identity to input"), ("identity_to_references", "identity to refs")):
+        value = s.get(key)
+        if value and value["count"]:
+            lines.append(
+                f"{label}: mean distance {_fmt(value['mean'], 3)}, "
+                f"{100 * value['share_under_threshold']:.0f}% under {SAME_PERSON_THRESHOLD}"
+                + (f", {value['no_face']} without a face" if value["no_face"] else "")
+            )
+        elif value:
+            lines.append(f"{label}: no face found in any output")
+    if s["reconstruction"]:
+        r = s["reconstruction"]
+        lines.append(
+            f"reconstruction: PSNR {_fmt(r['psnr_mean'])} dB, SSIM {_fmt(r['ssim_mean'], 3)} "
+            f"({r['count']} edit(s) with the source age)"
+        )
+    return lines

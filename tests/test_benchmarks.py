@@ -1,0 +1,158 @@
+"""Benchmark suite: the harness's JSON lines, and ``benchmarks/gpu.sh --dry-run`` end to end.
+
+The dry run is the smoke test of the tiny benchmark run: it runs ``python -m benchmarks --model
+tiny`` (train with and without the latent cache, edit in both inversion modes, batched and naive)
+with tiny settings on the CPU. Timings are not asserted, only that every measurement is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the benchmarks package lives at the repository root, beside tests/
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness, table  # noqa: E402
+from benchmarks.install_wheels import missing_wheels, wheel_distribution  # noqa: E402
+
+REQUIRED = ("what", "model", "device", "dtype", "settings", "run_id", "timestamp")
+
+
+def test_percentiles_and_stats() -> None:
+    assert harness.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert harness.percentile([0.0, 10.0], 10) == pytest.approx(1.0)
+    stats = harness.timing_stats([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert stats == {"seconds": 3.0, "repeats": 5, "p10": pytest.approx(1.4), "p90": pytest.approx(4.6)}
+    assert harness.timing_stats([2.5]) == {"seconds": 2.5, "repeats": 1}
+
+
+def test_recorder_prints_each_line_and_appends_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sub" / "results.jsonl"
+    out.parent.mkdir()
+    out.write_text('{"what": "older"}\n')
+    recorder = harness.Recorder(model="tiny", device="cpu", dtype="fp32", out=out)
+    peak = harness.PeakMemory("cpu").read()
+    recorder.emit("thing", {"n": 1}, [0.2, 0.1, 0.3], peak, extra=7)
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(printed) == 1
+    record = printed[0]
+    assert all(key in record for key in REQUIRED)
+    assert record["seconds"] == pytest.approx(0.2) and record["p10"] < record["p90"]
+    assert record["peak_memory_bytes"] > 10 * 2**20 and record["peak_memory_kind"] == "process_ru_maxrss"
+    assert record["extra"] == 7 and "cores" in record["device"]
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0]) == {"what": "older"} and json.loads(lines[1]) == record
+
+
+def test_wheel_installer_picks_only_missing_distributions(tmp_path: Path) -> None:
+    assert wheel_distribution(Path("importlib_metadata-10.2.0-py3-none-any.whl")) == "importlib-metadata"
+    assert wheel_distribution(Path("dlib_bin-20.0.1-cp312-cp312-manylinux_2_28_x86_64.whl")) == "dlib-bin"
+    (tmp_path / "torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    (tmp_path / "surely_not_installed_pkg-1.0-py3-none-any.whl").write_bytes(b"")
+    todo, skipped = missing_wheels(tmp_path)
+    assert [w.name for w in todo] == ["surely_not_installed_pkg-1.0-py3-none-any.whl"]
+    assert [w.name for w in skipped] == ["torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl"]
+
+
+def test_unknown_benchmark_is_refused() -> None:
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit, match="use align, train, edit, all"):
+        main(["--what", "bogus"])
+
+
+def test_table_renders_records() -> None:
+    records = [
+        {
+            "what": "train_step",
+            "model": "tiny",
+            "device": "CPU",
+            "dtype": "fp32",
+            "run_id": "r",
+            "settings": {"latent_cache": True, "batch": "4+4", "resolution": 128, "rank": 16, "timed_steps": 5},
+            "seconds": 0.5,
+            "p10": 0.4,
+            "p90": 0.6,
+            "peak_memory_bytes": 2**30,
+            "peak_memory_kind": "cuda_x",
+        },
+        {
+            "what": "edit_naive_loop",
+            "model": "tiny",
+            "device": "CPU",
+            "dtype": "fp32",
+            "run_id": "r",
+            "settings": {"ages": [0, 40], "ddim_steps": 3, "mode": "null-text", "inner_steps": 2, "max_batch": 1},
+            "seconds": 2.0,
+            "ratio": 1.5,
+            "unet_calls": 6,
+        },
+    ]
+    text = table.render(records)
+    assert (
+        "| train_step | 4+4 images at 128², rank 16, text-encoder LoRA, latent cache on, 5 timed steps | "
+        "0.500 (0.400–0.600) |  | 1.00 GiB GPU |" in text
+    )
+    assert "unet calls 6; ratio 1.50" in text and "2 ages, 3 steps, null-text, ≤2 inner, max_batch 1" in text
+
+
+def _run_gpu_sh(args: list[str], out: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=out.parent,
+    )
+
+
+def test_gpu_script_dry_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _run_gpu_sh(["--dry-run"], out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    printed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert printed == records  # every line printed as measured, and written to $OUT
+    for record in records:
+        assert all(key in record for key in REQUIRED), record
+        assert record["model"] == "tiny" and record["device_type"] == "cpu"
+    whats = [r["what"] for r in records]
+    assert {r["settings"]["latent_cache"] for r in records if r["what"] == "train_step"} == {True, False}
+    steps = [r for r in records if r["what"] == "train_step"]
+    assert all(r["seconds"] > 0 and r["peak_memory_bytes"] > 0 and r["loss_finite"] for r in steps)
+    assert "train_latent_cache_speedup" in whats
+    inversions = {r["settings"]["mode"]: r for r in records if r["what"] == "edit_inversion"}
+    assert set(inversions) == {"null-text", "negative-prompt"}
+    assert 1 <= inversions["null-text"]["inner_steps_run"] <= 3 * 2
+    assert inversions["negative-prompt"]["inner_steps_run"] == 0
+    batched = [r for r in records if r["what"] == "edit_batched"]
+    naive = [r for r in records if r["what"] == "edit_naive_loop"]
+    assert len(batched) == 2 and len(naive) == 1 and whats.count("edit_whole") == 2
+    assert batched[0]["unet_calls"] == 3 and naive[0]["unet_calls"] == 3 * 3  # 3 steps × 3 ages one by one
+    assert naive[0]["ratio"] == pytest.approx(naive[0]["seconds"] / batched[0]["seconds"])
+    ratio = next(r for r in records if r["what"] == "edit_batching_ratio")
+    assert ratio["max_abs_latent_difference"] < 1e-3  # batched and per-age runs make the same edits
+    assert "edit_inversion_speedup" in whats
+    assert "| edit_naive_loop |" in (out / "results.md").read_text()
+    assert "align skipped" in result.stderr
+
+
+def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = _run_gpu_sh([], tmp_path / "out", timeout=120)
+    assert result.returncode == 2
+    assert "no CUDA GPU is visible" in result.stderr and "--dry-run" in result.stderr
+    bad = _run_gpu_sh(["--bogus"], tmp_path / "out", timeout=30)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
