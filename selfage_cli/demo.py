@@ -33,6 +33,14 @@ def packaged_faces() -> Path:
     return Path(str(resources.files("selfage_cli") / "data" / "faces"))
 
 
+def is_demo_project(folder: Path) -> bool:
+    """Whether a folder holds a project written by the demo (its manifest says ``config.demo``)."""
+    try:
+        return bool(Project(folder).read().get("config", {}).get("demo"))
+    except SelfageError:
+        return False
+
+
 def write_demo_photos(folder: Path) -> tuple[Path, Path]:
     """Reference photos named ``{age}_…`` (one portrait and two variants) and one photo to edit."""
     refs = folder / "photos" / "refs"
@@ -67,8 +75,11 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
     if folder.exists() and any(folder.iterdir()):
         if not force:
             raise SelfageError(f"{folder} is not empty; choose a new folder or pass --force to start it afresh.")
-        if not (folder / "selfage.json").exists() and not (folder / "model").exists():
-            raise SelfageError(f"{folder} is not empty and is not a demo project; choose a new folder.")
+        if not is_demo_project(folder):
+            raise SelfageError(
+                f"{folder} is not empty and was not made by `selfage demo`, so --force will not delete it; "
+                "choose a new folder."
+            )
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -87,7 +98,7 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
     timings["model"] = round(time.perf_counter() - started, 2)
     refs, to_edit = write_demo_photos(folder)
     project = Project(folder)
-    project.set_config(base_model=str(model))
+    project.set_config(base_model=str(model), demo=True)
 
     stage("align", align_photos(project, [refs], role="refs", size=128))
     stage("label-ages", label_ages(project, pairs=[], reg=None, ages_file=None, birth_date=None, dex_weights=None,

@@ -109,7 +109,7 @@ def load_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelNotFoundError(_explain_load_failure(name, exc)) from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -128,28 +128,51 @@ def _explain_load_failure(name: str, exc: Exception) -> str:
 
 
 def model_fingerprint(base_model: str | os.PathLike[str]) -> str:
-    """A short stable identifier of a base model: its UNet config (and weight file names when local).
+    """A short content fingerprint of a base model's UNet weights.
 
-    Used to check that a LoRA and an inversion cache belong to the same base model.
+    The same weight files give the same value whether the model is named by Hub id (read from the
+    local Hugging Face cache) or by a local folder; a fine-tune with the same architecture gives
+    another. Only the file sizes and 1 MiB from each end of each UNet weight file are read. A Hub
+    model that is not cached yet falls back to its id. Used to check that a LoRA and an inversion
+    cache belong to the model they are used with.
     """
-    path = Path(str(base_model)).expanduser()
     digest = hashlib.sha256()
-    if path.is_dir():
-        config = path / "unet" / "config.json"
-        if config.is_file():
-            data = json.loads(config.read_text())
-            data = {k: v for k, v in data.items() if not k.startswith("_")}
-            digest.update(json.dumps(data, sort_keys=True).encode())
-        for weight in sorted((path / "unet").glob("*.safetensors")) + sorted((path / "unet").glob("*.bin")):
-            stat = weight.stat()
-            digest.update(f"{weight.name}:{stat.st_size}".encode())
-    else:
-        digest.update(str(base_model).encode())
+    files = _unet_weight_files(base_model)
+    if not files:
+        digest.update(f"name:{base_model}".encode())
+    for weight in files:
+        size = weight.stat().st_size
+        digest.update(f"{size}:".encode())
+        with open(weight, "rb") as handle:
+            digest.update(handle.read(_SAMPLE))
+            handle.seek(max(0, size - _SAMPLE))
+            digest.update(handle.read(_SAMPLE))
     return digest.hexdigest()[:16]
 
 
+_SAMPLE = 1 << 20
+_UNET_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _unet_weight_files(base_model: str | os.PathLike[str]) -> list[Path]:
+    """The UNet weight files of a local pipeline folder, or of a Hub model in the local cache."""
+    local = Path(str(base_model)).expanduser()
+    if local.is_dir():
+        unet = local / "unet"
+        return sorted(p for p in unet.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin"))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        return []
+    for name in _UNET_WEIGHT_NAMES:
+        cached = try_to_load_from_cache(str(base_model), f"unet/{name}")
+        if isinstance(cached, str):
+            return [Path(cached)]
+    return []
+
+
 def pipeline_fingerprint(pipe: Any) -> str:
-    """Fingerprint of a loaded pipeline's UNet config (same recipe as :func:`model_fingerprint`)."""
+    """Fingerprint of a loaded pipeline's UNet *architecture* (its config): not proof of the same weights."""
     data = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -30,6 +30,16 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     strip = Image.open(folder / edit["strip"])
     assert strip.width == 4 * 128
     assert (folder / "eval" / "report.md").is_file()
-    # A second demo into the same folder needs --force; with it, the folder is rebuilt.
+    # A second demo into the same folder needs --force.
     again = CliRunner().invoke(app, ["demo", str(folder)])
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_demo_force_never_deletes_a_real_project(tmp_path: Path) -> None:
+    project = Project(tmp_path / "me")
+    with project.update() as manifest:
+        manifest["references"].append({"id": "precious"})
+    (tmp_path / "me" / "model").mkdir()
+    result = CliRunner().invoke(app, ["demo", str(tmp_path / "me"), "--force"])
+    assert result.exit_code == 2 and "was not made by `selfage demo`" in result.output
+    assert project.read()["references"] == [{"id": "precious"}]

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from selfage_cli import console
-from selfage_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, SelfageError
+from selfage_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, SelfageError, is_out_of_memory
 from selfage_cli.project import Project, resolve_project
 from selfage_cli.summary import StageSummary
 
@@ -77,12 +77,12 @@ def run(common: Common, action: Callable[[], StageSummary | None]) -> None:
     except KeyboardInterrupt as exc:
         _fail(common, "interrupted.", EXIT_INTERRUPTED, exc)
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             _fail(common, f"out of memory ({str(exc).splitlines()[0][:160]}); see the command's --help for "
                   "options that use less memory (smaller batches, --max-batch, --gradient-checkpointing).",
                   EXIT_USAGE, exc)
-        _fail(common, f"unexpected {type(exc).__name__}: {exc}. Rerun with --debug for the traceback and "
-              "report it if it persists.", EXIT_USAGE, exc)
+        _fail(common, f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
+              "and report it.", EXIT_INTERNAL, exc)
     if summary is None:
         raise typer.Exit(0)
     summary.warnings = list(dict.fromkeys(summary.warnings + console.WARNINGS))
@@ -91,12 +91,6 @@ def run(common: Common, action: Callable[[], StageSummary | None]) -> None:
     else:
         _print_summary(summary)
     raise typer.Exit(summary.exit_code)
-
-
-def _is_oom(exc: Exception) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _fail(common: Common, message: str, code: int, exc: BaseException) -> None:

@@ -28,7 +28,6 @@ from selfage_cli.project import Project, sha256_file
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 META_NAME = "pytorch_lora_weights.json"
 DEFAULT_IDENTIFIER = "sks"
-_FINGERPRINT_KEYS = ("base_model_fingerprint", "pipeline_fingerprint", "unet_fingerprint")
 
 
 @dataclass
@@ -224,27 +223,31 @@ def _default_run(project: Project) -> ResolvedLora:
 
 
 def check_base_model(resolved: ResolvedLora, base_model: str, pipe: Any) -> None:
-    """Refuse (exit 2) a LoRA whose JSON names another base model than the one loaded."""
-    from selfage_cli.models import model_fingerprint, pipeline_fingerprint
+    """Refuse (exit 2) a LoRA whose JSON records another base model than the one loaded.
+
+    The JSON's ``base_model_fingerprint`` is compared with the content fingerprint of
+    ``--base-model`` (:func:`selfage_cli.models.model_fingerprint`: the same weights match whether
+    named by Hub id or folder). A LoRA recorded under the same name is accepted even when the
+    fingerprint changed (the files were re-saved); a LoRA without a fingerprint gets a warning.
+    """
+    from selfage_cli.models import model_fingerprint
 
     meta = resolved.meta or {}
-    recorded = {str(meta[k]) for k in _FINGERPRINT_KEYS if meta.get(k)}
+    recorded = meta.get("base_model_fingerprint")
+    trained_on = meta.get("base_model")
     if not recorded:
-        if meta.get("base_model") and str(meta["base_model"]) != str(base_model):
+        if trained_on and str(trained_on) != str(base_model):
             console.warn(
-                f"{resolved.path}: its JSON names base model {meta['base_model']} (no fingerprint to "
+                f"{resolved.path}: its JSON names base model {trained_on} (no fingerprint to "
                 f"compare), not --base-model {base_model}; using it anyway."
             )
         return
-    ours = {model_fingerprint(base_model), pipeline_fingerprint(pipe)}
-    if recorded & ours:
+    ours = model_fingerprint(base_model)
+    if str(recorded) == ours or (trained_on and str(trained_on) == str(base_model)):
         return
-    if meta.get("base_model") and str(meta["base_model"]) == str(base_model):
-        return  # same name; weights may have been re-saved (file sizes changed)
-    trained_on = meta.get("base_model") or "another base model"
     raise SelfageError(
-        f"{resolved.path}: this LoRA was trained on {trained_on} (fingerprint {', '.join(sorted(recorded))}), "
-        f"not on --base-model {base_model} (fingerprint {', '.join(sorted(ours))}); pass --base-model {trained_on}, "
+        f"{resolved.path}: this LoRA was trained on {trained_on or 'another base model'} (fingerprint {recorded}), "
+        f"not on --base-model {base_model} (fingerprint {ours}); pass --base-model {trained_on or 'MODEL'}, "
         "another --lora, or --no-lora."
     )
 

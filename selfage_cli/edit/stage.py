@@ -21,7 +21,7 @@ from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, resolve_lora
 from selfage_cli.edit.outputs import EditOutputs, existing_outputs, plan_outputs, write_outputs
-from selfage_cli.errors import SelfageError
+from selfage_cli.errors import SelfageError, is_out_of_memory
 from selfage_cli.project import Project, find, now_iso, sha256_file, upsert
 from selfage_cli.summary import StageSummary
 
@@ -100,7 +100,7 @@ def edit_project(
             except SelfageError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one photo failing must not stop the others
-                if _is_oom(exc):
+                if is_out_of_memory(exc):
                     raise SelfageError(_oom_message(config, photo.id)) from exc
                 summary.fail(photo.id, f"editing failed ({type(exc).__name__}: {str(exc)[:200]}); please report it")
                 bar.update(overall, advance=1)
@@ -377,12 +377,6 @@ def _pipeline_fingerprint(pipe: Any) -> str:
     from selfage_cli.models import pipeline_fingerprint
 
     return pipeline_fingerprint(pipe)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _oom_message(config: EditConfig, item: str) -> str:
