@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib import resources
 from pathlib import Path
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tiny models' small ops run several times slower with two threads on two cores
+# (measured: the demo test 16 s with one thread, 50 s with two). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SELFAGE_TEST_THREADS", "1"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def faces_folder() -> Path:
@@ -54,3 +59,101 @@ def project_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "proj"
     folder.mkdir()
     return folder
+
+
+# ---- DEX age classifier checkpoint (ages helper) ----------------------------------------------------------
+# The layer table of issue 4, written out here by hand (not taken from selfage_cli.ages.dex), so tests
+# of the loader check our module against the specification rather than against itself.
+DEX_LAYER_TABLE: list[tuple[str, tuple[int, ...]]] = [
+    *[(name, (cout, cin, 3, 3)) for name, cin, cout in [
+        ("conv1_1", 3, 64), ("conv1_2", 64, 64),
+        ("conv2_1", 64, 128), ("conv2_2", 128, 128),
+        ("conv3_1", 128, 256), ("conv3_2", 256, 256), ("conv3_3", 256, 256),
+        ("conv4_1", 256, 512), ("conv4_2", 512, 512), ("conv4_3", 512, 512),
+        ("conv5_1", 512, 512), ("conv5_2", 512, 512), ("conv5_3", 512, 512),
+    ]],
+    ("fc6", (4096, 25088)),
+    ("fc7", (4096, 4096)),
+    ("fc8_101", (101, 4096)),
+]
+
+
+@pytest.fixture(scope="session")
+def dex_state_dict() -> dict[str, torch.Tensor]:
+    """A full-size random DEX VGG-16 state dict in the SAM checkpoint's naming (``fc8-101`` with a dash).
+
+    He-initialised so activations stay finite; ~540 MB in memory. Do not mutate it.
+    """
+    import math
+
+    generator = torch.Generator().manual_seed(1234)
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in DEX_LAYER_TABLE:
+        key = name.replace("fc8_101", "fc8-101")
+        fan_in = math.prod(shape[1:])
+        state[f"{key}.weight"] = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
+        state[f"{key}.bias"] = torch.randn(shape[0], generator=generator) * 0.01
+    return state
+
+
+@pytest.fixture(scope="session")
+def dex_weights_path(tmp_path_factory: pytest.TempPathFactory, dex_state_dict: dict[str, torch.Tensor]) -> Path:
+    """``dex_age_classifier.pth`` in the SAM format (``{'state_dict': ...}``) with random weights, saved once."""
+    path = tmp_path_factory.mktemp("dex") / "dex_age_classifier.pth"
+    torch.save({"state_dict": dex_state_dict}, path)
+    return path
+
+
+# ---- edit engine (shared by tests/test_edit_*.py) -------------------------------------------------
+TINY_EDIT_STEPS = 20  # DDIM steps of the shared inversion (the method's default is 50; kept small for speed)
+TINY_EDIT_SOURCE_AGE = 30
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run torch ops with ``count`` intra-op threads, restoring the previous number after.
+
+    The tiny model's ops are too small to gain from threads, and on a loaded 2-core machine two
+    spinning threads made the shared inversion ~20× slower than one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_source_latent(tiny_pipe, astronaut_path: Path) -> torch.Tensor:
+    """The astronaut portrait encoded by the tiny pipeline's VAE (1, 4, 16, 16), fp32."""
+    from PIL import Image
+
+    from selfage_cli.edit.engine import encode_image
+
+    with Image.open(astronaut_path) as image, torch_threads(1):
+        return encode_image(tiny_pipe, image)
+
+
+@pytest.fixture(scope="session")
+def tiny_inversion(tiny_pipe, tiny_source_latent: torch.Tensor):
+    """ONE null-text inversion of the astronaut with the tiny model, computed once per session.
+
+    Prompt ``build_prompts(30, [...], "female").source`` = "photo of sks woman as 30-year-old";
+    20 DDIM steps, guidance 7.5, 10 inner steps, trajectory kept. Do not mutate it.
+    """
+    from selfage_cli.edit.engine import invert
+    from selfage_cli.edit.prompts import build_prompts
+
+    prompt = build_prompts(TINY_EDIT_SOURCE_AGE, [TINY_EDIT_SOURCE_AGE], "female").source
+    with torch_threads(1):
+        return invert(
+            tiny_pipe,
+            tiny_source_latent,
+            prompt,
+            mode="null-text",
+            steps=TINY_EDIT_STEPS,
+            guidance=7.5,
+            inner_steps=10,
+            keep_trajectory=True,
+        )

@@ -1,0 +1,231 @@
+"""Inverting a photo's latent: DDIM inversion, null-text optimisation, negative-prompt inversion.
+
+* :func:`ddim_inversion` runs the schedule backwards (low → high noise) with the conditional ε and
+  keeps every latent (T + 1 of them; x_T is the last).
+* :func:`null_text_optimisation` (Mokady et al. 2023, the reference's ``null_optimization``) finds,
+  for each timestep, an unconditional embedding with which guided DDIM sampling retraces the
+  inversion trajectory: fresh Adam per timestep on a copy of the previous result (warm start from
+  the ``""`` embedding), lr 1e-2·(1 − i/100), the conditional ε computed once per timestep, up to
+  ``inner_steps`` inner steps with early stopping when the loss (measured before the update)
+  falls under 1e-5 + i·2e-5.
+* :func:`negative_prompt_inversion` (Miyake et al. 2023) skips the optimisation: the conditional
+  embedding is the null embedding of every step.
+
+The optimisation runs in fp32 on the embedding, the latents and the loss whatever the UNet's weight
+dtype (fp16/bf16 weights only change the UNet's internal arithmetic; the test suite checks that a
+bf16 UNet gives the fp32 result within a tolerance).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Adam
+
+from selfage_cli.edit.sampling import DDIMSchedule, compiled_unet, encode_text, unet_epsilon
+
+Progress = Callable[[int, int], None] | None
+
+NULL_TEXT_LR = 1e-2
+NULL_TEXT_EPSILON = 1e-5
+NULL_TEXT_EPSILON_SLOPE = 2e-5
+MODES = ("null-text", "negative-prompt")
+
+
+@dataclass
+class Inversion:
+    """An inverted photo: x_T and one null (unconditional) embedding per sampling step.
+
+    ``null_embeddings[i]`` is used at sampling step i (timestep ``timesteps[i]``, high → low noise).
+    ``inner_steps_run[i]`` counts the Adam steps taken at step i (0 for negative-prompt inversion).
+    ``trajectory`` holds the T + 1 DDIM-inversion latents (x_0 … x_T) when kept.
+    """
+
+    x_t: Tensor  # (1, C, h, w) fp32
+    null_embeddings: Tensor  # (T, 77, D) fp32
+    mode: str
+    prompt: str
+    steps: int
+    guidance: float
+    inner_steps_run: list[int]
+    seconds: float
+    trajectory: list[Tensor] | None = None
+    learning_rates: list[float] = field(default_factory=list)
+
+    @property
+    def total_inner_steps(self) -> int:
+        return int(sum(self.inner_steps_run))
+
+
+def null_text_lr(i: int, base: float = NULL_TEXT_LR) -> float:
+    """The reference's learning rate at step i: 1e-2 · (1 − i/100)."""
+    return base * (1.0 - i / 100.0)
+
+
+def early_stop_threshold(i: int) -> float:
+    """Inner steps stop once the loss (before the update) is under 1e-5 + i · 2e-5."""
+    return NULL_TEXT_EPSILON + i * NULL_TEXT_EPSILON_SLOPE
+
+
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on a module's parameters for the duration (restored after).
+
+    The null-text backward pass needs gradients w.r.t. the embedding only; loaded pipelines leave
+    ``requires_grad=True`` on every weight, which would make each inner step also compute (and
+    store) a gradient for every UNet weight.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+@torch.no_grad()
+def ddim_inversion(
+    pipe, schedule: DDIMSchedule, latent: Tensor, cond: Tensor, progress: Progress = None, unet: Any = None
+) -> list[Tensor]:
+    """x_0 → x_T with the conditional ε (no guidance); returns all T + 1 latents, fp32."""
+    x = latent.float()
+    out = [x]
+    total = schedule.steps
+    for k, t in enumerate(reversed(schedule.timesteps)):
+        eps = unet_epsilon(pipe, schedule, x, t, cond, unet)
+        x = schedule.next_step(eps, t, x)
+        out.append(x)
+        if progress:
+            progress(k + 1, total)
+    return out
+
+
+def null_text_optimisation(
+    pipe,
+    schedule: DDIMSchedule,
+    trajectory: list[Tensor],
+    cond: Tensor,
+    null: Tensor,
+    *,
+    guidance: float = 7.5,
+    inner_steps: int = 10,
+    progress: Progress = None,
+    unet: Any = None,
+) -> tuple[Tensor, list[int], list[float]]:
+    """Per-step null embeddings (T, 77, D) fp32, the inner steps run per step and the lrs used.
+
+    One UNet call for the conditional ε per timestep, one forward + backward per inner step, one
+    no-grad call to advance the latent with the final embedding.
+    """
+    steps = schedule.steps
+    current = null.detach().float().clone()
+    latent = trajectory[-1]
+    embeddings: list[Tensor] = []
+    runs: list[int] = []
+    lrs: list[float] = []
+    for i, t in enumerate(schedule.timesteps):
+        target = trajectory[len(trajectory) - i - 2]
+        current = current.clone().detach().requires_grad_(True)
+        lr = null_text_lr(i)
+        optimiser = Adam([current], lr=lr)
+        lrs.append(lr)
+        with torch.no_grad():
+            eps_cond = unet_epsilon(pipe, schedule, latent, t, cond, unet)
+        threshold = early_stop_threshold(i)
+        run = 0
+        for _ in range(inner_steps):
+            eps_uncond = unet_epsilon(pipe, schedule, latent, t, current, unet)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            rebuilt = schedule.prev_step(eps, t, latent)
+            loss = torch.nn.functional.mse_loss(rebuilt, target)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            run += 1
+            if loss.item() < threshold:
+                break
+        current = current.detach()
+        embeddings.append(current.clone())
+        runs.append(run)
+        with torch.no_grad():
+            eps_uncond = unet_epsilon(pipe, schedule, latent, t, current, unet)
+            latent = schedule.prev_step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latent)
+        if progress:
+            progress(i + 1, steps)
+    return torch.cat(embeddings, dim=0), runs, lrs
+
+
+def invert_latent(
+    pipe,
+    latent: Tensor,
+    prompt: str,
+    *,
+    mode: str = "null-text",
+    steps: int = 50,
+    guidance: float = 7.5,
+    inner_steps: int = 10,
+    progress: Progress = None,
+    keep_trajectory: bool = False,
+    compile_unet: bool | dict[str, Any] = False,
+) -> Inversion:
+    """Invert an encoded latent (1, C, h, w) with the given prompt and mode.
+
+    ``compile_unet`` (off by default): run the inversion's UNet calls through ``torch.compile``
+    (``True``: ``mode="reduce-overhead"``, i.e. CUDA graphs on a GPU; a dict: torch.compile's options).
+    """
+    if mode not in MODES:
+        raise ValueError(f"inversion mode {mode!r} is not one of {MODES}")
+    start = time.perf_counter()
+    schedule = DDIMSchedule.from_pipe(pipe, steps)
+    device = latent.device
+    cond, null = encode_text(pipe, [prompt, ""]).to(device).chunk(2)
+    total = 2 * steps if mode == "null-text" else steps
+
+    def forward_progress(done: int, _total: int) -> None:
+        if progress:
+            progress(done, total)
+
+    unet = compiled_unet(pipe, compile_unet)
+    trajectory = ddim_inversion(pipe, schedule, latent, cond, forward_progress, unet)
+    lrs: list[float] = []
+    if mode == "null-text":
+
+        def backward_progress(done: int, _total: int) -> None:
+            if progress:
+                progress(steps + done, total)
+
+        with frozen(pipe.unet):
+            embeddings, runs, lrs = null_text_optimisation(
+                pipe,
+                schedule,
+                trajectory,
+                cond,
+                null,
+                guidance=guidance,
+                inner_steps=inner_steps,
+                progress=backward_progress,
+                unet=unet,
+            )
+    else:
+        embeddings = cond.expand(steps, *cond.shape[1:]).clone()
+        runs = [0] * steps
+    return Inversion(
+        x_t=trajectory[-1].detach().clone(),
+        null_embeddings=embeddings.detach().float(),
+        mode=mode,
+        prompt=prompt,
+        steps=steps,
+        guidance=float(guidance),
+        inner_steps_run=runs,
+        seconds=time.perf_counter() - start,
+        trajectory=[x.detach().clone() for x in trajectory] if keep_trajectory else None,
+        learning_rates=lrs,
+    )
