@@ -49,8 +49,9 @@ def write_demo_photos(folder: Path) -> tuple[Path, Path]:
     variants = {
         f"{DEMO_AGES[0]}_astronaut.png": portrait,
         f"{DEMO_AGES[1]}_astronaut_mirrored.png": ImageOps.mirror(portrait),
-        f"{DEMO_AGES[2]}_astronaut_tilted.png": portrait.rotate(8, resample=Image.Resampling.BICUBIC,
-                                                                 fillcolor=(128, 128, 128)),
+        f"{DEMO_AGES[2]}_astronaut_tilted.png": portrait.rotate(
+            8, resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128)
+        ),
     }
     for name, image in variants.items():
         image.save(refs / name)
@@ -101,19 +102,82 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
     project.set_config(base_model=str(model), demo=True)
 
     stage("align", align_photos(project, [refs], role="refs", size=128))
-    stage("label-ages", label_ages(project, pairs=[], reg=None, ages_file=None, birth_date=None, dex_weights=None,
-                                   prefer="file,filename,exif,dex", dex_preprocess="antialias", device="cpu"))
-    stage("make-reg", make_reg(project, count=4, age_range="10-70", verify=False, dex_weights=None, batch_size=4,
-                               steps=4, seed=0, force=True, base_model=str(model), device="cpu", dtype="fp32"))
-    config = TrainConfig(base_model=str(model), steps=6, batch_size=2, rank=4, lr=1e-4, num_refs=3,
-                         resolution=128, checkpoint_every=0, device="cpu", dtype="fp32")
-    stage("train", train_project(project, config, refs=None, reg=None, birth_date=None, ages_file=None,
-                                 run_name="demo", resume=False, force=True))
-    edit_config = EditConfig(ages=EDIT_AGES, side_by_side=True, gif=True, source_age=DEMO_AGES[0],
-                             ddim_steps=10, inner_steps=3)
-    edited = stage("edit", edit_project(project, edit_config, images=[to_edit], base_model=str(model), lora=None,
-                                        no_lora=False, aligned=False, dex_weights=None, force=True,
-                                        device="cpu", dtype="fp32"))
+    stage(
+        "label-ages",
+        label_ages(
+            project,
+            pairs=[],
+            reg=None,
+            ages_file=None,
+            birth_date=None,
+            dex_weights=None,
+            prefer="file,filename,exif,dex",
+            dex_preprocess="antialias",
+            device="cpu",
+        ),
+    )
+    stage(
+        "make-reg",
+        make_reg(
+            project,
+            count=4,
+            age_range="10-70",
+            verify=False,
+            dex_weights=None,
+            batch_size=4,
+            steps=4,
+            seed=0,
+            force=True,
+            base_model=str(model),
+            device="cpu",
+            dtype="fp32",
+        ),
+    )
+    config = TrainConfig(
+        base_model=str(model),
+        steps=6,
+        batch_size=2,
+        rank=4,
+        lr=1e-4,
+        num_refs=3,
+        resolution=128,
+        checkpoint_every=0,
+        device="cpu",
+        dtype="fp32",
+    )
+    stage(
+        "train",
+        train_project(
+            project,
+            config,
+            refs=None,
+            reg=None,
+            birth_date=None,
+            ages_file=None,
+            run_name="demo",
+            resume=False,
+            force=True,
+        ),
+    )
+    edit_config = EditConfig(
+        ages=EDIT_AGES, side_by_side=True, gif=True, source_age=DEMO_AGES[0], ddim_steps=10, inner_steps=3
+    )
+    edited = stage(
+        "edit",
+        edit_project(
+            project,
+            edit_config,
+            images=[to_edit],
+            base_model=str(model),
+            lora=None,
+            no_lora=False,
+            aligned=False,
+            dex_weights=None,
+            force=True,
+            device="cpu",
+            dtype="fp32",
+        ),
+    )
     stage("eval", evaluate_project(project, edits=[], report_dir=None, dex_weights=None, device="cpu"))
 
     manifest = project.read()
@@ -128,8 +192,14 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
         "strips": [edit.get("strip") for edit in manifest["edits"] if edit.get("strip")],
         "eval_report": str(folder / "eval" / "report.md"),
     }
-    summary.data.update({"written": written, "seconds": timings, "total_seconds":
-                         round(time.perf_counter() - started, 1), "note": DISCLAIMER})
+    summary.data.update(
+        {
+            "written": written,
+            "seconds": timings,
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "note": DISCLAIMER,
+        }
+    )
     summary.done.append({"stage": "demo", "project": str(folder)})
     summary.lines += [
         f"[bold green]demo finished[/bold green] in {summary.data['total_seconds']} s — project: {folder}",

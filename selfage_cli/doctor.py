@@ -12,10 +12,25 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
-PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "typer", "rich", "pillow", "numpy",
-            "opencv-python-headless", "dlib-bin", "face_recognition_models")
-DLIB_MODELS = ("shape_predictor_68_face_landmarks.dat", "mmod_human_face_detector.dat",
-               "dlib_face_recognition_resnet_model_v1.dat")
+PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "typer",
+    "rich",
+    "pillow",
+    "numpy",
+    "opencv-python-headless",
+    "dlib-bin",
+    "face_recognition_models",
+)
+DLIB_MODELS = (
+    "shape_predictor_68_face_landmarks.dat",
+    "mmod_human_face_detector.dat",
+    "dlib_face_recognition_resnet_model_v1.dat",
+)
 
 
 @dataclass
@@ -73,8 +88,12 @@ def check_base_model(base_model: str) -> Check:
     local = Path(base_model).expanduser()
     if local.exists():
         ok = (local / "model_index.json").is_file()
-        return Check("base model", ok, f"{local} ({'diffusers folder' if ok else 'no model_index.json'})",
-                     "" if ok else "pass a folder written by save_pretrained or `selfage random-model`")
+        return Check(
+            "base model",
+            ok,
+            f"{local} ({'diffusers folder' if ok else 'no model_index.json'})",
+            "" if ok else "pass a folder written by save_pretrained or `selfage random-model`",
+        )
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -84,7 +103,9 @@ def check_base_model(base_model: str) -> Check:
     if isinstance(cached, str):
         return Check("base model", True, f"{base_model} (in the Hugging Face cache)")
     return Check(
-        "base model", False, f"{base_model} is not in the local Hugging Face cache",
+        "base model",
+        False,
+        f"{base_model} is not in the local Hugging Face cache",
         f"on a machine with network: hf download {base_model} --local-dir ./sd15, then "
         "--base-model ./sd15 (or let the first run download it)",
     )
@@ -92,8 +113,10 @@ def check_base_model(base_model: str) -> Check:
 
 def check_dex(dex_weights: Path | None, project: Project | None) -> Check:
     path = dex_weights or (project.config("dex_weights") if project and project.exists() else None)
-    fix = ("download dex_age_classifier.pth, published by the SAM project (yuval-alaluf/SAM), and pass "
-           "--dex-weights PATH or set SELFAGE_DEX_WEIGHTS; without it give ages by file name, EXIF or --source-age")
+    fix = (
+        "download dex_age_classifier.pth, published by the SAM project (yuval-alaluf/SAM), and pass "
+        "--dex-weights PATH or set SELFAGE_DEX_WEIGHTS; without it give ages by file name, EXIF or --source-age"
+    )
     if not path:
         return Check("DEX weights", False, "not configured", fix)
     path = Path(path).expanduser()
@@ -125,8 +148,15 @@ def diagnose(base_model: str, dex_weights: Path | None, device: str, project: Pr
     checks = [check_device(device), check_base_model(base_model), check_dex(dex_weights, project), check_dlib()]
     missing_packages = [name for name, version in versions.items() if version is None]
     if missing_packages:
-        checks.insert(0, Check("packages", False, f"missing: {', '.join(missing_packages)}",
-                               "make install (or pip install -c constraints.txt -e .)"))
+        checks.insert(
+            0,
+            Check(
+                "packages",
+                False,
+                f"missing: {', '.join(missing_packages)}",
+                "make install (or pip install -c constraints.txt -e .)",
+            ),
+        )
     summary.data["checks"] = [check.to_json() for check in checks]
     summary.lines.append(f"selfage {selfage_cli.__version__} on Python {platform.python_version()}")
     summary.lines.append("  " + ", ".join(f"{name} {version or 'MISSING'}" for name, version in versions.items()))

@@ -182,6 +182,22 @@ def native_resolution(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
+def resolution_multiple(pipe: Any) -> int:
+    """The pixel multiple an image side must be for this model: the VAE's downscale factor times the
+    UNet's total downsampling (``vae_scale_factor * 2 ** (number of down blocks - 1)``; SD 1.5: 64)."""
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
+def check_resolution(pipe: Any, resolution: int, option: str = "--resolution") -> None:
+    """Raise SelfageError unless ``resolution`` is a positive multiple of :func:`resolution_multiple`."""
+    multiple = resolution_multiple(pipe)
+    if resolution < multiple or resolution % multiple:
+        raise SelfageError(
+            f"{option} {resolution} must be a multiple of {multiple} for this base model "
+            f"(its VAE and UNet downsample by {multiple}); e.g. {option} {native_resolution(pipe)}."
+        )
+
+
 # ---- random model factory --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Architecture:
@@ -206,8 +222,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def _unet_config(widths: tuple[int, ...], layers: int, heads: int, cross_dim: int, sample_size: int,
-                 groups: int) -> dict[str, Any]:
+def _unet_config(
+    widths: tuple[int, ...], layers: int, heads: int, cross_dim: int, sample_size: int, groups: int
+) -> dict[str, Any]:
     return {
         "sample_size": sample_size,
         "in_channels": 4,
@@ -300,8 +317,9 @@ def load_clip_tokenizer() -> Any:
     )
 
 
-def build_random_pipeline(arch: str = "tiny", seed: int = 0, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def build_random_pipeline(
+    arch: str = "tiny", seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
     """A randomly initialised SD-1.x pipeline of the given architecture.
 
     ``sd15`` with ``device="meta"`` builds the networks without allocating weights (config checks).
@@ -336,8 +354,13 @@ def build_random_pipeline(arch: str = "tiny", seed: int = 0, device: str | torch
     return pipe
 
 
-def save_random_model(out_dir: str | os.PathLike[str], arch: str = "tiny", seed: int = 0,
-                      device: str | torch.device = "cpu", force: bool = False) -> Path:
+def save_random_model(
+    out_dir: str | os.PathLike[str],
+    arch: str = "tiny",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    force: bool = False,
+) -> Path:
     """Write a random pipeline as an ordinary diffusers folder that ``--base-model PATH`` loads."""
     out = Path(out_dir).expanduser()
     if (out / "model_index.json").exists() and not force:

@@ -20,12 +20,12 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from selfage_cli.errors import ManifestError, SelfageError
+from selfage_cli.files import atomic_write_json
 
 MANIFEST_NAME = "selfage.json"
 LOCK_NAME = "selfage.json.lock"
@@ -138,7 +138,9 @@ class Project:
         try:
             text = self.manifest_path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ManifestError(f"{self.manifest_path}: cannot be read ({exc.strerror}); check its permissions.") from exc
+            raise ManifestError(
+                f"{self.manifest_path}: cannot be read ({exc.strerror}); check its permissions."
+            ) from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -159,12 +161,16 @@ class Project:
                 f"{self.manifest_path} has schema_version {version!r}, but this selfage understands only "
                 f"version {SCHEMA_VERSION}; use the selfage release that wrote it or start a new project."
             )
-        for key, kind in (("references", list), ("inputs", list), ("runs", list), ("edits", list),
-                          ("regularisation", dict), ("config", dict)):
+        for key, kind in (
+            ("references", list),
+            ("inputs", list),
+            ("runs", list),
+            ("edits", list),
+            ("regularisation", dict),
+            ("config", dict),
+        ):
             if key in data and not isinstance(data[key], kind):
-                raise ManifestError(
-                    f"{self.manifest_path}: '{key}' must be a JSON {kind.__name__}; fix or remove it."
-                )
+                raise ManifestError(f"{self.manifest_path}: '{key}' must be a JSON {kind.__name__}; fix or remove it.")
         self._check_paths(data)
 
     def _check_paths(self, node: Any) -> None:
@@ -211,23 +217,7 @@ class Project:
                 self._write_atomic(manifest)
 
     def _write_atomic(self, manifest: Manifest) -> None:
-        text = json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=".selfage.", suffix=".json.tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.manifest_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write_json(self.manifest_path, manifest, sort_keys=False, ensure_ascii=False)
 
     def init(self) -> Manifest:
         """Create the manifest if there is none; return it."""

@@ -65,13 +65,24 @@ def project_dir(tmp_path: Path) -> Path:
 # The layer table of issue 4, written out here by hand (not taken from selfage_cli.ages.dex), so tests
 # of the loader check our module against the specification rather than against itself.
 DEX_LAYER_TABLE: list[tuple[str, tuple[int, ...]]] = [
-    *[(name, (cout, cin, 3, 3)) for name, cin, cout in [
-        ("conv1_1", 3, 64), ("conv1_2", 64, 64),
-        ("conv2_1", 64, 128), ("conv2_2", 128, 128),
-        ("conv3_1", 128, 256), ("conv3_2", 256, 256), ("conv3_3", 256, 256),
-        ("conv4_1", 256, 512), ("conv4_2", 512, 512), ("conv4_3", 512, 512),
-        ("conv5_1", 512, 512), ("conv5_2", 512, 512), ("conv5_3", 512, 512),
-    ]],
+    *[
+        (name, (cout, cin, 3, 3))
+        for name, cin, cout in [
+            ("conv1_1", 3, 64),
+            ("conv1_2", 64, 64),
+            ("conv2_1", 64, 128),
+            ("conv2_2", 128, 128),
+            ("conv3_1", 128, 256),
+            ("conv3_2", 256, 256),
+            ("conv3_3", 256, 256),
+            ("conv4_1", 256, 512),
+            ("conv4_2", 512, 512),
+            ("conv4_3", 512, 512),
+            ("conv5_1", 512, 512),
+            ("conv5_2", 512, 512),
+            ("conv5_3", 512, 512),
+        ]
+    ],
     ("fc6", (4096, 25088)),
     ("fc7", (4096, 4096)),
     ("fc8_101", (101, 4096)),

@@ -171,3 +171,16 @@ def test_resize_chain_matches_its_description():
     assert dex.resize_for_dex(checker, "reference").abs().max() > 0.5
     with pytest.raises(SelfageError, match="antialias or reference"):
         dex.resize_for_dex(batch, "bicubic")
+
+
+def test_one_preprocess_check_for_every_entry_point(random_dex, faces):
+    """resize_for_dex, estimate_ages (and label-ages, via the same function) refuse an unknown mode alike."""
+    assert dex.check_preprocess("reference") == "reference"
+    batch = torch.zeros(1, 3, 8, 8)
+    for call in (
+        lambda: dex.check_preprocess("bicubic"),
+        lambda: dex.resize_for_dex(batch, "bicubic"),
+        lambda: dex.estimate_ages(random_dex, faces[:1], preprocess="bicubic", progress=False),
+    ):
+        with pytest.raises(SelfageError, match=r"--dex-preprocess 'bicubic' is not known; use antialias or reference"):
+            call()

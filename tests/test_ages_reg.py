@@ -122,6 +122,7 @@ def test_make_reg_aligns_faces_and_verifies_with_dex(
     project = Project(project_dir)
     (project_dir / "reg" / "generated").mkdir(parents=True)
     (project_dir / "reg" / "generated" / "old.png").write_bytes(b"old")
+    project.set_config(base_model=str(tiny_model_dir))
     with pytest.raises(SelfageError, match="--force"):
         make_reg(
             project,
@@ -147,10 +148,11 @@ def test_make_reg_aligns_faces_and_verifies_with_dex(
         steps=1,
         seed=0,
         force=True,
-        base_model=str(tiny_model_dir),
+        base_model=None,  # the project's base model is used, and recorded
         device="cpu",
         dtype="fp32",
     )
+    assert project.read()["regularisation"]["base_model"] == str(tiny_model_dir)
     images = project.read()["regularisation"]["images"]
     assert [(img["age"], img["aligned_ok"]) for img in images] == [(20, True), (40, False)]
     with Image.open(project.path(images[0]["aligned"])) as aligned:

@@ -339,13 +339,13 @@ def test_in_memory_array_input(astronaut):
 
 def test_missing_model_files_name_the_fix(tmp_path, monkeypatch):
     from selfage_cli.errors import SelfageError
-    from selfage_cli.faces import models
+    from selfage_cli.faces import dlib_models
 
     monkeypatch.setenv("SELFAGE_DLIB_MODELS", str(tmp_path))
     with pytest.raises(SelfageError, match=r"shape_predictor_68_face_landmarks\.dat: dlib model file not found; pip"):
-        models.model_path(models.SHAPE_PREDICTOR_68)
+        dlib_models.model_path(dlib_models.SHAPE_PREDICTOR_68)
     monkeypatch.delenv("SELFAGE_DLIB_MODELS")
-    assert models.model_path(models.SHAPE_PREDICTOR_68).is_file()
+    assert dlib_models.model_path(dlib_models.SHAPE_PREDICTOR_68).is_file()
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".bmp", ".tif"])

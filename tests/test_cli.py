@@ -38,8 +38,9 @@ def test_stage_commands_share_the_common_options() -> None:
 
 
 def test_version_and_module_entry_point() -> None:
-    result = subprocess.run([sys.executable, "-m", "selfage_cli", "--version"], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "selfage_cli", "--version"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and result.stdout.startswith("selfage ")
 
 
@@ -86,8 +87,13 @@ def test_doctor_reports_missing_pieces_with_fixes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("", "is empty"), ("10,abc", "not an integer"), ("10,101", "outside 0–100"), ("10,10", "given twice"),
-     ("2.5", "not an integer")],
+    [
+        ("", "is empty"),
+        ("10,abc", "not an integer"),
+        ("10,101", "outside 0–100"),
+        ("10,10", "given twice"),
+        ("2.5", "not an integer"),
+    ],
 )
 def test_age_lists_are_validated(value: str, message: str) -> None:
     with pytest.raises(SelfageError, match=message):

@@ -13,8 +13,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cli_reference_is_current(tmp_path: Path) -> None:
     out = tmp_path / "cli.md"
     typer_bin = Path(sys.executable).with_name("typer")
-    subprocess.run([str(typer_bin), "selfage_cli.cli", "utils", "docs", "--name", "selfage", "--title",
-                    "selfage command reference", "--output", str(out)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [
+            str(typer_bin),
+            "selfage_cli.cli",
+            "utils",
+            "docs",
+            "--name",
+            "selfage",
+            "--title",
+            "selfage command reference",
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     assert out.read_text() == (ROOT / "docs" / "cli.md").read_text(), "docs/cli.md is stale: run `make docs`"
 
 
@@ -38,4 +53,4 @@ def test_conda_environment_uses_the_tested_pins() -> None:
 def test_readme_starts_with_the_two_commands() -> None:
     text = (ROOT / "README.md").read_text()
     first = text.index("make demo")
-    assert first < text.index("## The real workflow") and "make test" in text[:text.index("## The real workflow")]
+    assert first < text.index("## The real workflow") and "make test" in text[: text.index("## The real workflow")]

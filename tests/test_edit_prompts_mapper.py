@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from selfage_cli.edit.mapper import equalizer, replacement_mapper, word_token_counts, word_token_indices
+from selfage_cli.edit.mapper import (
+    SD_MAX_TOKENS,
+    equalizer,
+    replacement_mapper,
+    token_length,
+    word_token_counts,
+    word_token_indices,
+)
+from selfage_cli.edit.p2p import blend_word_weights
 from selfage_cli.edit.prompts import age_word, build_prompts, placeholder
 from selfage_cli.errors import SelfageError
 from selfage_cli.models import load_clip_tokenizer
@@ -130,3 +140,21 @@ def test_equalizer_reweights_only_the_age_word(tokenizer):
     eq = equalizer("photo of sks elderly as 80-year-old", "80-year-old", 2.0, tokenizer)
     assert eq[6:12].tolist() == [2.0] * 6
     assert eq.sum() == 77 + 6
+
+
+def test_lengths_come_from_the_tokenizer(tokenizer):
+    """Mapper, re-weighting and blend weights take the tokenizer's padded length (77 is only SD's)."""
+    assert token_length(tokenizer) == SD_MAX_TOKENS == 77
+    short = copy.deepcopy(tokenizer)
+    short.model_max_length = 16
+    source, target = "photo of sks woman as 30-year-old", "photo of sks woman as 80-year-old"
+    assert torch.equal(replacement_mapper(source, target, short), torch.eye(16))
+    assert equalizer(target, "80-year-old", 2.0, short).shape == (16,)
+    prompts = build_prompts(30, [5, 80], "female")
+    weights = blend_word_weights(prompts, short)
+    assert weights.shape == (3, 16) and torch.equal(weights[:, :16], blend_word_weights(prompts, tokenizer)[:, :16])
+    short.model_max_length = 8  # a word cut by the length keeps only the tokens that fit
+    assert word_token_indices(source, "30-year-old", short) == [6, 7]
+    short.model_max_length = int(1e30)  # transformers' "no limit" default: the length is unknown
+    with pytest.raises(ValueError, match="model_max_length"):
+        token_length(short)

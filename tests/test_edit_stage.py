@@ -60,11 +60,11 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def stub_engine(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Replace invert/edit_ages by fast stand-ins (for tests about everything around the editing).
 
-    Returns the calls: ``{"invert": [prompt, ...], "edit_ages": [EditPrompts, ...]}``.
+    Returns the calls: ``{"invert": [prompt, ...], "edit_ages": [EditPrompts, ...], "settings": [P2PSettings, ...]}``.
     """
     from selfage_cli.edit.inversion import Inversion
 
-    seen: dict = {"invert": [], "edit_ages": []}
+    seen: dict = {"invert": [], "edit_ages": [], "settings": []}
 
     def invert(pipe, image, prompt, *, mode="null-text", steps=50, guidance=7.5, inner_steps=10, progress=None):
         seen["invert"].append(prompt)
@@ -83,6 +83,7 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> dict:
 
     def edit_ages(pipe, inversion, prompts, **kwargs):
         seen["edit_ages"].append(prompts)
+        seen["settings"].append(kwargs.get("settings"))
         size = int(inversion.x_t.shape[-1]) * int(pipe.vae_scale_factor)
         images = [Image.new("RGB", (size, size), (20 * i, 100, 100)) for i in range(1 + len(prompts.targets))]
         return engine.EditResult(latents=torch.zeros(1), images=images, masks=None, unet_calls=0, seconds=0.0)
@@ -189,14 +190,34 @@ def test_edit_writes_outputs_records_them_and_reuses_the_inversion(
     assert code == 0, output
     assert calls == {"invert": 1, "edit_ages": 3}
 
-    # Without IMAGES every registered input is edited (new age, no clash, same inversion).
+    # Without IMAGES every registered input is edited (new age, no clash, same inversion). The new age
+    # joins the entry; 10 and 70 stay recorded, with the settings of the call that made them.
     code, output, summary = edit(
         project_dir, tiny_model_dir, "--source-age", "40", "--no-lora", "--ages", "30", "--json"
     )
     assert code == 0, output
     assert calls == {"invert": 1, "edit_ages": 4}
     assert (folder / "30.png").is_file()
-    assert Project(project_dir).read()["edits"][0]["target_ages"] == [30]
+    (record,) = Project(project_dir).read()["edits"]
+    assert record["target_ages"] == [10, 70, 30]
+    assert record["outputs"] == {str(a): f"edits/astronaut/{a}.png" for a in (10, 70, 30)}
+    assert record["settings"]["ages"] == [30] and record["settings"]["cross_replace"] == 0.8
+    assert record["strip"] is None and record["gif"] is None  # this call made neither
+    (earlier,) = record["history"]
+    assert earlier["ages"] == [10, 70] and earlier["settings"]["cross_replace"] == 0.5
+    assert earlier["strip"] == "edits/astronaut/strip.png" and earlier["gif"] == "edits/astronaut/ages.gif"
+    assert earlier["prompts"]["targets"] == ["photo of child as 10-year-old", "photo of elderly as 70-year-old"]
+    assert earlier["source_age"] == 40 and earlier["inversion_cache"] == record["inversion_cache"]
+
+    # Re-editing 70 with --force replaces that age's output and takes it out of the earlier call's record.
+    code, output, summary = edit(
+        project_dir, tiny_model_dir, "--source-age", "40", "--no-lora", "--ages", "70", "--force", "--json"
+    )
+    assert code == 0, output
+    (record,) = Project(project_dir).read()["edits"]
+    assert record["target_ages"] == [10, 70, 30] and record["settings"]["ages"] == [70]
+    assert [r["ages"] for r in record["history"]] == [[30], [10]]
+    assert record["history"][1]["prompts"]["targets"] == ["photo of child as 10-year-old"]
 
 
 def test_lora_default_run_and_cache_miss_when_the_lora_changes(
@@ -372,6 +393,21 @@ def test_out_of_memory_suggests_max_batch(
         "0,20,40,60",
     )
     assert code == 2 and "--max-batch 2" in output
+
+
+def test_reweight_option_reaches_the_engine_and_the_record(
+    project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, stub_engine: dict
+) -> None:
+    args = [str(astronaut_path), "--aligned", "--no-lora", "--source-age", "40", "--ages", "20", "--json"]
+    code, output, _ = edit(project_dir, tiny_model_dir, *args)
+    assert code == 0, output
+    assert stub_engine["settings"][-1].reweight == 1.0  # the default: no re-weighting
+    code, output, _ = edit(project_dir, tiny_model_dir, *args, "--force", "--reweight", "2.5")
+    assert code == 0, output
+    assert stub_engine["settings"][-1].reweight == 2.5
+    assert Project(project_dir).read()["edits"][0]["settings"]["reweight"] == 2.5
+    code, output, _ = edit(project_dir, tiny_model_dir, *args, "--force", "--reweight", "inf")
+    assert code == 2 and "--reweight" in output
 
 
 def test_aligned_inputs_must_be_square(

@@ -13,7 +13,7 @@ from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, identifier_from_meta, resolve_lora
 from selfage_cli.edit.outputs import existing_outputs, make_strip, plan_outputs, write_outputs
-from selfage_cli.edit.stage import _oom_message, _split_for_process
+from selfage_cli.edit.stage import _oom_message, _split_for_process, merge_edit_entry
 from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project
 
@@ -28,6 +28,7 @@ from selfage_cli.project import Project
         ({"self_replace": -0.1}, "--self-replace"),
         ({"blend_threshold": 2}, "--blend-threshold"),
         ({"blend_start": float("nan")}, "--blend-start"),
+        ({"reweight": float("inf")}, "--reweight"),
         ({"ddim_steps": 0}, "--ddim-steps"),
         ({"inner_steps": -1}, "--inner-steps"),
         ({"guidance": 0.5}, "--guidance"),
@@ -247,3 +248,103 @@ def test_photos_are_split_across_processes() -> None:
 def test_out_of_memory_suggests_max_batch() -> None:
     assert "--max-batch 4" in _oom_message(EditConfig(ages=list(range(0, 90, 10))), "me")
     assert "--max-batch 1" in _oom_message(EditConfig(ages=[1, 2, 3], max_batch=2), "me")
+
+
+# ---- manifest entry over several calls ----------------------------------------------------------------------
+def _entry(source_age: int, ages: list[int], *, strip: bool = False, **settings) -> dict:
+    return {
+        "id": "me",
+        "source_age": source_age,
+        "source_age_source": "option",
+        "target_ages": ages,
+        "outputs": {str(a): f"edits/me/{a}.png" for a in ages},
+        "strip": "edits/me/strip.png" if strip else None,
+        "gif": None,
+        "lora": None,
+        "base_model": "tiny",
+        "prompts": {"source": f"photo of person as {source_age}-year-old", "targets": [f"t{a}" for a in ages]},
+        "settings": {"ages": ages, **settings},
+        "inversion_cache": f"cache/inversions/{source_age}.safetensors",
+        "created": f"call {source_age}-{ages}",
+    }
+
+
+def test_edits_accumulate_and_older_outputs_keep_their_provenance() -> None:
+    from selfage_cli.eval.stage import _source_age_output
+
+    first = merge_edit_entry(None, _entry(40, [10, 40, 70], strip=True, cross_replace=0.8))
+    assert first["history"] == [] and _source_age_output(first) == 40
+    # Another source age: 10/40/70 stay, made from 40; 30 is from 30. Output 40 is no reconstruction now.
+    second = merge_edit_entry(first, _entry(30, [30, 70], cross_replace=0.5))
+    assert second["target_ages"] == [10, 40, 70, 30]
+    assert second["outputs"] == {str(a): f"edits/me/{a}.png" for a in (10, 40, 70, 30)}
+    assert second["source_age"] == 30 and second["settings"] == {"ages": [30, 70], "cross_replace": 0.5}
+    assert second["strip"] is None
+    (earlier,) = second["history"]
+    assert earlier["ages"] == [10, 40] and earlier["prompts"]["targets"] == ["t10", "t40"]
+    assert earlier["source_age"] == 40 and earlier["settings"]["cross_replace"] == 0.8
+    assert earlier["strip"] == "edits/me/strip.png" and earlier["created"] == "call 40-[10, 40, 70]"
+    assert _source_age_output(second) == 30
+    assert _source_age_output({**second, "source_age": 10}) is None  # 10 was made from 40
+    # Redoing every earlier age (and the strip) leaves no history.
+    third = merge_edit_entry(second, _entry(30, [10, 40, 30, 70], strip=True))
+    assert third["target_ages"] == [10, 40, 70, 30] and third["history"] == []
+    assert _source_age_output(_entry(40, [40]) | {"history": [{"ages": [40], "source_age": 40}]}) == 40
+
+
+def test_aligned_registration_never_overwrites_an_unregistered_file(project_dir: Path, astronaut_path: Path) -> None:
+    from selfage_cli.edit.inputs import register_aligned
+    from selfage_cli.summary import StageSummary
+
+    project = Project(project_dir)
+    project.init()
+    stray = project.subdir("inputs", "aligned") / "astronaut.png"
+    Image.new("RGB", (8, 8), "blue").save(stray)
+    before = stray.read_bytes()
+    summary = StageSummary("edit")
+    [photo] = register_aligned(project, [astronaut_path], 64, summary)
+    assert not summary.failures
+    assert photo.id == "astronaut_2" and photo.aligned == "inputs/aligned/astronaut_2.png"
+    assert stray.read_bytes() == before  # the unregistered file is left alone
+    with Image.open(project.path(photo.aligned)) as saved:
+        assert saved.size == (64, 64) and saved.mode == "RGB"
+    # the same photo again: the same entry, no third file
+    assert register_aligned(project, [astronaut_path], 64, StageSummary("edit"))[0].id == "astronaut_2"
+    assert sorted(p.name for p in stray.parent.iterdir()) == ["astronaut.png", "astronaut_2.png"]
+
+
+def test_aligned_inputs_are_read_like_the_align_stage(project_dir: Path, tmp_path: Path) -> None:
+    """EXIF orientation, CMYK and 16-bit photos go through faces.loading, as in ``selfage align``."""
+    import numpy as np
+
+    from selfage_cli.edit.inputs import register_aligned
+    from selfage_cli.faces.loading import load_image
+    from selfage_cli.summary import StageSummary
+
+    project = Project(project_dir)
+    project.init()
+    left_right = np.zeros((16, 16, 3), np.uint8)
+    left_right[:, 8:] = 255  # right half white
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turn 90° clockwise to view
+    Image.fromarray(np.rot90(left_right, k=1).copy()).save(rotated, exif=exif, quality=100)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(cmyk, quality=100)  # red
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(deep)  # 16-bit white
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    summary = StageSummary("edit")
+    photos = register_aligned(project, [rotated, cmyk, deep, broken], 16, summary)
+    assert [p.id for p in photos] == ["rotated", "cmyk", "deep"]
+    for photo, source in zip(photos, (rotated, cmyk, deep), strict=True):
+        with Image.open(project.path(photo.aligned)) as saved:
+            assert np.array_equal(np.asarray(saved), np.asarray(load_image(source)))
+    with Image.open(project.path(photos[0].aligned)) as upright:
+        pixels = np.asarray(upright, float)
+        assert pixels[:, 12:].mean() > 200 and pixels[:, :4].mean() < 50  # white on the right again
+    with Image.open(project.path(photos[2].aligned)) as white:
+        assert np.asarray(white).min() == 255
+    [failure] = summary.failures
+    assert failure.item == str(broken) and "not an image file" in failure.reason

@@ -290,6 +290,27 @@ def test_eval_with_a_missing_dex_file_downgrades(eval_project: Project, tmp_path
     assert any("nope.pth" in w for w in summary.warnings)
 
 
+def test_a_previous_report_is_replaced_with_a_warning(eval_project: Project, monkeypatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from selfage_cli.cli import app
+
+    monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
+    folder = tmp_path / "r"
+    args = ["eval", "hopper", "-p", str(eval_project.root), "--report", str(folder), "--device", "cpu"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "replacing the previous report" not in first.output
+    (folder / "report.md").write_text("old report")
+    second = CliRunner().invoke(app, [*args, "--json"])
+    assert second.exit_code == 0, second.output
+    message = f"replacing the previous report in {folder}"
+    assert message in " ".join(second.output.split())  # on stderr (rich may wrap it)
+    warnings = json.loads(second.stdout.strip().splitlines()[-1])["warnings"]
+    assert any(message in w for w in warnings)
+    assert "old report" not in (folder / "report.md").read_text()
+
+
 def test_missing_output_fails_that_item_only(tmp_path: Path, astronaut_path: Path, hopper_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -24,16 +24,40 @@ from selfage_cli.models import (
 
 # SD 1.5's published configs (stable-diffusion-v1-5/stable-diffusion-v1-5, unet/vae/text_encoder config.json).
 SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 768,
-    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "norm_num_groups": 32,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "norm_num_groups": 32,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "downsample_padding": 1, "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "norm_eps": 1e-5,
 }
-SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "layers_per_block": 2,
-            "sample_size": 512, "norm_num_groups": 32, "act_fn": "silu"}
-SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "projection_dim": 768}
+SD15_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 512,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+}
+SD15_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
 
 
 def test_sd15_architecture_matches_sd15_config() -> None:
@@ -49,7 +73,11 @@ def test_sd15_architecture_matches_sd15_config() -> None:
     assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964  # SD 1.5's UNet
     assert native_resolution(pipe) == 512
     scheduler = dict(pipe.scheduler.config)
-    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
+    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"]) == (
+        0.00085,
+        0.012,
+        "scaled_linear",
+    )
     assert scheduler["set_alpha_to_one"] is False and scheduler["steps_offset"] == 1
 
 
@@ -83,8 +111,9 @@ def test_tiny_pipeline_saved_loads_and_generates(tiny_model_dir: Path, tiny_pipe
     assert (tiny_model_dir / "model_index.json").is_file()
     assert native_resolution(tiny_pipe) == 128
     generator = torch.Generator().manual_seed(0)
-    image = tiny_pipe("photo of person as 30-year-old", num_inference_steps=3, generator=generator,
-                      output_type="np").images[0]
+    image = tiny_pipe(
+        "photo of person as 30-year-old", num_inference_steps=3, generator=generator, output_type="np"
+    ).images[0]
     assert image.shape == (128, 128, 3)
     assert np.isfinite(image).all() and image.std() > 0.01
     assert model_fingerprint(tiny_model_dir) == model_fingerprint(tiny_model_dir)

@@ -62,8 +62,10 @@ def test_sha256(tmp_path: Path) -> None:
     [
         ("{not json", "is not valid JSON (line 1"),
         (json.dumps({"schema_version": 99}), "schema_version 99"),
-        (json.dumps({"schema_version": 1, "references": [{"id": "a", "aligned": "../../etc/passwd"}]}),
-         "escapes the project folder"),
+        (
+            json.dumps({"schema_version": 1, "references": [{"id": "a", "aligned": "../../etc/passwd"}]}),
+            "escapes the project folder",
+        ),
         (json.dumps({"schema_version": 1, "edits": [{"id": "a", "outputs": {"20": "/abs/20.png"}}]}), "is absolute"),
         (json.dumps([1, 2]), "must hold a JSON object"),
     ],
@@ -103,9 +105,11 @@ def test_concurrent_writers_lose_nothing(project_dir: Path) -> None:
 def _slow_writer(root: str, started: str) -> None:
     """Holds the lock and writes a huge manifest slowly, so the parent can kill it mid-write."""
     project = Project(root)
-    import selfage_cli.project as module
+    import builtins
 
-    real_fdopen = os.fdopen
+    import selfage_cli.files as module  # the manifest is written through files.atomic_write_json
+
+    real_open = builtins.open
 
     class SlowFile:
         def __init__(self, handle):
@@ -114,7 +118,7 @@ def _slow_writer(root: str, started: str) -> None:
         def write(self, text):
             Path(started).touch()
             for start in range(0, len(text), 64):
-                self.handle.write(text[start:start + 64])
+                self.handle.write(text[start : start + 64])
                 self.handle.flush()
                 time.sleep(0.01)
 
@@ -127,7 +131,7 @@ def _slow_writer(root: str, started: str) -> None:
         def __exit__(self, *exc):
             return self.handle.__exit__(*exc)
 
-    module.os.fdopen = lambda *a, **k: SlowFile(real_fdopen(*a, **k))  # type: ignore[assignment]
+    module.open = lambda *a, **k: SlowFile(real_open(*a, **k))  # type: ignore[attr-defined]
     with project.update() as manifest:
         manifest["references"] = [{"id": f"big{i}", "age": i % 100} for i in range(2000)]
 

@@ -167,6 +167,25 @@ def test_config_round_trip_and_checks() -> None:
     assert TrainConfig.from_json('{"steps": 3, "unknown": 1}').steps == 3
     resumed = TrainConfig(steps=99, device="cpu").with_method_of(cfg.to_json())
     assert resumed.steps == 5 and resumed.device == "cpu"
-    for bad in (dict(steps=0), dict(lr=0), dict(resolution=100), dict(rank=0), dict(validate_ages="10,x")):
+    for bad in (dict(steps=0), dict(lr=0), dict(resolution=0), dict(rank=0), dict(validate_ages="10,x")):
         with pytest.raises(SelfageError):
             TrainConfig(**bad).check()
+    TrainConfig(resolution=100).check()  # the multiple depends on the model: checked once it is loaded
+
+
+def test_resolution_multiple_comes_from_the_loaded_model(tiny_pipe: object) -> None:
+    from selfage_cli.models import check_resolution, resolution_multiple
+
+    # tiny model: vae_scale_factor 8 (4 VAE blocks), 4 UNet down blocks -> 8 * 2**3 = 64
+    assert tiny_pipe.vae_scale_factor == 8 and len(tiny_pipe.unet.config.down_block_types) == 4
+    assert resolution_multiple(tiny_pipe) == 64
+    for ok in (64, 128, 192):
+        check_resolution(tiny_pipe, ok)
+    for bad in (100, 32, 0):
+        with pytest.raises(SelfageError, match=r"--resolution .* multiple of 64"):
+            check_resolution(tiny_pipe, bad)
+    shallow = SimpleNamespace(
+        vae_scale_factor=8, unet=SimpleNamespace(config=SimpleNamespace(down_block_types=["A", "B"], sample_size=16))
+    )
+    assert resolution_multiple(shallow) == 16
+    check_resolution(shallow, 80)

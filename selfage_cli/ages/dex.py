@@ -254,10 +254,16 @@ def image_to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def check_preprocess(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`PREPROCESS_MODES`, else raise SelfageError naming --dex-preprocess."""
+    if mode not in PREPROCESS_MODES:
+        raise SelfageError(f"--dex-preprocess {mode!r} is not known; use {' or '.join(PREPROCESS_MODES)}.")
+    return mode
+
+
 def resize_for_dex(batch: torch.Tensor, mode: str = "antialias") -> torch.Tensor:
     """Resize a (B, 3, H, W) batch in [-1, 1] to 224×224 the way ``mode`` says (see the module doc)."""
-    if mode not in PREPROCESS_MODES:
-        raise SelfageError(f"--dex-preprocess {mode!r} is not known; use antialias or reference.")
+    check_preprocess(mode)
     if mode == "antialias":
         batch = F.interpolate(
             batch, size=(ANTIALIAS_SIZE, ANTIALIAS_SIZE), mode="bilinear", align_corners=False, antialias=True
@@ -283,8 +289,7 @@ def estimate_ages(
     """DEX age estimate (a float in [0, 100]) of each image, in batches, with a progress bar."""
     from selfage_cli import console
 
-    if preprocess not in PREPROCESS_MODES:
-        raise SelfageError(f"--dex-preprocess {preprocess!r} is not known; use antialias or reference.")
+    check_preprocess(preprocess)
     if batch_size < 1:
         raise SelfageError(f"DEX batch size {batch_size} must be at least 1.")
     if device is None:

@@ -111,7 +111,13 @@ def make_reg(
 ) -> StageSummary:
     """Generate, align and record an age-labelled regularisation set; see the module doc."""
     from selfage_cli.ages.dex import find_dex_weights, load_dex
-    from selfage_cli.models import load_pipeline, native_resolution, resolve_device, resolve_dtype
+    from selfage_cli.models import (
+        DEFAULT_BASE_MODEL,
+        load_pipeline,
+        native_resolution,
+        resolve_device,
+        resolve_dtype,
+    )
 
     summary = StageSummary("make-reg")
     if count < 1:
@@ -133,6 +139,8 @@ def make_reg(
             "Not verifying ages with DEX: no weights (--dex-weights, $SELFAGE_DEX_WEIGHTS or the project's config)."
         )
 
+    # The model actually used (and recorded): --base-model, else the project's, else the default.
+    base_model = str(base_model) if base_model else str(project.config("base_model") or DEFAULT_BASE_MODEL)
     torch_device = resolve_device(device)
     pipe = load_pipeline(base_model, torch_device, resolve_dtype(dtype, torch_device))
     resolution = native_resolution(pipe)
@@ -185,7 +193,7 @@ def make_reg(
         manifest["regularisation"] = {
             "folder": None,
             "generated": True,
-            "base_model": str(base_model) if base_model else None,
+            "base_model": base_model,
             "prompt": REG_PROMPT,
             "age_range": [low, high],
             "steps": steps,

@@ -92,12 +92,11 @@ def label_ages(
     device: str = "auto",
 ) -> StageSummary:
     """Label the project's references (and the ``reg`` folder's images) with integer ages; see the module doc."""
-    from selfage_cli.ages.dex import PREPROCESS_MODES
+    from selfage_cli.ages.dex import check_preprocess
 
     summary = StageSummary("label-ages")
     order = parse_prefer(prefer)
-    if dex_preprocess not in PREPROCESS_MODES:
-        raise SelfageError(f"--dex-preprocess {dex_preprocess!r} is not known; use antialias or reference.")
+    check_preprocess(dex_preprocess)
     given = sources.parse_ages_file(ages_file) if ages_file is not None else {}
     from_pairs = sources.parse_pairs(list(pairs or []))
     for name, age in from_pairs.items():

@@ -24,13 +24,22 @@ from selfage_cli.summary import StageSummary
 
 ProjectOpt = Annotated[
     Path | None,
-    typer.Option("--project", "-p", envvar="SELFAGE_PROJECT", help="Project folder (default: current folder).",
-                 show_default=False),
+    typer.Option(
+        "--project",
+        "-p",
+        envvar="SELFAGE_PROJECT",
+        help="Project folder (default: current folder).",
+        show_default=False,
+    ),
 ]
 BaseModelOpt = Annotated[
     str | None,
-    typer.Option("--base-model", help="SD 1.x/2.x Hub id or local diffusers folder "
-                 "(default: the project's, else stable-diffusion-v1-5/stable-diffusion-v1-5).", show_default=False),
+    typer.Option(
+        "--base-model",
+        help="SD 1.x/2.x Hub id or local diffusers folder "
+        "(default: the project's, else stable-diffusion-v1-5/stable-diffusion-v1-5).",
+        show_default=False,
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
@@ -78,11 +87,19 @@ def run(common: Common, action: Callable[[], StageSummary | None]) -> None:
         _fail(common, "interrupted.", EXIT_INTERRUPTED, exc)
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
         if is_out_of_memory(exc):
-            _fail(common, f"out of memory ({str(exc).splitlines()[0][:160]}); see the command's --help for "
-                  "options that use less memory (smaller batches, --max-batch, --gradient-checkpointing).",
-                  EXIT_USAGE, exc)
-        _fail(common, f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
-              "and report it.", EXIT_INTERNAL, exc)
+            _fail(
+                common,
+                f"out of memory ({str(exc).splitlines()[0][:160]}); see the command's --help for "
+                "options that use less memory (smaller batches, --max-batch, --gradient-checkpointing).",
+                EXIT_USAGE,
+                exc,
+            )
+        _fail(
+            common,
+            f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback and report it.",
+            EXIT_INTERNAL,
+            exc,
+        )
     if summary is None:
         raise typer.Exit(0)
     summary.warnings = list(dict.fromkeys(summary.warnings + console.WARNINGS))
@@ -122,7 +139,9 @@ def parse_int_list(value: str, option: str, low: int = 0, high: int = 100) -> li
         try:
             number = int(part)
         except ValueError:
-            raise SelfageError(f"{option}: {part!r} is not an integer; give integers such as {option} 0,20,80.") from None
+            raise SelfageError(
+                f"{option}: {part!r} is not an integer; give integers such as {option} 0,20,80."
+            ) from None
         if not low <= number <= high:
             raise SelfageError(f"{option}: {number} is outside {low}–{high}; give ages in that range.")
         if number in out:

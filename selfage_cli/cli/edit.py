@@ -69,6 +69,12 @@ def edit(
     blend_start: Annotated[
         float, typer.Option("--blend-start", help="Fraction of steps before local blending starts.")
     ] = 0.2,
+    reweight: Annotated[
+        float,
+        typer.Option(
+            "--reweight", help="Weight of the new age word's tokens in cross-attention (1 = no re-weighting)."
+        ),
+    ] = 1.0,
     max_batch: Annotated[
         int | None,
         typer.Option("--max-batch", help="At most this many ages per pass (less memory).", show_default=False),
@@ -135,6 +141,7 @@ def edit(
             self_replace=self_replace,
             blend_threshold=blend_threshold,
             blend_start=blend_start,
+            reweight=reweight,
             max_batch=max_batch,
             round_source_age=not no_round_source_age,
             seed=seed,

@@ -11,15 +11,29 @@ from selfage_cli.cli.common import Common, DebugOpt, DeviceOpt, JsonOpt, Project
 
 
 def evaluate(
-    edits: Annotated[list[str] | None, typer.Argument(help="Edits to evaluate, by input stem or path "
-                                                      "(default: all recorded edits).", show_default=False)]
-    = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Folder for report.json, report.md and "
-                                                "contact_sheet.png (default: PROJECT/eval).",
-                                                show_default=False)] = None,
-    dex_weights: Annotated[Path | None, typer.Option("--dex-weights", envvar="SELFAGE_DEX_WEIGHTS",
-                                                     help="DEX checkpoint; without it only identity is "
-                                                     "reported.", show_default=False)] = None,
+    edits: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Edits to evaluate, by input stem or path (default: all recorded edits).", show_default=False
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Folder for report.json, report.md and contact_sheet.png (default: PROJECT/eval).",
+            show_default=False,
+        ),
+    ] = None,
+    dex_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--dex-weights",
+            envvar="SELFAGE_DEX_WEIGHTS",
+            help="DEX checkpoint; without it only identity is reported.",
+            show_default=False,
+        ),
+    ] = None,
     project: ProjectOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -39,8 +53,9 @@ def evaluate(
     def action():
         from selfage_cli.eval.stage import evaluate_project
 
-        return evaluate_project(common.open_project(), edits=edits or [], report_dir=report,
-                                dex_weights=dex_weights, device=device)
+        return evaluate_project(
+            common.open_project(), edits=edits or [], report_dir=report, dex_weights=dex_weights, device=device
+        )
 
     run(common, action)
 

@@ -48,9 +48,12 @@ def demo(
 def doctor(
     project: ProjectOpt = None,
     base_model: BaseModelOpt = None,
-    dex_weights: Annotated[Path | None, typer.Option("--dex-weights", envvar="SELFAGE_DEX_WEIGHTS",
-                                                     show_default=False, help="DEX checkpoint to check.")]
-    = None,
+    dex_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--dex-weights", envvar="SELFAGE_DEX_WEIGHTS", show_default=False, help="DEX checkpoint to check."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -62,23 +65,25 @@ def doctor(
 
       selfage doctor --base-model ./sd15 --dex-weights dex_age_classifier.pth
     """
-    common = Common(project=project, base_model=base_model, device=device, json=json_out, quiet=quiet,
-                    debug=debug)
+    common = Common(project=project, base_model=base_model, device=device, json=json_out, quiet=quiet, debug=debug)
 
     def action():
         from selfage_cli.doctor import diagnose
 
         proj = common.open_project()
-        return diagnose(base_model=common.resolved_base_model(proj), dex_weights=dex_weights, device=device,
-                        project=proj)
+        return diagnose(
+            base_model=common.resolved_base_model(proj), dex_weights=dex_weights, device=device, project=proj
+        )
 
     run(common, action)
 
 
 def random_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline into.")],
-    arch: Annotated[str, typer.Option("--arch", help="tiny (128 px, seconds on a CPU) or sd15 (the exact "
-                                      "SD 1.5 architecture, ~4 GB).")] = "tiny",
+    arch: Annotated[
+        str,
+        typer.Option("--arch", help="tiny (128 px, seconds on a CPU) or sd15 (the exact SD 1.5 architecture, ~4 GB)."),
+    ] = "tiny",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite a model already in OUT_DIR.")] = False,

@@ -39,7 +39,7 @@ SDPA, CROSS, SELF = "sdpa", "cross", "self"
 class P2PController:
     """The per-edit state of prompt-to-prompt: replacement schedule, mappers, re-weighting, blend.
 
-    ``mappers``: (K, 77, 77) source→target word-swap mappers; ``equalizers``: (K, 77) re-weighting
+    ``mappers``: (K, L, L) source→target word-swap mappers; ``equalizers``: (K, L) re-weighting
     of each target's tokens (1 = identity); ``latent_side``: side of the latent (64 for SD 1.5).
     """
 
@@ -104,7 +104,7 @@ class P2PController:
 
     # ---- the edits --------------------------------------------------------------------------------
     def edit_cross(self, probs: Tensor, name: str, tokens: int, step: int) -> Tensor:
-        """Replace the edits' cross-attention (conditional half, (B, heads, N, 77), fp32) and store it."""
+        """Replace the edits' cross-attention (conditional half, (B, heads, N, L), fp32) and store it."""
         alpha = self.cross_alpha(step)
         if alpha > 0 and self.branches > 1:
             base = probs[0]

@@ -4,7 +4,7 @@ Accumulates, over all sampling steps so far, the (already replaced) cross-attent
 conditional half of the batch at the *blend layers* (down- and up-block cross-attention at a
 quarter of the latent side: SD 1.5's 16×16 layers, the tiny model's 4×4), each reduced on arrival
 to the sum over the branch's blend-word tokens and summed over heads — the same numbers as the
-reference's store-everything-then-reduce, without keeping 77-channel maps.
+reference's store-everything-then-reduce, without keeping L-channel maps (L: the prompt length, 77 in SD).
 
 After a scheduler step, once ``step + 1 > int(blend_start · T)`` (the reference's counter is
 incremented before its test), the mask is: mean over heads and layers, 3×3 max-pool (stride 1,
@@ -23,7 +23,7 @@ class LocalBlend:
     """Running blend-word attention per branch and the mask/blend step (branch 0 = the source)."""
 
     def __init__(self, word_weights: Tensor, steps: int, threshold: float = 0.3, start: float = 0.2) -> None:
-        self.word_weights = word_weights.float()  # (B, 77): 1 on each branch's blend-word tokens
+        self.word_weights = word_weights.float()  # (B, L): 1 on each branch's blend-word tokens
         self.threshold = float(threshold)
         self.start_step = int(start * steps)
         self.sum: Tensor | None = None  # (B, tokens): Σ steps, layers, heads of blend-word attention
@@ -39,7 +39,7 @@ class LocalBlend:
         self._pairs_this_step = 0
 
     def add(self, probs: Tensor) -> None:
-        """Add one blend layer's conditional cross-attention probabilities (B, heads, tokens, 77)."""
+        """Add one blend layer's conditional cross-attention probabilities (B, heads, tokens, L)."""
         weights = self.word_weights.to(probs.device)
         reduced = torch.einsum("bhnw,bw->bn", probs.float(), weights)
         self.sum = reduced if self.sum is None else self.sum + reduced

@@ -11,16 +11,14 @@ Files are written atomically (temporary file + ``os.replace``), so a crash never
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selfage_cli import console
+from selfage_cli.files import atomic_save
 
 if TYPE_CHECKING:
     from selfage_cli.edit.inversion import Inversion
@@ -114,18 +112,7 @@ class InversionCache:
             "seconds": repr(float(inversion.seconds)),
             "learning_rates": json.dumps([float(x) for x in (getattr(inversion, "learning_rates", None) or [])]),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".inv.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _read(path: Path, key: InversionKey) -> Inversion:

@@ -11,11 +11,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from selfage_cli.ages.sources import MAX_AGE, MIN_AGE
+from selfage_cli.edit.prompts import GENDERS
 from selfage_cli.errors import SelfageError
 
 INVERSION_MODES = ("null-text", "negative-prompt")
-GENDERS = ("female", "male")
-MIN_AGE, MAX_AGE = 0, 100
 
 
 @dataclass
@@ -35,6 +35,7 @@ class EditConfig:
     self_replace: float = 0.5
     blend_threshold: float = 0.3
     blend_start: float = 0.2
+    reweight: float = 1.0  # weight of the target age word's tokens in cross-attention (1 = identity)
     max_batch: int | None = None
     round_source_age: bool = True
     seed: int = 0
@@ -79,6 +80,12 @@ class EditConfig:
         ):
             if not isinstance(value, int | float) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
                 raise SelfageError(f"{option} {value} must be a fraction between 0 and 1.")
+        if (
+            isinstance(self.reweight, bool)
+            or not isinstance(self.reweight, int | float)
+            or not math.isfinite(self.reweight)
+        ):
+            raise SelfageError(f"--reweight {self.reweight!r} must be a finite number (1 = no re-weighting).")
         if self.max_batch is not None:
             _check_int("--max-batch", self.max_batch, 1, 10_000)
         _check_int("--seed", self.seed, 0, 2**63 - 1)
@@ -101,6 +108,7 @@ class EditConfig:
             self_replace=self.self_replace,
             blend_threshold=self.blend_threshold,
             blend_start=self.blend_start,
+            reweight=float(self.reweight),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from selfage_cli.errors import SelfageError
+from selfage_cli.faces.errors import UnreadableImageError
+from selfage_cli.faces.loading import IMAGE_SUFFIXES, load_image
+from selfage_cli.faces.stage import safe_id, taken_ids, unique_id
+from selfage_cli.files import atomic_save
 from selfage_cli.project import Project, now_iso, sha256_file, upsert
 from selfage_cli.summary import StageSummary
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 ALIGN_MIN_SIZE = 512  # raw photos are FFHQ-aligned at 512 px (or the model's resolution if larger)
 
 
@@ -91,12 +94,9 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
             out.append(InputPhoto(str(existing["id"]), existing))
             continue
         try:
-            with Image.open(file) as handle:
-                handle.load()
-                image = ImageOps.exif_transpose(handle)
-                image = _to_rgb(image)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            summary.fail(str(file), f"is not a readable image ({type(exc).__name__}: {exc}); pass a PNG or JPEG photo")
+            image = load_image(file)  # the align stage's reader: EXIF orientation, any mode to 8-bit RGB
+        except UnreadableImageError as exc:
+            summary.fail(str(file), str(exc).removeprefix(f"{file.name}: "))
             continue
         if image.width != image.height:
             summary.fail(
@@ -109,9 +109,13 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
             image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
         with project.update() as manifest:
             inputs = manifest.setdefault("inputs", [])
-            input_id = existing["id"] if existing is not None else _unique_id(inputs, file.stem)
-            target = project.subdir("inputs", "aligned") / f"{input_id}.png"
-            image.save(target, format="PNG")
+            folder = project.subdir("inputs", "aligned")
+            # a new id is free in the manifest and on disk (never overwrites an unregistered file)
+            input_id = (
+                existing["id"] if existing is not None else unique_id(safe_id(file.stem), taken_ids(inputs, folder))
+            )
+            target = folder / f"{input_id}.png"
+            atomic_save(target, lambda tmp, image=image: image.save(tmp, format="PNG"))
             entry = {
                 "id": input_id,
                 "source": str(file.resolve()),
@@ -159,31 +163,6 @@ def _same_file(item: str, file: Path) -> bool:
         return Path(item).expanduser().resolve() == file.resolve() or Path(item).name == file.name
     except OSError:
         return False
-
-
-def _unique_id(entries: list[dict[str, Any]], stem: str) -> str:
-    taken = {str(e.get("id")) for e in entries}
-    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "input"
-    if base not in taken:
-        return base
-    number = 2
-    while f"{base}_{number}" in taken:
-        number += 1
-    return f"{base}_{number}"
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        grey = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
-        return Image.alpha_composite(grey, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
-        return Image.fromarray((array / top * 255.0).clip(0, 255).astype("uint8")).convert("RGB")
-    return image.convert("RGB")
 
 
 def load_for_model(project: Project, photo: InputPhoto, resolution: int) -> Image.Image:

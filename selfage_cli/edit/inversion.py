@@ -48,7 +48,7 @@ class Inversion:
     """
 
     x_t: Tensor  # (1, C, h, w) fp32
-    null_embeddings: Tensor  # (T, 77, D) fp32
+    null_embeddings: Tensor  # (T, L, D) fp32, L = the tokenizer's length (77 in SD)
     mode: str
     prompt: str
     steps: int
@@ -120,7 +120,7 @@ def null_text_optimisation(
     progress: Progress = None,
     unet: Any = None,
 ) -> tuple[Tensor, list[int], list[float]]:
-    """Per-step null embeddings (T, 77, D) fp32, the inner steps run per step and the lrs used.
+    """Per-step null embeddings (T, L, D) fp32, the inner steps run per step and the lrs used.
 
     One UNet call for the conditional ε per timestep, one forward + backward per inner step, one
     no-grad call to advance the latent with the final embedding.

@@ -24,9 +24,8 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.errors import ModelNotFoundError, SelfageError
 from selfage_cli.project import Project, sha256_file
+from selfage_cli.train.lora import META_NAME, WEIGHT_NAME
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-META_NAME = "pytorch_lora_weights.json"
 DEFAULT_IDENTIFIER = "sks"
 
 

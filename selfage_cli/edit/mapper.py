@@ -1,11 +1,14 @@
 """Prompt-to-prompt's word-swap mapper and the token indices of words.
 
-``word_token_indices(prompt, word, tokenizer)`` gives the positions (in the 77-token padded sequence,
+Every length comes from the tokenizer: :func:`token_length` is ``tokenizer.model_max_length``, the
+length prompts are padded to (77 for SD's CLIP; written N below).
+
+``word_token_indices(prompt, word, tokenizer)`` gives the positions (in the N-token padded sequence,
 BOS at 0) of the CLIP tokens of every space-separated word equal to ``word``; ``"30-year-old"`` is
 one word and six tokens (3, 0, -, year, -, old).
 
 ``replacement_mapper(source, target, tokenizer)`` is the reference's ``get_replacement_mapper_``
-(seq_aligner.py of prompt-to-prompt), reproduced including its quirk: a 77×77 matrix M with
+(seq_aligner.py of prompt-to-prompt), reproduced including its quirk: an N×N matrix M with
 ``M[source token, target token]``, so that edited cross-attention = source attention @ M.
 
 * A swapped word with the same number of tokens maps token k → token k.
@@ -16,7 +19,7 @@ one word and six tokens (3, 0, -, year, -, old).
 * **Quirk** — after the last swapped word the reference writes ``M[j, j] = 1`` (j the target
   position) instead of ``M[i, j]``: the tail (the end token and the padding) maps each target
   position to the *same* source position, not to the shifted one. When the source word has more
-  tokens than the target word the loop also stops when the source index reaches 77, so the last
+  tokens than the target word the loop also stops when the source index reaches N, so the last
   (difference) target columns stay zero. Both are kept for fidelity.
 """
 
@@ -27,7 +30,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-MAX_TOKENS = 77
+SD_MAX_TOKENS = 77  # CLIP's context length in Stable Diffusion 1.x/2.x; only a documented example here
+
+
+def token_length(tokenizer: Any) -> int:
+    """The padded prompt length of ``tokenizer`` (its ``model_max_length``; 77 for SD's CLIP).
+
+    ``encode_text`` pads every prompt to this length, so the mapper, the re-weighting vector and the
+    blend weights use it too. A tokenizer without a real limit (transformers' "very large" default)
+    cannot say how long the text encoder's sequence is: that is refused.
+    """
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 1_000_000:
+        raise ValueError(
+            f"the tokenizer's model_max_length is {length!r}; set it to the text encoder's context length "
+            "(tokenizer_config.json)"
+        )
+    return length
 
 
 def word_token_counts(prompt: str, tokenizer: Any) -> list[int]:
@@ -50,11 +69,16 @@ def word_token_indices(prompt: str, word: str | int, tokenizer: Any) -> list[int
     words = prompt.split(" ")
     places = [i for i, w in enumerate(words) if w == word] if isinstance(word, str) else [word]
     positions = word_positions(prompt, tokenizer)
-    return [p for place in places for p in positions[place] if p < MAX_TOKENS]
+    limit = token_length(tokenizer)
+    return [p for place in places for p in positions[place] if p < limit]
 
 
-def replacement_mapper(source: str, target: str, tokenizer: Any, max_len: int = MAX_TOKENS) -> Tensor:
-    """The reference's word-swap mapper (``get_replacement_mapper_``) from ``source`` to ``target``."""
+def replacement_mapper(source: str, target: str, tokenizer: Any, max_len: int | None = None) -> Tensor:
+    """The reference's word-swap mapper (``get_replacement_mapper_``) from ``source`` to ``target``.
+
+    ``max_len``: the matrix size, by default :func:`token_length` of the tokenizer.
+    """
+    max_len = token_length(tokenizer) if max_len is None else max_len
     words_x, words_y = source.split(" "), target.split(" ")
     if len(words_x) != len(words_y):
         raise ValueError(
@@ -90,8 +114,8 @@ def replacement_mapper(source: str, target: str, tokenizer: Any, max_len: int = 
     return mapper
 
 
-def equalizer(target: str, word: str, value: float, tokenizer: Any, max_len: int = MAX_TOKENS) -> Tensor:
-    """Re-weighting vector (77,): ``value`` on the tokens of ``word`` in ``target``, 1 elsewhere."""
-    weights = torch.ones(max_len)
+def equalizer(target: str, word: str, value: float, tokenizer: Any, max_len: int | None = None) -> Tensor:
+    """Re-weighting vector (N,): ``value`` on the tokens of ``word`` in ``target``, 1 elsewhere."""
+    weights = torch.ones(token_length(tokenizer) if max_len is None else max_len)
     weights[word_token_indices(target, word, tokenizer)] = value
     return weights

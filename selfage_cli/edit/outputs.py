@@ -9,15 +9,13 @@ expensive work. Every file is written to a temporary name and moved into place.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from selfage_cli.files import atomic_save
 from selfage_cli.project import Project
 
 EDITS_DIR = "edits"
@@ -150,13 +148,6 @@ def write_outputs(
 
 
 def _save_atomic(image: Image.Image, path: Path, **save_kwargs: object) -> None:
+    """``image.save(path, **save_kwargs)`` atomically (``save_kwargs`` must name the ``format``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, **save_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_save(path, lambda tmp: image.save(tmp, **save_kwargs))

@@ -23,7 +23,7 @@ from torch import Tensor
 from selfage_cli.edit.attention import P2PController, installed
 from selfage_cli.edit.blend import LocalBlend
 from selfage_cli.edit.inversion import Inversion
-from selfage_cli.edit.mapper import MAX_TOKENS, equalizer, replacement_mapper, word_token_indices
+from selfage_cli.edit.mapper import equalizer, replacement_mapper, token_length, word_token_indices
 from selfage_cli.edit.prompts import EditPrompts
 from selfage_cli.edit.sampling import DDIMSchedule, encode_text, model_device, model_dtype
 
@@ -72,8 +72,11 @@ def chunk_indices(count: int, max_batch: int | None) -> list[list[int]]:
 
 
 def blend_word_weights(prompts: EditPrompts, tokenizer: Any) -> Tensor:
-    """(1 + K, 77): 1 on the tokens of each branch's blend words (source words for branch 0)."""
-    weights = torch.zeros(1 + len(prompts.targets), MAX_TOKENS)
+    """(1 + K, N): 1 on the tokens of each branch's blend words (source words for branch 0).
+
+    N is the tokenizer's padded prompt length (``token_length``; 77 for SD's CLIP).
+    """
+    weights = torch.zeros(1 + len(prompts.targets), token_length(tokenizer))
     words = [prompts.source_blend_words, *prompts.target_blend_words]
     for b, (prompt, branch_words) in enumerate(zip(prompts.all_prompts, words, strict=True)):
         for word in branch_words:

@@ -93,7 +93,7 @@ def model_dtype(pipe: Any) -> torch.dtype:
 
 @torch.no_grad()
 def encode_text(pipe: Any, prompts: list[str]) -> Tensor:
-    """Text-encoder hidden states of prompts padded to the tokenizer's length (77), fp32, (N, 77, D)."""
+    """Text-encoder hidden states of prompts padded to the tokenizer's length L (77 in SD), fp32, (N, L, D)."""
     tokens = pipe.tokenizer(
         prompts,
         padding="max_length",

@@ -8,14 +8,13 @@ age, the DEX estimate (``DEX –`` without weights) and the identity distance to
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from selfage_cli.files import atomic_save, atomic_write_json, atomic_write_text
 
 TILE = 160
 CAPTION_LINES = 3
@@ -37,32 +36,18 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+REPORT_FILES = ("report.json", "report.md", "contact_sheet.png")  # what write_report writes into its folder
 
 
 def write_report(report: dict[str, Any], folder: Path, tiles: dict[tuple[str, Any], Image.Image]) -> dict[str, Path]:
     """Write the three report files into ``folder`` (created); return their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": folder / "report.json",
-        "markdown": folder / "report.md",
-        "contact_sheet": folder / "contact_sheet.png",
-    }
-    _write_atomic(paths["json"], (json.dumps(json_safe(report), indent=2) + "\n").encode())
-    _write_atomic(paths["markdown"], render_markdown(report).encode())
+    paths = {key: folder / name for key, name in zip(("json", "markdown", "contact_sheet"), REPORT_FILES, strict=True)}
+    atomic_write_json(paths["json"], json_safe(report))
+    atomic_write_text(paths["markdown"], render_markdown(report))
     sheet = contact_sheet(report, tiles)
-    tmp = paths["contact_sheet"].with_suffix(".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, paths["contact_sheet"])
+    atomic_save(paths["contact_sheet"], lambda tmp: sheet.save(tmp, format="PNG"))
     return paths
 
 

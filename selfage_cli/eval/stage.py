@@ -28,10 +28,11 @@ from PIL import Image
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.eval import metrics
+from selfage_cli.eval.report import REPORT_FILES
+from selfage_cli.faces.identity import SAME_PERSON_THRESHOLD
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
-SAME_PERSON_THRESHOLD = 0.6
 DEX_PREPROCESS = "antialias"
 
 
@@ -205,7 +206,14 @@ def _source_age_output(entry: dict[str, Any]) -> int | None:
     if not source.is_integer():
         return None
     ages = [int(a) for a in entry.get("target_ages", [])]
-    return int(source) if int(source) in ages else None
+    # An age kept from an earlier call (``history``) was made from that call's source age.
+    other_source = {
+        int(a)
+        for record in entry.get("history") or []
+        if record.get("source_age") is None or float(record["source_age"]) != source
+        for a in record.get("ages") or []
+    }
+    return int(source) if int(source) in ages and int(source) not in other_source else None
 
 
 def reconstruction_scores(input_image: Image.Image, output_image: Image.Image) -> dict[str, Any]:
@@ -285,6 +293,9 @@ def evaluate_project(
         project, scores, dex_path=dex_path, ref_count=ref_count, notes=notes, identity_available=identity.available
     )
     folder = Path(report_dir).expanduser() if report_dir is not None else project.root / "eval"
+    previous = [name for name in REPORT_FILES if (folder / name).exists()]
+    if previous:  # a derived artefact: replaced without --force, but never silently
+        console.warn(f"replacing the previous report in {folder} ({', '.join(previous)}).")
     files = write_report(report, folder, tiles)
     report["files"] = {k: str(v) for k, v in files.items()}
 

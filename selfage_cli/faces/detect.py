@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from selfage_cli.faces import models
+from selfage_cli.faces import dlib_models
 from selfage_cli.faces.errors import FaceTooSmallError, NoFaceError
 from selfage_cli.faces.loading import detection_copy
 
@@ -117,15 +117,15 @@ def detect_boxes(small: np.ndarray, detector: str) -> list[tuple[tuple[float, fl
     """Raw detections on an RGB array: ``((left, top, right, bottom), score)`` in its own pixels."""
     if detector == "cnn":
         # No upsampling (the CNN is slow on a CPU; it finds faces from ~80 px), except for small images.
-        found = models.cnn_detector()(small, 0)
+        found = dlib_models.cnn_detector()(small, 0)
         if not found and max(small.shape[:2]) <= 640:
-            found = models.cnn_detector()(small, 1)
+            found = dlib_models.cnn_detector()(small, 1)
         return [
             ((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence))
             for d in found
             if d.confidence >= SCORE_THRESHOLD
         ]
-    boxes, scores, _ = models.hog_detector().run(small, 1, SCORE_THRESHOLD)
+    boxes, scores, _ = dlib_models.hog_detector().run(small, 1, SCORE_THRESHOLD)
     return [((b.left(), b.top(), b.right(), b.bottom()), float(s)) for b, s in zip(boxes, scores, strict=True)]
 
 
@@ -133,7 +133,7 @@ def _predict(patch: np.ndarray, box: tuple[float, float, float, float]) -> np.nd
     import dlib
 
     rect = dlib.rectangle(*(int(round(v)) for v in box))
-    shape = models.shape_predictor()(patch, rect)
+    shape = dlib_models.shape_predictor()(patch, rect)
     return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
 
 
@@ -270,7 +270,7 @@ def redetect_score(patch: np.ndarray) -> float:
     """Best HOG score of a detection centred in a canonical patch (−inf when none)."""
     side = patch.shape[0]
     centre_y = side / 2 + CANON_BOX_DY * CANON_IOD
-    boxes, scores, _ = models.hog_detector().run(patch, 0, -1.0)
+    boxes, scores, _ = dlib_models.hog_detector().run(patch, 0, -1.0)
     near = [
         float(score)
         for b, score in zip(boxes, scores, strict=True)

@@ -12,7 +12,7 @@ import statistics
 import numpy as np
 from PIL import Image
 
-from selfage_cli.faces import models
+from selfage_cli.faces import dlib_models
 from selfage_cli.faces.loading import to_rgb
 
 SAME_PERSON_THRESHOLD = 0.6
@@ -42,7 +42,7 @@ def face_descriptor(image: Image.Image | np.ndarray, landmarks: np.ndarray | Non
         dlib.rectangle(int(left), int(top), int(right), int(bottom)),
         [dlib.point(int(round(x)), int(round(y))) for x, y in points],
     )
-    descriptor = models.face_recognizer().compute_face_descriptor(rgb, shape)
+    descriptor = dlib_models.face_recognizer().compute_face_descriptor(rgb, shape)
     return np.asarray(descriptor, dtype=np.float64)
 
 

@@ -134,12 +134,27 @@ def collect_sources(sources: list[Path], project: Project | None = None) -> list
     return list(dict.fromkeys(found))
 
 
-def _safe_id(stem: str) -> str:
+def safe_id(stem: str) -> str:
+    """A file-name stem made safe as an entry id (``my photo!`` → ``my_photo``; empty → ``photo``)."""
     cleaned = re.sub(r"[^\w.\-]+", "_", stem).strip("._") or "photo"
     return cleaned[:100]
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def taken_ids(entries: list[dict[str, Any]], folder: Path) -> set[str]:
+    """Ids a new entry must not get: those of ``entries`` and the stems of the PNGs already in ``folder``
+    (a file there that no entry records is never overwritten)."""
+    taken = {str(e.get("id")) for e in entries}
+    if folder.is_dir():
+        taken |= {p.stem for p in folder.glob("*.png")}
+    return taken
+
+
+def unique_id(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``, … — the first not in ``taken`` (which it is then added to).
+
+    The one id allocator of the project's aligned images (``align``, ``train --refs``, ``edit``,
+    ``edit --aligned``); build ``taken`` with :func:`taken_ids`.
+    """
     candidate, number = base, 2
     while candidate in taken:
         candidate = f"{base}_{number}"
@@ -339,13 +354,12 @@ def _register(
         message = f"{Path(source).name} changed since it was aligned; re-aligned it (its age labels were dropped)."
         console.warn(message)
         summary.warnings.append(message)
-    taken = {str(e.get("id")) for e in entries}
-    taken |= {p.stem for p in out_dir.glob("*.png")}
-    stem = _safe_id(Path(source).stem)
+    taken = taken_ids(entries, out_dir)
+    stem = safe_id(Path(source).stem)
     for index, face in enumerate(result.faces):
         base = f"{stem}_face{face['face_index'] + 1}" if all_faces else stem
         wanted = old_ids[index] if index < len(old_ids) and old_ids[index] not in taken else None
-        entry_id = wanted if wanted else _unique(base, taken)
+        entry_id = wanted if wanted else unique_id(base, taken)
         taken.add(entry_id)
         target = out_dir / f"{entry_id}.png"
         os.replace(temp_files.pop((source, index)), target)

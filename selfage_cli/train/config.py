@@ -100,8 +100,10 @@ class TrainConfig:
         for option, value in (("--prior-weight", self.prior_weight), ("--contrast-weight", self.contrast_weight)):
             if value < 0:
                 raise SelfageError(f"{option} {value} must not be negative.")
-        if self.resolution < 64 or self.resolution % 64:
-            raise SelfageError(f"--resolution {self.resolution} must be a multiple of 64 (e.g. 512).")
+        if self.resolution < 1:
+            raise SelfageError(f"--resolution {self.resolution} must be positive, e.g. --resolution 512.")
+        # The multiple the resolution must be depends on the model: checked when it is loaded
+        # (models.check_resolution in train/stage.py).
         if "{" in self.instance_prompt or "{" in self.class_prompt:
             raise SelfageError("--instance-prompt/--class-prompt: give only the part before ' as {age}-year-old'.")
         self.validation_ages()

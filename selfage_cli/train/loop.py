@@ -310,10 +310,10 @@ class Trainer:
         restore(self.unet, folder / "unet.safetensors")
         if self.train_text:
             restore(self.text_encoder, folder / "text_encoder.safetensors")
-        self.optimizer.load_state_dict(
-            torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
-        )
-        rng = torch.load(folder / "rng.pt", weights_only=False)
+        # weights_only=True: optimiser state dicts (tensors, numbers, tuples) and RNG byte tensors
+        # load without unpickling arbitrary objects.
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        rng = torch.load(folder / "rng.pt", weights_only=True)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():

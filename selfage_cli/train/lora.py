@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
+from selfage_cli.files import atomic_save
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the LoRA weights (diffusers format)
+META_NAME = "pytorch_lora_weights.json"  # our metadata beside them (written by train/stage.py)
 
 
 def present_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
@@ -79,16 +82,20 @@ def diffusers_layers(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
 
 
 def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` atomically (temp folder + os.replace)."""
+    """Write ``folder/pytorch_lora_weights.safetensors`` atomically (files.atomic_save)."""
     from diffusers import StableDiffusionPipeline
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
-    try:
-        StableDiffusionPipeline.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **diffusers_layers(unet, text_encoder))
-        with open(tmp / WEIGHT_NAME, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp / WEIGHT_NAME, folder / WEIGHT_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    layers = diffusers_layers(unet, text_encoder)
+
+    def write(tmp: Path) -> None:
+        # diffusers writes into a folder under a given name: let it, then move the file to ``tmp``.
+        scratch = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
+        try:
+            StableDiffusionPipeline.save_lora_weights(scratch, weight_name=WEIGHT_NAME, **layers)
+            os.replace(scratch / WEIGHT_NAME, tmp)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    atomic_save(folder / WEIGHT_NAME, write)
     return folder / WEIGHT_NAME

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -28,14 +27,14 @@ import torch
 
 from selfage_cli import console
 from selfage_cli.errors import InterruptedRun, SelfageError
+from selfage_cli.files import atomic_write_json
 from selfage_cli.project import Project, find, now_iso, upsert
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.data import TrainImage, select_references, select_regularisation
 from selfage_cli.train.loop import LOSS_LOG, Trainer, list_checkpoints, resolve_precision, truncate_loss_log
-from selfage_cli.train.lora import WEIGHT_NAME
+from selfage_cli.train.lora import META_NAME, WEIGHT_NAME
 
-META_NAME = "pytorch_lora_weights.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -106,10 +105,11 @@ def train_project(
         + f"; {len(reg_images)} regularisation image(s)."
     )
 
-    from selfage_cli.models import load_pipeline, native_resolution
+    from selfage_cli.models import check_resolution, load_pipeline, native_resolution
 
     device, dtype, _ = resolve_precision(config)
     pipe = load_pipeline(config.base_model, device=str(device), dtype=dtype)
+    check_resolution(pipe, config.resolution)
     native = native_resolution(pipe)
     if native != config.resolution:
         console.warn(
@@ -365,9 +365,7 @@ class _Recorder:
             return {}
         lora = self.trainer.save_lora(self.run_dir)
         meta = self.run_dir / META_NAME
-        tmp = meta.with_suffix(f".json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.metadata(finished), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, meta)
+        atomic_write_json(meta, self.metadata(finished))
         rel = self.project.relative
         entry = {
             "name": self.name,
