@@ -17,6 +17,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -24,6 +25,23 @@ from selfage_cli.errors import SelfageError
 
 MIN_AGE = 0
 MAX_AGE = 100
+
+
+def check_age_list(values: list[Any], option: str = "--ages") -> list[int]:
+    """A list of target ages: integers in MIN_AGE–MAX_AGE, each once, not empty (else SelfageError, exit 2)."""
+    if not values:
+        raise SelfageError(f"{option} is empty; give integers such as {option} 0,20,80.")
+    seen: list[int] = []
+    for age in values:
+        if isinstance(age, bool) or not isinstance(age, int):
+            raise SelfageError(f"{option}: {age!r} is not an integer; give integers such as {option} 0,20,80.")
+        if not MIN_AGE <= age <= MAX_AGE:
+            raise SelfageError(f"{option}: {age} is outside {MIN_AGE}–{MAX_AGE}; give ages in that range.")
+        if age in seen:
+            raise SelfageError(f"{option}: {age} is given twice; list each age once.")
+        seen.append(age)
+    return seen
+
 
 EXIF_IFD = 0x8769
 TAG_DATETIME_ORIGINAL = 36867

@@ -129,25 +129,21 @@ def _print_summary(summary: StageSummary) -> None:
         out.print(f"[red]{len(summary.failures)} item(s) failed[/red], {len(summary.done)} done.")
 
 
-def parse_int_list(value: str, option: str, low: int = 0, high: int = 100) -> list[int]:
-    """``"0,20,80"`` → [0, 20, 80]; integers in [low, high], no duplicates, not empty (else exit 2)."""
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    if not parts:
-        raise SelfageError(f"{option} is empty; give integers such as {option} 0,20,80.")
-    out: list[int] = []
-    for part in parts:
+def parse_int_list(value: str, option: str) -> list[int]:
+    """``"0,20,80"`` → [0, 20, 80]: integer ages 0–100, each once, not empty (else exit 2)."""
+    from selfage_cli.ages.sources import check_age_list
+
+    numbers: list[int] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
         try:
-            number = int(part)
+            numbers.append(int(part))
         except ValueError:
             raise SelfageError(
                 f"{option}: {part!r} is not an integer; give integers such as {option} 0,20,80."
             ) from None
-        if not low <= number <= high:
-            raise SelfageError(f"{option}: {number} is outside {low}–{high}; give ages in that range.")
-        if number in out:
-            raise SelfageError(f"{option}: {number} is given twice; list each value once.")
-        out.append(number)
-    return out
+    return check_age_list(numbers, option)
 
 
 def common_options(**kwargs: Any) -> Common:

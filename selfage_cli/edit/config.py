@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from selfage_cli.ages.sources import MAX_AGE, MIN_AGE
+from selfage_cli.ages.sources import MAX_AGE, MIN_AGE, check_age_list
 from selfage_cli.edit.prompts import GENDERS
 from selfage_cli.errors import SelfageError
 
@@ -124,16 +124,4 @@ def _check_int(option: str, value: Any, low: int, high: int) -> None:
 
 
 def _check_ages(ages: Any) -> list[int]:
-    values = list(ages or [])
-    if not values:
-        raise SelfageError("--ages is empty; give integers such as --ages 0,20,80.")
-    seen: list[int] = []
-    for age in values:
-        if isinstance(age, bool) or not isinstance(age, int):
-            raise SelfageError(f"--ages: {age!r} is not an integer; give integers such as --ages 0,20,80.")
-        if not MIN_AGE <= age <= MAX_AGE:
-            raise SelfageError(f"--ages: {age} is outside {MIN_AGE}–{MAX_AGE}; give ages in that range.")
-        if age in seen:
-            raise SelfageError(f"--ages: {age} is given twice; list each age once.")
-        seen.append(age)
-    return seen
+    return check_age_list(list(ages or []), "--ages")
