@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -60,18 +62,8 @@ def write_demo_photos(folder: Path) -> tuple[Path, Path]:
     return refs, to_edit
 
 
-def run_demo(folder: Path, force: bool = False) -> StageSummary:
-    """Build the tiny model and run align → label-ages → make-reg → train → edit → eval in ``folder``."""
-    from selfage_cli.ages.reg import make_reg
-    from selfage_cli.ages.stage import label_ages
-    from selfage_cli.edit.config import EditConfig
-    from selfage_cli.edit.stage import edit_project
-    from selfage_cli.eval.stage import evaluate_project
-    from selfage_cli.faces.stage import align_photos
-    from selfage_cli.models import save_random_model
-    from selfage_cli.train.config import TrainConfig
-    from selfage_cli.train.stage import train_project
-
+def prepare_folder(folder: Path, force: bool) -> Path:
+    """The demo folder, emptied when --force allows it (only a folder an earlier demo made)."""
     folder = Path(folder).expanduser().resolve()
     if folder.exists() and any(folder.iterdir()):
         if not force:
@@ -83,58 +75,25 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
             )
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    summary = StageSummary("demo")
-    timings: dict[str, float] = {}
+    return folder
 
-    def stage(name: str, result: StageSummary) -> StageSummary:
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
-        for failure in result.failures:
-            summary.warnings.append(f"{name}: {failure.item}: {failure.reason}")
-        console.info(f"[bold]{name}[/bold] done in {timings[name]:.1f} s")
-        return result
 
-    console.info("building a tiny random Stable Diffusion model (128 px) …")
-    model = save_random_model(folder / "model", arch="tiny", seed=0)
-    timings["model"] = round(time.perf_counter() - started, 2)
-    refs, to_edit = write_demo_photos(folder)
-    project = Project(folder)
-    project.set_config(base_model=str(model), demo=True)
+def demo_stages(
+    project: Project, model: Path, refs: Path, to_edit: Path
+) -> list[tuple[str, Callable[[], StageSummary]]]:
+    """Each stage of the demo as (name, call), with small settings that run in seconds on a CPU."""
+    from selfage_cli.ages.reg import make_reg
+    from selfage_cli.ages.stage import label_ages
+    from selfage_cli.edit.config import EditConfig
+    from selfage_cli.edit.stage import edit_project
+    from selfage_cli.eval.stage import evaluate_project
+    from selfage_cli.faces.stage import align_photos
+    from selfage_cli.train.config import TrainConfig
+    from selfage_cli.train.stage import train_project
 
-    stage("align", align_photos(project, [refs], role="refs", size=128))
-    stage(
-        "label-ages",
-        label_ages(
-            project,
-            pairs=[],
-            reg=None,
-            ages_file=None,
-            birth_date=None,
-            dex_weights=None,
-            prefer="file,filename,exif,dex",
-            dex_preprocess="antialias",
-            device="cpu",
-        ),
-    )
-    stage(
-        "make-reg",
-        make_reg(
-            project,
-            count=4,
-            age_range="10-70",
-            verify=False,
-            dex_weights=None,
-            batch_size=4,
-            steps=4,
-            seed=0,
-            force=True,
-            base_model=str(model),
-            device="cpu",
-            dtype="fp32",
-        ),
-    )
-    config = TrainConfig(
-        base_model=str(model),
+    base = str(model)
+    train_config = TrainConfig(
+        base_model=base,
         steps=6,
         batch_size=2,
         rank=4,
@@ -145,44 +104,118 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
         device="cpu",
         dtype="fp32",
     )
-    stage(
-        "train",
-        train_project(
-            project,
-            config,
-            refs=None,
-            reg=None,
-            birth_date=None,
-            ages_file=None,
-            run_name="demo",
-            resume=False,
-            force=True,
-        ),
-    )
     edit_config = EditConfig(
         ages=EDIT_AGES, side_by_side=True, gif=True, source_age=DEMO_AGES[0], ddim_steps=10, inner_steps=3
     )
-    edited = stage(
-        "edit",
-        edit_project(
-            project,
-            edit_config,
-            images=[to_edit],
-            base_model=str(model),
-            lora=None,
-            no_lora=False,
-            aligned=False,
-            dex_weights=None,
-            force=True,
-            device="cpu",
-            dtype="fp32",
+    return [
+        ("align", lambda: align_photos(project, [refs], role="refs", size=128)),
+        (
+            "label-ages",
+            lambda: label_ages(
+                project,
+                pairs=[],
+                reg=None,
+                ages_file=None,
+                birth_date=None,
+                dex_weights=None,
+                prefer="file,filename,exif,dex",
+                dex_preprocess="antialias",
+                device="cpu",
+            ),
         ),
-    )
-    stage("eval", evaluate_project(project, edits=[], report_dir=None, dex_weights=None, device="cpu"))
+        (
+            "make-reg",
+            lambda: make_reg(
+                project,
+                count=4,
+                age_range="10-70",
+                verify=False,
+                dex_weights=None,
+                batch_size=4,
+                steps=4,
+                seed=0,
+                force=True,
+                base_model=base,
+                device="cpu",
+                dtype="fp32",
+            ),
+        ),
+        (
+            "train",
+            lambda: train_project(
+                project,
+                train_config,
+                refs=None,
+                reg=None,
+                birth_date=None,
+                ages_file=None,
+                run_name="demo",
+                resume=False,
+                force=True,
+            ),
+        ),
+        (
+            "edit",
+            lambda: edit_project(
+                project,
+                edit_config,
+                images=[to_edit],
+                base_model=base,
+                lora=None,
+                no_lora=False,
+                aligned=False,
+                dex_weights=None,
+                force=True,
+                device="cpu",
+                dtype="fp32",
+            ),
+        ),
+        ("eval", lambda: evaluate_project(project, edits=[], report_dir=None, dex_weights=None, device="cpu")),
+    ]
 
+
+def run_demo(folder: Path, force: bool = False) -> StageSummary:
+    """Build the tiny model and run align → label-ages → make-reg → train → edit → eval in ``folder``."""
+    from selfage_cli.models import save_random_model
+
+    folder = prepare_folder(folder, force)
+    started = time.perf_counter()
+    summary = StageSummary("demo")
+    console.info("building a tiny random Stable Diffusion model (128 px) …")
+    model = save_random_model(folder / "model", arch="tiny", seed=0)
+    timings = {"model": round(time.perf_counter() - started, 2)}
+    refs, to_edit = write_demo_photos(folder)
+    project = Project(folder)
+    project.set_config(base_model=str(model), demo=True)
+
+    for name, call in demo_stages(project, model, refs, to_edit):
+        begun = time.perf_counter()
+        result = call()
+        timings[name] = round(time.perf_counter() - begun, 2)
+        console.info(f"[bold]{name}[/bold] done in {timings[name]:.1f} s")
+        for failure in result.failures:
+            summary.warnings.append(f"{name}: {failure.item}: {failure.reason}")
+        if name == "edit":
+            summary.failures.extend(result.failures)
+
+    summary.data.update(
+        {
+            "written": written_files(project, model),
+            "seconds": timings,
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "note": DISCLAIMER,
+        }
+    )
+    summary.done.append({"stage": "demo", "project": str(folder)})
+    summary.lines += report_lines(project, model, summary.data["total_seconds"])
+    return summary
+
+
+def written_files(project: Project, model: Path) -> dict[str, Any]:
+    """What the demo wrote, from the manifest (for --json)."""
     manifest = project.read()
-    written = {
-        "project": str(folder),
+    return {
+        "project": str(project.root),
         "manifest": str(project.manifest_path),
         "model": str(model),
         "aligned_references": [r["aligned"] for r in manifest["references"]],
@@ -190,29 +223,23 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
         "lora": [run["lora"] for run in manifest["runs"]],
         "edits": [edit.get("outputs", {}) for edit in manifest["edits"]],
         "strips": [edit.get("strip") for edit in manifest["edits"] if edit.get("strip")],
-        "eval_report": str(folder / "eval" / "report.md"),
+        "eval_report": str(project.root / "eval" / "report.md"),
     }
-    summary.data.update(
-        {
-            "written": written,
-            "seconds": timings,
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "note": DISCLAIMER,
-        }
-    )
-    summary.done.append({"stage": "demo", "project": str(folder)})
-    summary.lines += [
-        f"[bold green]demo finished[/bold green] in {summary.data['total_seconds']} s — project: {folder}",
+
+
+def report_lines(project: Project, model: Path, seconds: float) -> list[str]:
+    """The human summary: where each stage's files are, and the disclaimer."""
+    written = written_files(project, model)
+    lines = [
+        f"[bold green]demo finished[/bold green] in {seconds} s — project: {project.root}",
         f"  model:        {model}",
         f"  references:   {', '.join(written['aligned_references'])}",
         f"  LoRA:         {', '.join(written['lora'])}",
     ]
-    for edit in manifest["edits"]:
-        summary.lines.append(f"  edits:        {', '.join(edit.get('outputs', {}).values())}")
+    for edit in project.read()["edits"]:
+        lines.append(f"  edits:        {', '.join(edit.get('outputs', {}).values())}")
         if edit.get("strip"):
-            summary.lines.append(f"  strip:        {edit['strip']}")
-    summary.lines.append(f"  eval report:  {written['eval_report']}")
-    summary.lines.append(f"[yellow]{DISCLAIMER}[/yellow]")
-    if edited.failures:
-        summary.failures.extend(edited.failures)
-    return summary
+            lines.append(f"  strip:        {edit['strip']}")
+    lines.append(f"  eval report:  {written['eval_report']}")
+    lines.append(f"[yellow]{DISCLAIMER}[/yellow]")
+    return lines
