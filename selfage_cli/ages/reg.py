@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ from PIL import Image, UnidentifiedImageError
 from selfage_cli import console
 from selfage_cli.ages.sources import MAX_AGE, MIN_AGE
 from selfage_cli.errors import SelfageError
+from selfage_cli.faces.loading import IMAGE_SUFFIXES
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 REG_PROMPT = "photo of person as {age}-year-old"
 GENERATED_DIR = ("reg", "generated")
 DEFAULT_ALIGNED_SIZE = 512
@@ -48,12 +49,12 @@ def scan_reg_folder(
         p
         for p in root.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
         raise SelfageError(
-            f"--reg {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass a folder of aligned faces "
+            f"--reg {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass a folder of aligned faces "
             "or generate a set with `selfage make-reg`."
         )
     images: list[tuple[Path, tuple[int, int]]] = []
@@ -110,136 +111,94 @@ def make_reg(
     dtype: str = "auto",
 ) -> StageSummary:
     """Generate, align and record an age-labelled regularisation set; see the module doc."""
-    from selfage_cli.ages.dex import find_dex_weights, load_dex
-    from selfage_cli.models import (
-        DEFAULT_BASE_MODEL,
-        load_pipeline,
-        native_resolution,
-        resolve_device,
-        resolve_dtype,
-    )
+    from selfage_cli.models import resolve_device
 
+    low, high = _check_options(count, batch_size, steps, age_range)
+    manifest = project.read()
+    _refuse_existing_set(project, manifest, force)
+    dex_model = _load_dex_model(project, verify, dex_weights)
+    plan = _RegPlan(
+        base_model=_base_model(project, base_model),
+        low=low,
+        high=high,
+        ages=spread_ages(count, low, high),
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        aligned_size=_aligned_size(manifest),
+    )
+    torch_device = resolve_device(device)
+    partial, records, images = _generate_set(project, plan, torch_device, dtype)
     summary = StageSummary("make-reg")
+    if dex_model is not None:
+        _verify_with_dex(dex_model, images, records, torch_device, summary)
+    final = _replace_generated_folder(project, partial)
+    _record_set(project, plan, records, dex_weights)
+    _report(summary, project, plan, final, records)
+    return summary
+
+
+@dataclass(frozen=True)
+class _RegPlan:
+    """The checked options of one ``make-reg`` run."""
+
+    base_model: str  # the model actually used (and recorded)
+    low: int
+    high: int
+    ages: list[int]  # one prompted age per image
+    steps: int
+    seed: int
+    batch_size: int
+    aligned_size: int
+
+
+def _check_options(count: int, batch_size: int, steps: int, age_range: str) -> tuple[int, int]:
+    """Validate the numeric options; return ``--age-range`` as (low, high)."""
     if count < 1:
         raise SelfageError(f"--count {count}: generate at least 1 image.")
     if batch_size < 1:
         raise SelfageError(f"--batch-size {batch_size}: must be at least 1.")
     if steps < 1:
         raise SelfageError(f"--steps {steps}: must be at least 1.")
-    low, high = parse_age_range(age_range)
-    manifest = project.read()
-    _refuse_existing_set(project, manifest, force)
-
-    dex_model = None
-    dex_path = find_dex_weights(dex_weights, project) if verify else None
-    if dex_path is not None:
-        dex_model = load_dex(dex_path, "cpu")  # checked before minutes of generation; moved to the device later
-    elif verify:
-        console.info(
-            "Not verifying ages with DEX: no weights (--dex-weights, $SELFAGE_DEX_WEIGHTS or the project's config)."
-        )
-
-    # The model actually used (and recorded): --base-model, else the project's, else the default.
-    base_model = str(base_model) if base_model else str(project.config("base_model") or DEFAULT_BASE_MODEL)
-    torch_device = resolve_device(device)
-    pipe = load_pipeline(base_model, torch_device, resolve_dtype(dtype, torch_device))
-    resolution = native_resolution(pipe)
-    aligned_size = _aligned_size(manifest)
-    ages = spread_ages(count, low, high)
-    partial = project.subdir("reg") / ".generated.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    records: list[dict[str, Any]] = []
-    generated: list[Image.Image] = []
-    console.info(f"Generating {count} regularisation image(s) at {resolution}px, ages {low}–{high}.")
-    with console.progress() as bar:
-        task = console.new_task(bar, "make-reg", total=count)
-        for start in range(0, count, batch_size):
-            batch_ages = ages[start : start + batch_size]
-            images = _generate(
-                pipe, batch_ages, [seed + start + k for k in range(len(batch_ages))], steps, resolution, torch_device
-            )
-            for offset, (age, image) in enumerate(zip(batch_ages, images, strict=True)):
-                index = start + offset
-                ident = f"{index:04d}_age{age}"
-                aligned_image, ok, reason = _align(image, aligned_size, f"generated image {ident}")
-                aligned_image.save(partial / f"{ident}.png")
-                record: dict[str, Any] = {
-                    "id": ident,
-                    "source": None,
-                    "aligned": f"{'/'.join(GENERATED_DIR)}/{ident}.png",
-                    "age": age,
-                    "age_source": "prompt",
-                    "aligned_ok": ok,
-                    "prompt": REG_PROMPT.format(age=age),
-                    "seed": seed + index,
-                }
-                if not ok:
-                    record["align_failure"] = reason
-                records.append(record)
-                generated.append(aligned_image)
-            bar.update(task, advance=len(batch_ages))
-    del pipe
-
-    if dex_model is not None:
-        _verify_with_dex(dex_model, generated, records, torch_device, summary)
-
-    final = project.subdir(*GENERATED_DIR[:-1]) / GENERATED_DIR[-1]
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
-    with project.update() as manifest:
-        manifest["regularisation"] = {
-            "folder": None,
-            "generated": True,
-            "base_model": base_model,
-            "prompt": REG_PROMPT,
-            "age_range": [low, high],
-            "steps": steps,
-            "images": records,
-        }
-        if dex_weights is not None:
-            manifest.setdefault("config", {})["dex_weights"] = str(Path(dex_weights).expanduser().resolve())
-
-    aligned_count = sum(1 for r in records if r["aligned_ok"])
-    summary.done.extend(
-        {
-            "id": r["id"],
-            "age": r["age"],
-            "aligned_ok": r["aligned_ok"],
-            "aligned": r["aligned"],
-            **({"dex_age": r["dex_age"]} if "dex_age" in r else {}),
-        }
-        for r in records
-    )
-    summary.lines.append(
-        f"wrote {count} regularisation image(s) to {final} (ages {low}–{high}); "
-        f"{aligned_count} aligned, {count - aligned_count} kept as generated (no face found)"
-    )
-    if count - aligned_count:
-        console.warn(
-            f"make-reg: {count - aligned_count} of {count} generated image(s) had no detectable face and are "
-            "kept unaligned (aligned_ok: false); a real SD 1.5 base model rarely does this."
-        )
-    summary.data.update({"folder": project.relative(final), "count": count, "aligned": aligned_count, "ages": ages})
-    return summary
+    return parse_age_range(age_range)
 
 
 def _refuse_existing_set(project: Project, manifest: dict[str, Any], force: bool) -> None:
-    section = manifest.get("regularisation") or {}
-    folder = project.root.joinpath(*GENERATED_DIR)
-    has_files = folder.is_dir() and any(folder.iterdir())
+    """Without ``force``, refuse when the manifest records a set or ``reg/generated/`` holds files."""
     if force:
         return
+    section = manifest.get("regularisation") or {}
     if section.get("images"):
         what = "a generated set" if section.get("generated") else f"the folder {section.get('folder')}"
         raise SelfageError(
             f"{project.manifest_path} already records a regularisation set ({what}, {len(section['images'])} "
             "images); pass --force to replace it."
         )
-    if has_files:
+    folder = _generated_folder(project)
+    if folder.is_dir() and any(folder.iterdir()):
         raise SelfageError(f"{folder} already holds files; pass --force to replace them.")
+
+
+def _load_dex_model(project: Project, verify: bool, dex_weights: Path | None) -> Any | None:
+    """The DEX model on the CPU when verifying and weights are found (checked before minutes of generation)."""
+    from selfage_cli.ages.dex import find_dex_weights, load_dex
+
+    if not verify:
+        return None
+    dex_path = find_dex_weights(dex_weights, project)
+    if dex_path is None:
+        console.info(
+            "Not verifying ages with DEX: no weights (--dex-weights, $SELFAGE_DEX_WEIGHTS or the project's config)."
+        )
+        return None
+    return load_dex(dex_path, "cpu")  # moved to the device when estimating
+
+
+def _base_model(project: Project, base_model: str | None) -> str:
+    """--base-model, else the project's, else the default."""
+    from selfage_cli.models import DEFAULT_BASE_MODEL
+
+    return str(base_model) if base_model else str(project.config("base_model") or DEFAULT_BASE_MODEL)
 
 
 def _aligned_size(manifest: dict[str, Any]) -> int:
@@ -250,9 +209,49 @@ def _aligned_size(manifest: dict[str, Any]) -> int:
     return DEFAULT_ALIGNED_SIZE
 
 
+def _generate_set(
+    project: Project, plan: _RegPlan, device: Any, dtype: str
+) -> tuple[Path, list[dict[str, Any]], list[Image.Image]]:
+    """Load the base model; generate, align and save every image into a fresh partial folder.
+
+    Returns (partial folder, RegImage records, saved images); the pipeline is released on return.
+    """
+    from selfage_cli.models import load_pipeline, native_resolution, resolve_dtype
+
+    pipe = load_pipeline(plan.base_model, device, resolve_dtype(dtype, device))
+    resolution = native_resolution(pipe)
+    partial = _fresh_partial_folder(project)
+    count = len(plan.ages)
+    records: list[dict[str, Any]] = []
+    saved: list[Image.Image] = []
+    console.info(f"Generating {count} regularisation image(s) at {resolution}px, ages {plan.low}–{plan.high}.")
+    with console.progress() as bar:
+        task = console.new_task(bar, "make-reg", total=count)
+        for start in range(0, count, plan.batch_size):
+            batch_ages = plan.ages[start : start + plan.batch_size]
+            seeds = [plan.seed + start + k for k in range(len(batch_ages))]
+            images = _generate(pipe, batch_ages, seeds, plan.steps, resolution, device)
+            for offset, (age, image) in enumerate(zip(batch_ages, images, strict=True)):
+                record, aligned = _align_and_save(image, start + offset, age, plan, partial)
+                records.append(record)
+                saved.append(aligned)
+            bar.update(task, advance=len(batch_ages))
+    return partial, records, saved
+
+
+def _fresh_partial_folder(project: Project) -> Path:
+    """An empty ``reg/.generated.partial/`` (a leftover from an interrupted run is removed)."""
+    partial = project.subdir("reg") / ".generated.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
 def _generate(
     pipe: Any, ages: list[int], seeds: list[int], steps: int, resolution: int, device: Any
 ) -> list[Image.Image]:
+    """One batch of images from the base model, one per prompted age and seed."""
     import torch
 
     generator_device = "cpu" if device.type == "mps" else device
@@ -269,6 +268,28 @@ def _generate(
     return list(result.images)
 
 
+def _align_and_save(
+    image: Image.Image, index: int, age: int, plan: _RegPlan, folder: Path
+) -> tuple[dict[str, Any], Image.Image]:
+    """Align one generated image and save it into ``folder``; return its RegImage record and the saved image."""
+    ident = f"{index:04d}_age{age}"
+    aligned, ok, reason = _align(image, plan.aligned_size, f"generated image {ident}")
+    aligned.save(folder / f"{ident}.png")
+    record: dict[str, Any] = {
+        "id": ident,
+        "source": None,
+        "aligned": f"{'/'.join(GENERATED_DIR)}/{ident}.png",
+        "age": age,
+        "age_source": "prompt",
+        "aligned_ok": ok,
+        "prompt": REG_PROMPT.format(age=age),
+        "seed": plan.seed + index,
+    }
+    if not ok:
+        record["align_failure"] = reason
+    return record, aligned
+
+
 def _align(image: Image.Image, size: int, name: str) -> tuple[Image.Image, bool, str | None]:
     """(image, aligned?, why not): the FFHQ-aligned face, else the generated image as it is."""
     from selfage_cli.faces.align import align_image
@@ -282,9 +303,71 @@ def _align(image: Image.Image, size: int, name: str) -> tuple[Image.Image, bool,
     return faces[0].image, True, None
 
 
+def _generated_folder(project: Project) -> Path:
+    """Where the generated set lives: ``reg/generated/``."""
+    return project.root.joinpath(*GENERATED_DIR)
+
+
+def _replace_generated_folder(project: Project, partial: Path) -> Path:
+    """Move the finished partial folder into place, replacing an existing set; return the final folder."""
+    final = _generated_folder(project)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return final
+
+
+def _record_set(project: Project, plan: _RegPlan, records: list[dict[str, Any]], dex_weights: Path | None) -> None:
+    """Write the generated set (and ``--dex-weights``, when given) into the manifest."""
+    with project.update() as manifest:
+        manifest["regularisation"] = {
+            "folder": None,
+            "generated": True,
+            "base_model": plan.base_model,
+            "prompt": REG_PROMPT,
+            "age_range": [plan.low, plan.high],
+            "steps": plan.steps,
+            "images": records,
+        }
+        if dex_weights is not None:
+            manifest.setdefault("config", {})["dex_weights"] = str(Path(dex_weights).expanduser().resolve())
+
+
+def _report(
+    summary: StageSummary, project: Project, plan: _RegPlan, final: Path, records: list[dict[str, Any]]
+) -> None:
+    """Fill the summary (done items, report line, data) and warn about images kept unaligned."""
+    count = len(records)
+    aligned_count = sum(1 for r in records if r["aligned_ok"])
+    unaligned = count - aligned_count
+    summary.done.extend(
+        {
+            "id": r["id"],
+            "age": r["age"],
+            "aligned_ok": r["aligned_ok"],
+            "aligned": r["aligned"],
+            **({"dex_age": r["dex_age"]} if "dex_age" in r else {}),
+        }
+        for r in records
+    )
+    summary.lines.append(
+        f"wrote {count} regularisation image(s) to {final} (ages {plan.low}–{plan.high}); "
+        f"{aligned_count} aligned, {unaligned} kept as generated (no face found)"
+    )
+    if unaligned:
+        console.warn(
+            f"make-reg: {unaligned} of {count} generated image(s) had no detectable face and are "
+            "kept unaligned (aligned_ok: false); a real SD 1.5 base model rarely does this."
+        )
+    summary.data.update(
+        {"folder": project.relative(final), "count": count, "aligned": aligned_count, "ages": plan.ages}
+    )
+
+
 def _verify_with_dex(
     model: Any, images: list[Image.Image], records: list[dict[str, Any]], device: Any, summary: StageSummary
 ) -> None:
+    """Record DEX's estimate on each record; report the mean error and warn about large disagreements."""
     from selfage_cli.ages.dex import estimate_ages
 
     estimates = estimate_ages(model, images, device=device)

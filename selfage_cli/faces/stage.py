@@ -14,6 +14,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ ROLES = {"refs": ("references", ("refs", "aligned")), "inputs": ("inputs", ("inp
 # Folders of a project that hold selfage's own outputs: never aligned as sources.
 OUTPUT_DIRS = ("refs/aligned", "inputs/aligned", "edits", "runs", "cache", "reg")
 AGE_KEYS = ("age", "age_source", "age_candidates")
+# The fields of an aligned face reported in the summary's ``done`` list.
+DONE_KEYS = ("id", "source", "aligned", "face_index", "faces_found", "score")
 MIN_JOBS_PER_WORKER = 3
 
 
@@ -55,6 +58,7 @@ class JobResult:
 
 
 def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (VmHWM, Linux), else None."""
     try:
         with open("/proc/self/status", encoding="ascii") as handle:
             for line in handle:
@@ -174,7 +178,7 @@ def _workers(requested: int, jobs: int) -> int:
     return max(1, min(os.cpu_count() or 1, jobs // MIN_JOBS_PER_WORKER))
 
 
-def _run_jobs(jobs: list[AlignJob], workers: int, on_result) -> None:
+def _run_jobs(jobs: list[AlignJob], workers: int, on_result: Callable[[JobResult], None]) -> None:
     """Run jobs in-process (one worker) or in a spawn-based process pool; call ``on_result`` as each ends."""
     if workers <= 1:
         for job in jobs:
@@ -218,7 +222,38 @@ def align_photos(
     workers: int = 0,
 ) -> StageSummary:
     """Align photos into ``refs/aligned/`` or ``inputs/aligned/`` and register them (the ``selfage align`` body)."""
-    from selfage_cli import console
+    size, detector = _check_options(sources, role, size, detector)
+    section, folder_parts = ROLES[role]
+    rel_dir = "/".join(folder_parts)
+    summary = StageSummary("align")
+    summary.data.update({"role": role, "aligned_dir": rel_dir})
+
+    paths = collect_sources(sources, project)
+    todo = _photos_to_align(paths, project.read().get(section, []), force, summary)
+    out_dir = project.subdir(*folder_parts)
+    jobs = [
+        AlignJob(source=s, size=size, detector=detector, all_faces=all_faces, descriptors=role == "refs") for s in todo
+    ]
+    n_workers = _workers(workers, len(jobs)) if jobs else 0
+    temp_files: dict[tuple[str, int], Path] = {}
+    started = time.perf_counter()
+    try:
+        results = _align_with_progress(jobs, n_workers, out_dir, temp_files)
+        elapsed = time.perf_counter() - started
+        _register_results(project, section, todo, results, temp_files, out_dir, all_faces, summary)
+    finally:
+        for temp in temp_files.values():
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+    _report_alignment(summary, len(todo), elapsed, n_workers, rel_dir)
+    if role == "refs":
+        _add_identity_check(summary, check_identity(project))
+    return summary
+
+
+def _check_options(sources: list[Path], role: str, size: int, detector: str) -> tuple[int, str]:
+    """Validate the options (raising SelfageError with the fix); return the checked size and detector."""
     from selfage_cli.faces.align import check_size
     from selfage_cli.faces.detect import check_detector
 
@@ -228,16 +263,14 @@ def align_photos(
     detector = check_detector(detector)
     if not sources:
         raise SelfageError("no photos given; pass photos or folders, e.g. selfage align ./me -p proj.")
-    section, folder_parts = ROLES[role]
-    summary = StageSummary("align")
-    summary.data.update({"role": role, "aligned_dir": "/".join(folder_parts)})
+    return size, detector
 
-    paths = collect_sources(sources, project)
-    manifest = project.read()
-    entries = manifest.get(section, [])
 
-    # Hash, skip already-aligned photos and duplicates within this call.
-    todo: dict[str, str] = {}  # source → sha256
+def _photos_to_align(
+    paths: list[Path], entries: list[dict[str, Any]], force: bool, summary: StageSummary
+) -> dict[str, str]:
+    """Hash each photo; skip those already aligned (unless ``force``) and duplicates; return {source: sha256}."""
+    todo: dict[str, str] = {}
     seen_hashes: dict[str, str] = {}
     for path in paths:
         try:
@@ -261,69 +294,60 @@ def align_photos(
             continue
         seen_hashes[digest] = str(path)
         todo[str(path)] = digest
+    return todo
 
-    out_dir = project.subdir(*folder_parts)
-    jobs = [
-        AlignJob(source=s, size=size, detector=detector, all_faces=all_faces, descriptors=role == "refs") for s in todo
-    ]
+
+def _align_with_progress(
+    jobs: list[AlignJob], n_workers: int, out_dir: Path, temp_files: dict[tuple[str, int], Path]
+) -> dict[str, JobResult]:
+    """Run the jobs under a progress bar, saving each face's PNG to a temporary file; return {source: result}."""
+    from selfage_cli import console
+
     results: dict[str, JobResult] = {}
-    temp_files: dict[tuple[str, int], Path] = {}
-    n_workers = _workers(workers, len(jobs)) if jobs else 0
-    started = time.perf_counter()
-    try:
-        if jobs:
-            with console.progress() as bar:
-                from selfage_cli.console import new_task
+    if not jobs:
+        return results
+    with console.progress() as bar:
+        task = console.new_task(bar, f"aligning ({n_workers} worker{'s' if n_workers > 1 else ''})", len(jobs))
 
-                task = new_task(bar, f"aligning ({n_workers} worker{'s' if n_workers > 1 else ''})", len(jobs))
+        def on_result(result: JobResult) -> None:
+            results[result.source] = result
+            _save_temp_pngs(result, out_dir, temp_files)
+            bar.update(task, advance=1, status=Path(result.source).name)
 
-                def on_result(result: JobResult) -> None:
-                    results[result.source] = result
-                    for index, face in enumerate(result.faces):
-                        temp = out_dir / f".tmp-{uuid.uuid4().hex}.png"
-                        temp.write_bytes(face.pop("png"))
-                        temp_files[(result.source, index)] = temp
-                    bar.update(task, advance=1, status=Path(result.source).name)
+        _run_jobs(jobs, n_workers, on_result)
+    return results
 
-                _run_jobs(jobs, n_workers, on_result)
-        elapsed = time.perf_counter() - started
 
-        # Register the successes (ids allocated and files moved into place under the manifest lock).
-        with project.update() as manifest:
-            entries = manifest.setdefault(section, [])
-            for source, digest in todo.items():
-                result = results.get(source)
-                if result is None:
-                    continue
-                for message in result.warnings:
-                    console.warn(message)
-                    summary.warnings.append(message)
-                if result.error is not None:
-                    summary.fail(source, result.error.removeprefix(f"{Path(source).name}: "))
-                    continue
-                _register(project, entries, source, digest, result, temp_files, out_dir, role, all_faces, summary)
-            summary.data["references" if role == "refs" else "inputs"] = len(entries)
-    finally:
-        for temp in temp_files.values():
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+def _save_temp_pngs(result: JobResult, out_dir: Path, temp_files: dict[tuple[str, int], Path]) -> None:
+    """Move each face's encoded PNG out of ``result`` into a temporary file in ``out_dir``, keyed (source, index)."""
+    for index, face in enumerate(result.faces):
+        temp = out_dir / f".tmp-{uuid.uuid4().hex}.png"
+        temp.write_bytes(face.pop("png"))
+        temp_files[(result.source, index)] = temp
 
-    photos = len(todo)
-    summary.data["seconds_per_photo"] = round(elapsed / photos, 3) if photos else None
-    summary.data["workers"] = n_workers
-    rel_dir = "/".join(folder_parts)
-    summary.lines.append(
-        f"aligned {len(summary.done)} face(s) from {photos - len(summary.failures)} photo(s) into {rel_dir}/"
-        + (f"; {len(summary.skipped)} skipped (already aligned; --force to redo)" if summary.skipped else "")
-        + (f"; {len(summary.failures)} failed" if summary.failures else "")
-        + (f" [{elapsed / photos:.2f} s per photo, {n_workers} worker(s)]" if photos else "")
-    )
-    if role == "refs":
-        identity = check_identity(project)
-        summary.lines.extend(identity.lines)
-        summary.warnings.extend(identity.warnings)
-        summary.data.update(identity.data)
-    return summary
+
+def _register_results(
+    project: Project,
+    section: str,
+    todo: dict[str, str],
+    results: dict[str, JobResult],
+    temp_files: dict[tuple[str, int], Path],
+    out_dir: Path,
+    all_faces: bool,
+    summary: StageSummary,
+) -> None:
+    """Report each photo's warnings and failure; register the successes in one locked manifest update."""
+    with project.update() as manifest:
+        entries = manifest.setdefault(section, [])
+        for source, digest in todo.items():
+            result = results[source]
+            for message in result.warnings:
+                _warn(summary, message)
+            if result.error is not None:
+                summary.fail(source, result.error.removeprefix(f"{Path(source).name}: "))
+                continue
+            _register(project, entries, source, digest, result, temp_files, out_dir, all_faces, summary)
+        summary.data[section] = len(entries)
 
 
 def _register(
@@ -334,60 +358,89 @@ def _register(
     result: JobResult,
     temp_files: dict[tuple[str, int], Path],
     out_dir: Path,
-    role: str,
     all_faces: bool,
     summary: StageSummary,
 ) -> None:
     """Replace this source's old entries (same sha256 or same path) by the new faces; move PNGs into place."""
-    old = [e for e in entries if e.get("sha256") == digest or e.get("source") == source]
+    old = _remove_old_entries(project, entries, source, digest)
     same_content = [e for e in old if e.get("sha256") == digest]
-    old_ids = [e.get("id") for e in old]
+    if old and not same_content:
+        _warn(
+            summary, f"{Path(source).name} changed since it was aligned; re-aligned it (its age labels were dropped)."
+        )
+    taken = taken_ids(entries, out_dir)
+    stem = safe_id(Path(source).stem)
+    for index, face in enumerate(result.faces):
+        base = f"{stem}_face{face['face_index'] + 1}" if all_faces else stem
+        entry_id = _reuse_or_allocate_id(old[index].get("id") if index < len(old) else None, base, taken)
+        target = out_dir / f"{entry_id}.png"
+        os.replace(temp_files.pop((source, index)), target)
+        entry = _face_entry(entry_id, source, digest, project.relative(target), face, same_content)
+        entries.append(entry)
+        summary.done.append({key: entry[key] for key in DONE_KEYS})
+        summary.lines.append(f"{Path(source).name} → {entry['aligned']}")
+
+
+def _remove_old_entries(
+    project: Project, entries: list[dict[str, Any]], source: str, digest: str
+) -> list[dict[str, Any]]:
+    """Remove (and return) the entries of this content or this path, deleting their aligned PNGs."""
+    old = [e for e in entries if e.get("sha256") == digest or e.get("source") == source]
     for entry in old:
         entries.remove(entry)
         aligned = entry.get("aligned")
         if aligned:
             with contextlib.suppress(FileNotFoundError, SelfageError):
                 project.path(aligned).unlink()
-    if old and not same_content:
-        from selfage_cli import console
+    return old
 
-        message = f"{Path(source).name} changed since it was aligned; re-aligned it (its age labels were dropped)."
-        console.warn(message)
-        summary.warnings.append(message)
-    taken = taken_ids(entries, out_dir)
-    stem = safe_id(Path(source).stem)
-    for index, face in enumerate(result.faces):
-        base = f"{stem}_face{face['face_index'] + 1}" if all_faces else stem
-        wanted = old_ids[index] if index < len(old_ids) and old_ids[index] not in taken else None
-        entry_id = wanted if wanted else unique_id(base, taken)
-        taken.add(entry_id)
-        target = out_dir / f"{entry_id}.png"
-        os.replace(temp_files.pop((source, index)), target)
-        entry: dict[str, Any] = {
-            "id": entry_id,
-            "source": source,
-            "sha256": digest,
-            "aligned": project.relative(target),
-        }
-        entry.update(face)
-        previous = next((e for e in same_content if e.get("id") == entry_id), None)
-        for key in AGE_KEYS:
-            entry[key] = previous.get(key) if previous is not None else ({} if key == "age_candidates" else None)
-        entry["aligned_at"] = now_iso()
-        if role != "refs":
-            entry.pop("descriptor", None)
-        entries.append(entry)
-        summary.done.append(
-            {
-                "id": entry_id,
-                "source": source,
-                "aligned": entry["aligned"],
-                "face_index": face["face_index"],
-                "faces_found": face["faces_found"],
-                "score": face["score"],
-            }
-        )
-        summary.lines.append(f"{Path(source).name} → {entry['aligned']}")
+
+def _reuse_or_allocate_id(old_id: Any, base: str, taken: set[str]) -> str:
+    """The face's previous id when it is still free, else a new one from ``base``; either is added to ``taken``."""
+    if old_id and old_id not in taken:
+        taken.add(old_id)
+        return old_id
+    return unique_id(base, taken)
+
+
+def _face_entry(
+    entry_id: str, source: str, digest: str, aligned: str, face: dict[str, Any], same_content: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The manifest entry of one aligned face; age labels are kept from the same content's entry of that id."""
+    entry: dict[str, Any] = {"id": entry_id, "source": source, "sha256": digest, "aligned": aligned}
+    entry.update(face)
+    previous = next((e for e in same_content if e.get("id") == entry_id), None)
+    for key in AGE_KEYS:
+        entry[key] = previous.get(key) if previous is not None else ({} if key == "age_candidates" else None)
+    entry["aligned_at"] = now_iso()
+    return entry
+
+
+def _report_alignment(summary: StageSummary, photos: int, elapsed: float, n_workers: int, rel_dir: str) -> None:
+    """Add the timing data and the one-line report of the run."""
+    summary.data["seconds_per_photo"] = round(elapsed / photos, 3) if photos else None
+    summary.data["workers"] = n_workers
+    summary.lines.append(
+        f"aligned {len(summary.done)} face(s) from {photos - len(summary.failures)} photo(s) into {rel_dir}/"
+        + (f"; {len(summary.skipped)} skipped (already aligned; --force to redo)" if summary.skipped else "")
+        + (f"; {len(summary.failures)} failed" if summary.failures else "")
+        + (f" [{elapsed / photos:.2f} s per photo, {n_workers} worker(s)]" if photos else "")
+    )
+
+
+def _add_identity_check(summary: StageSummary, identity: StageSummary) -> None:
+    """Append the identity check's lines, warnings and data to the align summary."""
+    summary.lines.extend(identity.lines)
+    summary.warnings.extend(identity.warnings)
+    summary.data.update(identity.data)
+
+
+def _warn(summary: StageSummary, message: str) -> None:
+    """Show a warning and record it in the summary."""
+    from selfage_cli import console
+
+    console.warn(message)
+    summary.warnings.append(message)
 
 
 # ---- identity check ----------------------------------------------------------------------------
@@ -398,11 +451,9 @@ def check_identity(project: Project) -> StageSummary:
     A reference whose median distance to the others exceeds 0.6 (dlib's same-person threshold) is a
     suspect: a warning names its file.
     """
-    from selfage_cli import console
     from selfage_cli.faces.identity import (
         SAME_PERSON_THRESHOLD,
         distance_table,
-        face_descriptor,
         format_table,
         median_distances,
         suspects,
@@ -410,32 +461,7 @@ def check_identity(project: Project) -> StageSummary:
 
     summary = StageSummary("align")
     references = project.read().get("references", [])
-    descriptors: dict[str, Any] = {}
-    for entry in references:
-        descriptor = entry.get("descriptor")
-        if descriptor is None and entry.get("aligned"):
-            path = project.path(entry["aligned"])
-            try:
-                from PIL import Image
-
-                with Image.open(path) as img:
-                    descriptor = face_descriptor(img.convert("RGB"))
-            except OSError as exc:
-                message = (
-                    f"{entry['aligned']}: cannot be read for the identity check ({exc}); re-run selfage align --force."
-                )
-                console.warn(message)
-                summary.warnings.append(message)
-                continue
-            if descriptor is None:
-                message = (
-                    f"{entry['aligned']}: no face found in the aligned image; it is left out of the identity check."
-                )
-                console.warn(message)
-                summary.warnings.append(message)
-                continue
-        if descriptor is not None:
-            descriptors[str(entry["id"])] = descriptor
+    descriptors = _reference_descriptors(project, references, summary)
     table = distance_table(descriptors)
     medians = median_distances(table)
     flagged = suspects(table)
@@ -450,16 +476,54 @@ def check_identity(project: Project) -> StageSummary:
         f"(same person below {SAME_PERSON_THRESHOLD}):"
     )
     summary.lines.extend("  " + line for line in format_table(table))
-    by_id = {str(e.get("id")): e for e in references}
-    for key in flagged:
-        entry = by_id.get(key, {})
-        message = (
-            f"{entry.get('aligned', key)} (from {Path(str(entry.get('source', key))).name}): median identity distance "
-            f"{medians[key]:.2f} to the other references is above {SAME_PERSON_THRESHOLD} (dlib's same-person "
-            "threshold); if it shows someone else, remove that photo: it would poison the personalisation."
-        )
-        console.warn(message)
-        summary.warnings.append(message)
+    _warn_suspects(summary, references, flagged, medians)
     if not flagged:
         summary.lines.append("identity check: all references look like the same person.")
     return summary
+
+
+def _reference_descriptors(project: Project, references: list[dict[str, Any]], summary: StageSummary) -> dict[str, Any]:
+    """{id: descriptor} of the references: stored ones, else computed from the aligned image (left out if none)."""
+    descriptors: dict[str, Any] = {}
+    for entry in references:
+        descriptor = entry.get("descriptor")
+        if descriptor is None and entry.get("aligned"):
+            descriptor = _descriptor_of_aligned(project, entry["aligned"], summary)
+        if descriptor is not None:
+            descriptors[str(entry["id"])] = descriptor
+    return descriptors
+
+
+def _descriptor_of_aligned(project: Project, aligned: str, summary: StageSummary) -> Any | None:
+    """The descriptor computed from an aligned PNG, or None (with a warning) when unreadable or faceless."""
+    from PIL import Image
+
+    from selfage_cli.faces.identity import face_descriptor
+
+    path = project.path(aligned)
+    try:
+        with Image.open(path) as img:
+            descriptor = face_descriptor(img.convert("RGB"))
+    except OSError as exc:
+        _warn(summary, f"{aligned}: cannot be read for the identity check ({exc}); re-run selfage align --force.")
+        return None
+    if descriptor is None:
+        _warn(summary, f"{aligned}: no face found in the aligned image; it is left out of the identity check.")
+    return descriptor
+
+
+def _warn_suspects(
+    summary: StageSummary, references: list[dict[str, Any]], flagged: list[str], medians: dict[str, float]
+) -> None:
+    """Warn about each suspect reference, naming its aligned file and source photo."""
+    from selfage_cli.faces.identity import SAME_PERSON_THRESHOLD
+
+    by_id = {str(e.get("id")): e for e in references}
+    for key in flagged:
+        entry = by_id.get(key, {})
+        _warn(
+            summary,
+            f"{entry.get('aligned', key)} (from {Path(str(entry.get('source', key))).name}): median identity distance "
+            f"{medians[key]:.2f} to the other references is above {SAME_PERSON_THRESHOLD} (dlib's same-person "
+            "threshold); if it shows someone else, remove that photo: it would poison the personalisation.",
+        )
