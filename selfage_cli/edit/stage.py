@@ -13,6 +13,7 @@ split across the processes.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,122 +43,44 @@ def edit_project(
     dtype: str,
 ) -> StageSummary:
     """Edit ``images`` (default: every registered input) to ``config.ages``; see the module doc."""
-    from selfage_cli.models import dtype_name, load_pipeline, model_fingerprint, native_resolution, resolve_dtype
-
     summary = StageSummary("edit")
     config.validate()
-    chosen_lora = resolve_lora(project, lora, no_lora)
-    for message in chosen_lora.warnings if chosen_lora else []:
-        console.warn(message)
-    files, missing = input_photos.expand_images(list(images))
-    for item, reason in missing:
-        summary.fail(item, reason)
+    chosen_lora = _choose_lora(project, lora, no_lora)
+    files = _expand_images(images, summary)
     if images and not files:
         return summary
     _check_source_age_available(project, config, files, dex_weights)
-
     state = _distributed_state(device)
-    torch_device = state.device if state is not None else _device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    console.info(f"loading {base_model} on {torch_device} ({dtype_name(torch_dtype)})")
-    pipe = load_pipeline(base_model, device=torch_device, dtype=torch_dtype)
-    if chosen_lora is not None:
-        check_base_model(chosen_lora, base_model, pipe)
-        load_lora(pipe, chosen_lora)
-    resolution = native_resolution(pipe)
-
-    photos = _register_inputs(project, files, aligned=aligned, resolution=resolution, summary=summary, state=state)
-    photos = _split_for_process(photos, state)
-
-    context = _EditContext(
-        project=project,
-        config=config,
-        pipe=pipe,
-        lora=chosen_lora,
-        base_model=base_model,
-        base_fingerprint=f"{model_fingerprint(base_model)}:{_pipeline_fingerprint(pipe)}",
-        dtype=dtype_name(torch_dtype),
-        resolution=resolution,
-        dex_weights=dex_weights,
-        device=torch_device,
-    )
-    counts = {"computed": 0, "cached": 0}
-    with console.progress() as bar:
-        overall = console.new_task(bar, "photos", total=len(photos))
-        for photo in photos:
-            outputs = plan_outputs(project, photo.id, config.ages, side_by_side=config.side_by_side, gif=config.gif)
-            clash = existing_outputs(outputs)
-            if clash and not force:
-                more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-                summary.fail(
-                    photo.id,
-                    f"{project.relative(clash[0])}{more} already exists; pass --force to overwrite "
-                    "it, or choose other --ages",
-                )
-                bar.update(overall, advance=1)
-                continue
-            try:
-                record = _edit_one(context, photo, outputs, bar)
-            except SelfageError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one photo failing must not stop the others
-                if is_out_of_memory(exc):
-                    raise SelfageError(_oom_message(config, photo.id)) from exc
-                summary.fail(photo.id, f"editing failed ({type(exc).__name__}: {str(exc)[:200]}); please report it")
-                bar.update(overall, advance=1)
-                continue
-            counts["cached" if record["inversion"]["cached"] else "computed"] += 1
-            summary.done.append(record)
-            summary.lines.append(_report_line(record))
-            bar.update(overall, advance=1)
-    summary.data.update(
-        {
-            "inversions_computed": counts["computed"],
-            "inversions_cached": counts["cached"],
-            "lora": str(chosen_lora.path) if chosen_lora else None,
-            "base_model": base_model,
-            "resolution": resolution,
-        }
-    )
+    ctx = _load_context(project, config, base_model, chosen_lora, dex_weights, device=device, dtype=dtype, state=state)
+    photos = _register_inputs(project, files, aligned=aligned, resolution=ctx.resolution, summary=summary, state=state)
+    _edit_photos(ctx, _split_for_process(photos, state), force, summary)
+    summary.data.update(_call_data(ctx, summary.done))
     return summary
 
 
-# ---- one photo ---------------------------------------------------------------------------------------
+# ---- the call ----------------------------------------------------------------------------------------
+@dataclass
 class _EditContext:
     """What every photo of one call shares: options, pipeline, LoRA, cache, lazily loaded DEX."""
 
-    def __init__(
-        self,
-        *,
-        project: Project,
-        config: EditConfig,
-        pipe: Any,
-        lora: ResolvedLora | None,
-        base_model: str,
-        base_fingerprint: str,
-        dtype: str,
-        resolution: int,
-        dex_weights: Path | None,
-        device: Any,
-    ):
-        self.project = project
-        self.config = config
-        self.pipe = pipe
-        self.lora = lora
-        self.base_model = base_model
-        self.base_fingerprint = base_fingerprint
-        self.dtype = dtype
-        self.resolution = resolution
-        self.dex_weights = dex_weights
-        self.device = device
-        self.cache = InversionCache(project)
-        self._dex: Any = None
+    project: Project
+    config: EditConfig
+    pipe: Any
+    lora: ResolvedLora | None
+    base_model: str
+    base_fingerprint: str
+    dtype: str
+    resolution: int
+    dex_weights: Path | None
+    device: Any
+    cache: InversionCache = field(init=False)
+    _dex: Any = field(default=None, init=False)
 
-    @property
-    def identifier(self) -> str | None:
-        return self.lora.identifier if self.lora is not None else None
+    def __post_init__(self) -> None:
+        self.cache = InversionCache(self.project)
 
     def dex(self) -> Any:
+        """The DEX age classifier, loaded on first use."""
         if self._dex is None:
             from selfage_cli.ages.dex import load_dex, resolve_dex_weights
 
@@ -166,22 +89,152 @@ class _EditContext:
         return self._dex
 
 
-def _edit_one(ctx: _EditContext, photo: input_photos.InputPhoto, outputs: EditOutputs, bar: Any) -> dict[str, Any]:
-    import torch
+def _choose_lora(project: Project, lora: Path | None, no_lora: bool) -> ResolvedLora | None:
+    """The LoRA to edit with (--lora, else the project's latest run, unless --no-lora); shows its warnings."""
+    chosen = resolve_lora(project, lora, no_lora)
+    for message in chosen.warnings if chosen else []:
+        console.warn(message)
+    return chosen
 
-    from selfage_cli.edit import engine
+
+def _expand_images(images: list[Path], summary: StageSummary) -> list[Path]:
+    """The photo files that the given paths name (folders expanded); the missing ones fail in ``summary``."""
+    files, missing = input_photos.expand_images(list(images))
+    for item, reason in missing:
+        summary.fail(item, reason)
+    return files
+
+
+def _load_context(
+    project: Project,
+    config: EditConfig,
+    base_model: str,
+    lora: ResolvedLora | None,
+    dex_weights: Path | None,
+    *,
+    device: str,
+    dtype: str,
+    state: Any,
+) -> _EditContext:
+    """Load the base model (and the LoRA, checked against it) on this process's device."""
+    from selfage_cli.models import (
+        dtype_name,
+        load_pipeline,
+        model_fingerprint,
+        native_resolution,
+        pipeline_fingerprint,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    torch_device = state.device if state is not None else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    console.info(f"loading {base_model} on {torch_device} ({dtype_name(torch_dtype)})")
+    pipe = load_pipeline(base_model, device=torch_device, dtype=torch_dtype)
+    if lora is not None:
+        check_base_model(lora, base_model, pipe)
+        load_lora(pipe, lora)
+    return _EditContext(
+        project=project,
+        config=config,
+        pipe=pipe,
+        lora=lora,
+        base_model=base_model,
+        base_fingerprint=f"{model_fingerprint(base_model)}:{pipeline_fingerprint(pipe)}",
+        dtype=dtype_name(torch_dtype),
+        resolution=native_resolution(pipe),
+        dex_weights=dex_weights,
+        device=torch_device,
+    )
+
+
+def _edit_photos(ctx: _EditContext, photos: list[input_photos.InputPhoto], force: bool, summary: StageSummary) -> None:
+    """Edit each photo in turn (with a progress bar), recording each result or failure in ``summary``."""
+    with console.progress() as bar:
+        overall = console.new_task(bar, "photos", total=len(photos))
+        for photo in photos:
+            record = _edit_or_fail(ctx, photo, force, summary, bar)
+            if record is not None:
+                summary.done.append(record)
+                summary.lines.append(_report_line(record))
+            bar.update(overall, advance=1)
+
+
+def _edit_or_fail(
+    ctx: _EditContext, photo: input_photos.InputPhoto, force: bool, summary: StageSummary, bar: Any
+) -> dict[str, Any] | None:
+    """Edit one photo; None when it failed (recorded in ``summary``). Out of memory stops the call (exit 2)."""
+    outputs = plan_outputs(
+        ctx.project, photo.id, ctx.config.ages, side_by_side=ctx.config.side_by_side, gif=ctx.config.gif
+    )
+    clash = existing_outputs(outputs)
+    if clash and not force:
+        more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+        summary.fail(
+            photo.id,
+            f"{ctx.project.relative(clash[0])}{more} already exists; pass --force to overwrite "
+            "it, or choose other --ages",
+        )
+        return None
+    try:
+        return _edit_one(ctx, photo, outputs, bar)
+    except SelfageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one photo failing must not stop the others
+        if is_out_of_memory(exc):
+            raise SelfageError(_oom_message(ctx.config, photo.id)) from exc
+        summary.fail(photo.id, f"editing failed ({type(exc).__name__}: {str(exc)[:200]}); please report it")
+        return None
+
+
+def _call_data(ctx: _EditContext, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The call's extra JSON keys: inversions computed/cached, LoRA, base model, resolution."""
+    cached = sum(1 for record in records if record["inversion"]["cached"])
+    return {
+        "inversions_computed": len(records) - cached,
+        "inversions_cached": cached,
+        "lora": str(ctx.lora.path) if ctx.lora else None,
+        "base_model": ctx.base_model,
+        "resolution": ctx.resolution,
+    }
+
+
+# ---- one photo ---------------------------------------------------------------------------------------
+def _edit_one(ctx: _EditContext, photo: input_photos.InputPhoto, outputs: EditOutputs, bar: Any) -> dict[str, Any]:
+    """Invert one photo (or reuse its cached inversion), edit it to every age, write the files, record it."""
     from selfage_cli.edit.prompts import build_prompts
 
-    config, project = ctx.config, ctx.project
-    image = input_photos.load_for_model(project, photo, ctx.resolution)
+    config = ctx.config
+    image = input_photos.load_for_model(ctx.project, photo, ctx.resolution)
     source_age, age_source = _source_age(ctx, photo)
     prompt_age = config.prompt_age(source_age)
-    prompts = build_prompts(prompt_age, config.ages, config.gender, ctx.identifier)
-    key = InversionKey(
-        image_sha256=sha256_file(project.path(photo.aligned)),
+    prompts = build_prompts(
+        prompt_age, config.ages, config.gender, ctx.lora.identifier if ctx.lora is not None else None
+    )
+    key = _inversion_key(ctx, photo, prompts.source)
+    task = console.new_task(bar, f"{photo.id}: inverting", total=config.ddim_steps)
+
+    def advance(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    inversion, cached = _invert(ctx, key, image, advance)
+    bar.update(task, description=f"{photo.id}: editing {len(config.ages)} ages", completed=0)
+    result = _edit_ages(ctx, inversion, prompts, advance)
+    bar.remove_task(task)
+    edited = dict(zip(config.ages, result.images[1:], strict=True))
+    write_outputs(outputs, image, prompt_age, edited, tile=ctx.resolution)
+    entry = _edit_entry(ctx, photo, outputs, (prompt_age, age_source), prompts, key, inversion, cached, result)
+    return _record_edit(ctx.project, entry)
+
+
+def _inversion_key(ctx: _EditContext, photo: input_photos.InputPhoto, source_prompt: str) -> InversionKey:
+    """What the photo's inversion depends on (its cache key)."""
+    config = ctx.config
+    return InversionKey(
+        image_sha256=sha256_file(ctx.project.path(photo.aligned)),
         base_model=ctx.base_fingerprint,
         lora_sha256=ctx.lora.sha256 if ctx.lora is not None else "none",
-        prompt=prompts.source,
+        prompt=source_prompt,
         guidance=config.guidance,
         steps=config.ddim_steps,
         mode=config.inversion,
@@ -189,27 +242,38 @@ def _edit_one(ctx: _EditContext, photo: input_photos.InputPhoto, outputs: EditOu
         dtype=ctx.dtype,
         resolution=ctx.resolution,
     )
-    task = console.new_task(bar, f"{photo.id}: inverting", total=config.ddim_steps)
 
-    def advance(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
 
+def _invert(ctx: _EditContext, key: InversionKey, image: Any, progress: Any) -> tuple[Any, bool]:
+    """(inversion, whether it came from the cache): the cached one, else computed now and cached."""
+    import torch
+
+    from selfage_cli.edit import engine
+
+    config = ctx.config
     torch.manual_seed(config.seed)
     inversion = ctx.cache.load(key)
-    cached = inversion is not None
-    if inversion is None:
-        inversion = engine.invert(
-            ctx.pipe,
-            image,
-            prompts.source,
-            mode=config.inversion,
-            steps=config.ddim_steps,
-            guidance=config.guidance,
-            inner_steps=config.inner_steps,
-            progress=advance,
-        )
-        ctx.cache.save(key, inversion)
-    bar.update(task, description=f"{photo.id}: editing {len(config.ages)} ages", completed=0)
+    if inversion is not None:
+        return inversion, True
+    inversion = engine.invert(
+        ctx.pipe,
+        image,
+        key.prompt,
+        mode=config.inversion,
+        steps=config.ddim_steps,
+        guidance=config.guidance,
+        inner_steps=config.inner_steps,
+        progress=progress,
+    )
+    ctx.cache.save(key, inversion)
+    return inversion, False
+
+
+def _edit_ages(ctx: _EditContext, inversion: Any, prompts: Any, progress: Any) -> Any:
+    """Edit the inversion to every target age in one pass (checking that each age got an image)."""
+    from selfage_cli.edit import engine
+
+    config = ctx.config
     result = engine.edit_ages(
         ctx.pipe,
         inversion,
@@ -217,15 +281,28 @@ def _edit_one(ctx: _EditContext, photo: input_photos.InputPhoto, outputs: EditOu
         settings=config.p2p_settings(),
         max_batch=config.max_batch,
         guidance=config.guidance,
-        progress=advance,
+        progress=progress,
     )
-    bar.remove_task(task)
     if len(result.images) != 1 + len(config.ages):
         raise RuntimeError(f"the engine returned {len(result.images)} images for {len(config.ages)} ages")
-    edited = dict(zip(config.ages, result.images[1:], strict=True))
-    write_outputs(outputs, image, prompt_age, edited, tile=ctx.resolution)
+    return result
 
-    entry: dict[str, Any] = {
+
+def _edit_entry(
+    ctx: _EditContext,
+    photo: input_photos.InputPhoto,
+    outputs: EditOutputs,
+    source: tuple[float | int, str],
+    prompts: Any,
+    key: InversionKey,
+    inversion: Any,
+    cached: bool,
+    result: Any,
+) -> dict[str, Any]:
+    """This call's Edit entry for the photo (docs/manifest.md, "Edit"), before merging with earlier calls."""
+    project, config = ctx.project, ctx.config
+    prompt_age, age_source = source
+    return {
         "id": photo.id,
         "input": photo.aligned,
         "source_age": prompt_age,
@@ -250,11 +327,15 @@ def _edit_one(ctx: _EditContext, photo: input_photos.InputPhoto, outputs: EditOu
         "unet_calls": int(result.unet_calls),
         "created": now_iso(),
     }
+
+
+def _record_edit(project: Project, entry: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``entry`` into the photo's Edit entry in the manifest; returns the merged entry."""
     with project.update() as manifest:
         edits = manifest.setdefault("edits", [])
-        entry = merge_edit_entry(find(edits, photo.id), entry)
-        upsert(edits, entry)
-    return entry
+        merged = merge_edit_entry(find(edits, entry["id"]), entry)
+        upsert(edits, merged)
+    return merged
 
 
 # Provenance of one call's outputs, kept in ``history`` for the ages a later call did not redo.
@@ -351,6 +432,7 @@ def _source_age(ctx: _EditContext, photo: input_photos.InputPhoto) -> tuple[floa
 
 
 def _open_rgb(path: Path) -> Any:
+    """The image at ``path`` as RGB."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -438,19 +520,8 @@ def _split_for_process(photos: list[Any], state: Any) -> list[Any]:
         return list(mine)
 
 
-def _device(device: str) -> Any:
-    from selfage_cli.models import resolve_device
-
-    return resolve_device(device)
-
-
-def _pipeline_fingerprint(pipe: Any) -> str:
-    from selfage_cli.models import pipeline_fingerprint
-
-    return pipeline_fingerprint(pipe)
-
-
 def _oom_message(config: EditConfig, item: str) -> str:
+    """The exit-2 message for running out of GPU memory, suggesting a smaller --max-batch."""
     current = config.max_batch or len(config.ages)
     suggestion = max(1, current // 2)
     return (
@@ -460,6 +531,7 @@ def _oom_message(config: EditConfig, item: str) -> str:
 
 
 def _report_line(record: dict[str, Any]) -> str:
+    """The human report line for one edited photo."""
     ages = ", ".join(str(a) for a in record["settings"]["ages"])
     folder = str(Path(next(iter(record["outputs"].values()))).parent)
     inv = record["inversion"]

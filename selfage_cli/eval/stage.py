@@ -30,7 +30,7 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.eval import metrics
 from selfage_cli.eval.report import REPORT_FILES
 from selfage_cli.faces.identity import SAME_PERSON_THRESHOLD
-from selfage_cli.project import Project
+from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
 DEX_PREPROCESS = "antialias"
@@ -46,8 +46,6 @@ class OutputScore:
     distance_to_input: float | None = None
     distance_to_references: float | None = None
     face_found: bool | None = None
-    psnr: float | None = None
-    ssim: float | None = None
 
     @property
     def abs_error(self) -> float | None:
@@ -120,6 +118,7 @@ def select_edits(project: Project, entries: list[dict[str, Any]], names: list[st
 
 
 def _edit_matches(project: Project, entry: dict[str, Any], name: str, inputs: dict[Any, dict[str, Any]]) -> bool:
+    """Whether ``name`` (an id, input stem or photo path) names the recorded edit ``entry``."""
     if name == entry.get("id"):
         return True
     if entry.get("input") and Path(str(entry["input"])).stem == name:
@@ -139,6 +138,7 @@ def _edit_matches(project: Project, entry: dict[str, Any], name: str, inputs: di
 
 # ---- helpers -------------------------------------------------------------------------------------------
 def _open_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` as RGB."""
     with Image.open(path) as image:
         return image.convert("RGB")
 
@@ -230,6 +230,11 @@ def reconstruction_scores(input_image: Image.Image, output_image: Image.Image) -
     }
 
 
+# Images waiting for the DEX age estimate (with the score that takes it), and the contact sheet's tiles.
+_DexQueue = list[tuple[OutputScore | EditScore, Image.Image]]
+_Tiles = dict[tuple[str, int | str], Image.Image]
+
+
 # ---- the stage ------------------------------------------------------------------------------------------
 def evaluate_project(
     project: Project,
@@ -240,37 +245,67 @@ def evaluate_project(
     device: str,
 ) -> StageSummary:
     """Score the project's recorded edits and write report.json, report.md and contact_sheet.png."""
-    from selfage_cli.eval.report import write_report
+    _require_manifest(project)
+    manifest = project.read()
+    chosen = select_edits(project, manifest.get("edits", []), list(edits or []))
+    summary = StageSummary("eval")
+    dex_model, dex_path, dex_note = _load_dex(dex_weights, project, device)
+    identity = _Identity()
+    notes = _warn_notes([dex_note, identity.note])
+    ref_mean, ref_count = _reference_mean(project, manifest, identity, notes)
+    scores, images, tiles = _score_edits(project, chosen, identity, ref_mean, summary)
+    _estimate_ages(dex_model, images)
+    report = build_report(
+        project, scores, dex_path=dex_path, ref_count=ref_count, notes=notes, identity_available=identity.available
+    )
+    files = _write_report_files(report, report_dir, project, tiles)
+    return _report_summary(summary, scores, report, notes, files)
 
+
+def _require_manifest(project: Project) -> None:
+    """Exit 2 unless ``project`` has a manifest."""
     if not project.exists():
         raise SelfageError(
             f"--project {project.root} has no {project.manifest_path.name}; point -p at a project where "
             "`selfage edit` has run."
         )
-    manifest = project.read()
-    chosen = select_edits(project, manifest.get("edits", []), list(edits or []))
-    summary = StageSummary("eval")
-    notes: list[str] = []
 
-    dex_model, dex_path, dex_note = _load_dex(dex_weights, project, device)
-    if dex_note:
-        notes.append(dex_note)
-        console.warn(dex_note)
-    identity = _Identity()
-    if identity.note:
-        notes.append(identity.note)
-        console.warn(identity.note)
 
+def _warn_notes(notes: list[str | None]) -> list[str]:
+    """The notes that apply (not None), each shown as a warning; they go into the report."""
+    kept = [note for note in notes if note]
+    for note in kept:
+        console.warn(note)
+    return kept
+
+
+def _reference_mean(
+    project: Project, manifest: dict[str, Any], identity: _Identity, notes: list[str]
+) -> tuple[np.ndarray | None, int]:
+    """The references' mean descriptor and how many were used; a note (no warning) when there is none."""
     ref_mean, ref_count = reference_mean_descriptor(project, manifest.get("references", []), identity)
     if identity.available and ref_mean is None:
         notes.append(
             "distance to the references not measured: the project has no references with a face "
             "descriptor (run `selfage align --role refs` on the person's photos)."
         )
+    return ref_mean, ref_count
 
+
+def _score_edits(
+    project: Project,
+    chosen: list[dict[str, Any]],
+    identity: _Identity,
+    ref_mean: np.ndarray | None,
+    summary: StageSummary,
+) -> tuple[list[EditScore], _DexQueue, _Tiles]:
+    """Score identity and reconstruction of every chosen edit (with a progress bar).
+
+    Returns the scores, the (score, image) pairs left for DEX, and the contact sheet's tiles.
+    """
     scores: list[EditScore] = []
-    images: list[tuple[OutputScore | EditScore, Image.Image]] = []  # for DEX, batched at the end
-    tiles: dict[tuple[str, int | str], Image.Image] = {}
+    images: _DexQueue = []  # for DEX, batched at the end
+    tiles: _Tiles = {}
     with console.progress(transient=True) as bar:
         task = console.new_task(bar, "identity", total=sum(len(e.get("target_ages", [])) for e in chosen))
         for entry in chosen:
@@ -278,27 +313,42 @@ def evaluate_project(
             if score is not None:
                 scores.append(score)
             bar.update(task, advance=len(entry.get("target_ages", [])))
+    return scores, images, tiles
 
-    if dex_model is not None and images:
-        from selfage_cli.ages.dex import estimate_ages
 
-        estimates = estimate_ages(dex_model, [img for _, img in images], preprocess=DEX_PREPROCESS)
-        for (holder, _), estimate in zip(images, estimates, strict=True):
-            if isinstance(holder, OutputScore):
-                holder.estimated_age = float(estimate)
-            else:
-                holder.input_estimated_age = float(estimate)
+def _estimate_ages(dex_model: Any, images: _DexQueue) -> None:
+    """Fill in the DEX age estimate of every input and output, in one batch (nothing without DEX)."""
+    if dex_model is None or not images:
+        return
+    from selfage_cli.ages.dex import estimate_ages
 
-    report = build_report(
-        project, scores, dex_path=dex_path, ref_count=ref_count, notes=notes, identity_available=identity.available
-    )
+    estimates = estimate_ages(dex_model, [img for _, img in images], preprocess=DEX_PREPROCESS)
+    for (holder, _), estimate in zip(images, estimates, strict=True):
+        if isinstance(holder, OutputScore):
+            holder.estimated_age = float(estimate)
+        else:
+            holder.input_estimated_age = float(estimate)
+
+
+def _write_report_files(
+    report: dict[str, Any], report_dir: Path | None, project: Project, tiles: _Tiles
+) -> dict[str, Path]:
+    """Write the report files (replacing, with a warning, an earlier report) and list them in ``report``."""
+    from selfage_cli.eval.report import write_report
+
     folder = Path(report_dir).expanduser() if report_dir is not None else project.root / "eval"
     previous = [name for name in REPORT_FILES if (folder / name).exists()]
     if previous:  # a derived artefact: replaced without --force, but never silently
         console.warn(f"replacing the previous report in {folder} ({', '.join(previous)}).")
     files = write_report(report, folder, tiles)
     report["files"] = {k: str(v) for k, v in files.items()}
+    return files
 
+
+def _report_summary(
+    summary: StageSummary, scores: list[EditScore], report: dict[str, Any], notes: list[str], files: dict[str, Path]
+) -> StageSummary:
+    """Fill the stage summary: one done item per edit, the report, its notes and the human lines."""
     for score in scores:
         summary.done.append({"id": score.id, "outputs": len(score.outputs)})
     summary.data["report"] = report
@@ -327,9 +377,10 @@ def _score_edit(
     identity: _Identity,
     ref_mean: np.ndarray | None,
     summary: StageSummary,
-    images: list[tuple[Any, Image.Image]],
-    tiles: dict[tuple[str, int | str], Image.Image],
+    images: _DexQueue,
+    tiles: _Tiles,
 ) -> EditScore | None:
+    """Score one edit's outputs (identity, reconstruction), queueing its images for DEX and the sheet."""
     edit_id = str(entry.get("id"))
     input_rel = entry.get("input")
     input_path = project.path(input_rel) if input_rel else None
@@ -360,20 +411,31 @@ def _score_edit(
                 f"the output {rel or '(not recorded)'} is missing; re-run `selfage edit --force` for this photo.",
             )
             continue
-        image = _open_rgb(path)
-        output = OutputScore(target_age=age, path=str(rel))
-        descriptor = identity.descriptor(path, image)
-        output.face_found = None if not identity.available else descriptor is not None
-        output.distance_to_input = identity.distance(descriptor, input_descriptor)
-        output.distance_to_references = identity.distance(descriptor, ref_mean)
+        output, image = _score_output(path, str(rel), age, identity, input_descriptor, ref_mean)
         if age == recon_age:
             score.reconstruction = {"target_age": age, **reconstruction_scores(input_image, image)}
-            output.psnr = score.reconstruction["psnr"]
-            output.ssim = score.reconstruction["ssim"]
         score.outputs.append(output)
         images.append((output, image))
         tiles[(edit_id, age)] = image
     return score
+
+
+def _score_output(
+    path: Path,
+    rel: str,
+    age: int,
+    identity: _Identity,
+    input_descriptor: np.ndarray | None,
+    ref_mean: np.ndarray | None,
+) -> tuple[OutputScore, Image.Image]:
+    """One output's identity scores (face found, distances to the input and the references), and its image."""
+    image = _open_rgb(path)
+    output = OutputScore(target_age=age, path=rel)
+    descriptor = identity.descriptor(path, image)
+    output.face_found = None if not identity.available else descriptor is not None
+    output.distance_to_input = identity.distance(descriptor, input_descriptor)
+    output.distance_to_references = identity.distance(descriptor, ref_mean)
+    return output, image
 
 
 def build_report(
@@ -386,8 +448,6 @@ def build_report(
     identity_available: bool,
 ) -> dict[str, Any]:
     """The report as one JSON-ready dict (per-edit scores plus the aggregates)."""
-    from selfage_cli.project import now_iso
-
     outputs = [o for s in scores for o in s.outputs]
     age_errors = [metrics.AgeError(o.target_age, o.estimated_age) for o in outputs if o.estimated_age is not None]
     recon = [s.reconstruction for s in scores if s.reconstruction]
@@ -425,10 +485,12 @@ def build_report(
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, or a dash when not measured."""
     return "–" if value is None else f"{value:.{digits}f}"
 
 
 def _summary_lines(report: dict[str, Any]) -> list[str]:
+    """The human report lines for the report's aggregates."""
     s = report["summary"]
     lines = [f"evaluated {s['edits']} edit(s), {s['outputs']} output(s)"]
     if s["age"]:

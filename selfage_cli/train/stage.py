@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 
 from selfage_cli import console
 from selfage_cli.errors import InterruptedRun, SelfageError
+from selfage_cli.faces.loading import IMAGE_SUFFIXES
 from selfage_cli.files import atomic_write_json
 from selfage_cli.project import Project, find, now_iso, upsert
 from selfage_cli.summary import StageSummary
@@ -35,8 +37,19 @@ from selfage_cli.train.data import TrainImage, select_references, select_regular
 from selfage_cli.train.loop import LOSS_LOG, Trainer, list_checkpoints, resolve_precision, truncate_loss_log
 from selfage_cli.train.lora import META_NAME, WEIGHT_NAME
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class _RunPlan:
+    """The run to train: its name and folder, the config to use, and how it starts."""
+
+    name: str
+    run_dir: Path
+    config: TrainConfig
+    checkpoint: Path | None = None  # --resume: continue from this checkpoint
+    replace: bool = False  # --force: an earlier run of this name goes once training can start
+    already_finished: bool = False  # --resume of a finished run: nothing to do
 
 
 def train_project(
@@ -54,48 +67,101 @@ def train_project(
     """Train a personal LoRA in ``project`` (see the module docstring); returns the stage summary."""
     summary = StageSummary("train")
     config.check()
+    plan = _plan_run(project, config, run_name, resume=resume, force=force)
+    if plan.already_finished:
+        return _skip_finished(summary, plan)
+    _run_earlier_stages(project, plan.config, summary, refs=refs, reg=reg, birth_date=birth_date, ages_file=ages_file)
+    ref_images, reg_images = _training_images(project, plan.config)
+    pipe = _load_base_model(plan.config)
+    if plan.replace:
+        _remove_run(project, plan)
+    trainer, entry = _train_in_run_dir(project, plan, pipe, ref_images, reg_images)
+    if not trainer.accelerator.is_main_process:
+        return summary
+    grid, entry = _validation_grid(project, plan, pipe, trainer, entry)
+    return _report_trained(summary, plan, trainer, entry, grid)
+
+
+# ---- which run ------------------------------------------------------------------------------------------
+def _plan_run(project: Project, config: TrainConfig, run_name: str | None, *, resume: bool, force: bool) -> _RunPlan:
+    """Apply the --run/--resume/--force policy: which run to train and how it starts (exit 2 when refused)."""
     if resume and force:
         raise SelfageError("--resume and --force contradict each other; pass one of them.")
     manifest = project.read()
     name = _run_name(manifest, run_name, resume)
     run_dir = project.root / "runs" / name
     existing = find(manifest.get("runs", []), name, key="name")
-    checkpoint = None
-    replace = False
     if resume:
-        if existing is None and not run_dir.is_dir():
-            raise SelfageError(f"--resume --run {name}: the project has no such run; leave out --resume to start it.")
-        if _is_finished(existing, run_dir):
-            summary.skipped.append({"run": name, "reason": "already finished"})
-            summary.lines.append(
-                f"run {name} is already finished ({run_dir / WEIGHT_NAME}); "
-                "pass --force without --resume to train it again."
-            )
-            return summary
-        found = list_checkpoints(run_dir / "checkpoints")
-        if not found:
-            raise SelfageError(
-                f"--resume --run {name}: runs/{name} has no checkpoint yet; start it again with --force."
-            )
-        checkpoint = found[-1]
-        recorded = json.loads((checkpoint / "state.json").read_text()).get("config") or (existing or {}).get("config")
-        if recorded:
-            config = config.with_method_of(recorded)
-    elif existing is not None or (run_dir.exists() and any(run_dir.iterdir())):
-        if not force:
-            state = "a finished" if _is_finished(existing, run_dir) else "an unfinished"
-            fix = (
-                "pass --force to replace it or choose another --run name"
-                if state == "a finished"
-                else "pass --resume to continue it, --force to start it again, or choose another --run name"
-            )
-            raise SelfageError(f"--run {name}: runs/{name} already holds {state} run; {fix}.")
-        replace = True
+        return _resume_plan(name, run_dir, existing, config)
+    return _fresh_plan(name, run_dir, existing, config, force)
 
+
+def _resume_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig) -> _RunPlan:
+    """Continue the run from its latest checkpoint, with the method options it was started with."""
+    if existing is None and not run_dir.is_dir():
+        raise SelfageError(f"--resume --run {name}: the project has no such run; leave out --resume to start it.")
+    if _is_finished(existing, run_dir):
+        return _RunPlan(name, run_dir, config, already_finished=True)
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise SelfageError(f"--resume --run {name}: runs/{name} has no checkpoint yet; start it again with --force.")
+    checkpoint = found[-1]
+    recorded = json.loads((checkpoint / "state.json").read_text()).get("config") or (existing or {}).get("config")
+    return _RunPlan(name, run_dir, config.with_method_of(recorded) if recorded else config, checkpoint=checkpoint)
+
+
+def _fresh_plan(
+    name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig, force: bool
+) -> _RunPlan:
+    """Start the run from scratch; a run that already holds that name is replaced only with --force."""
+    taken = existing is not None or (run_dir.exists() and any(run_dir.iterdir()))
+    if taken and not force:
+        if _is_finished(existing, run_dir):
+            state, fix = "a finished", "pass --force to replace it or choose another --run name"
+        else:
+            state = "an unfinished"
+            fix = "pass --resume to continue it, --force to start it again, or choose another --run name"
+        raise SelfageError(f"--run {name}: runs/{name} already holds {state} run; {fix}.")
+    return _RunPlan(name, run_dir, config, replace=taken)
+
+
+def _skip_finished(summary: StageSummary, plan: _RunPlan) -> StageSummary:
+    """Report that a resumed run is already finished, and train nothing."""
+    summary.skipped.append({"run": plan.name, "reason": "already finished"})
+    summary.lines.append(
+        f"run {plan.name} is already finished ({plan.run_dir / WEIGHT_NAME}); "
+        "pass --force without --resume to train it again."
+    )
+    return summary
+
+
+def _remove_run(project: Project, plan: _RunPlan) -> None:
+    """--force: delete the old run's files and manifest entry (only once the new run can start)."""
+    shutil.rmtree(plan.run_dir, ignore_errors=True)
+    with project.update() as manifest:
+        manifest["runs"] = [r for r in manifest.get("runs", []) if r.get("name") != plan.name]
+
+
+# ---- what to train on, and with what -------------------------------------------------------------------
+def _run_earlier_stages(
+    project: Project,
+    config: TrainConfig,
+    summary: StageSummary,
+    *,
+    refs: Path | None,
+    reg: Path | None,
+    birth_date: str | None,
+    ages_file: Path | None,
+) -> None:
+    """Run align / label-ages for the --refs and --reg photos that the project does not hold yet."""
     if refs is not None:
         _ensure_references(project, refs, config, birth_date, ages_file, summary)
     if reg is not None:
         _ensure_regularisation(project, reg, config, summary)
+
+
+def _training_images(project: Project, config: TrainConfig) -> tuple[list[TrainImage], list[TrainImage]]:
+    """The reference and regularisation images to train on (and say which)."""
     manifest = project.read()
     ref_images = select_references(project, manifest, config.num_refs, config.instance_prompt)
     reg_images = select_regularisation(project, manifest, config.class_prompt)
@@ -104,7 +170,11 @@ def train_project(
         + ", ".join(f"{img.id} ({img.age} y)" for img in ref_images)
         + f"; {len(reg_images)} regularisation image(s)."
     )
+    return ref_images, reg_images
 
+
+def _load_base_model(config: TrainConfig) -> Any:
+    """Load the base pipeline at the training precision; warn when --resolution is not the model's own."""
     from selfage_cli.models import check_resolution, load_pipeline, native_resolution
 
     device, dtype, _ = resolve_precision(config)
@@ -116,60 +186,34 @@ def train_project(
             f"--resolution {config.resolution} differs from the base model's native {native} px; training "
             f"at {config.resolution} px as asked (pass --resolution {native} to match the model)."
         )
-    if replace:  # --force: the old run's files and entry go only now that the new run can start
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with project.update() as manifest:
-            manifest["runs"] = [r for r in manifest.get("runs", []) if r.get("name") != name]
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return pipe
+
+
+# ---- training and its results --------------------------------------------------------------------------
+def _train_in_run_dir(
+    project: Project, plan: _RunPlan, pipe: Any, refs: list[TrainImage], regs: list[TrainImage]
+) -> tuple[Trainer, dict[str, Any]]:
+    """Train in the run folder; a run that fails before its first checkpoint leaves nothing behind."""
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        trainer, entry = _train(project, name, run_dir, pipe, config, ref_images, reg_images, checkpoint)
+        return _train(project, plan, pipe, refs, regs)
     except BaseException:
-        if checkpoint is None and not list_checkpoints(run_dir / "checkpoints"):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumable: leave nothing behind
+        if plan.checkpoint is None and not list_checkpoints(plan.run_dir / "checkpoints"):
+            shutil.rmtree(plan.run_dir, ignore_errors=True)  # nothing resumable: leave nothing behind
         raise
-    if not trainer.accelerator.is_main_process:
-        return summary
-
-    ages = config.validation_ages()
-    grid = None
-    if ages and trainer.accelerator.is_main_process:
-        from selfage_cli.train.validate import render_validation_grid
-
-        grid = render_validation_grid(pipe, config, ages, run_dir / "validation.png", dtype=trainer.weight_dtype)
-        with project.update() as manifest:
-            run = find(manifest["runs"], name, key="name")
-            if run is not None:
-                run["validation_grid"] = project.relative(grid)
-                entry = run
-
-    summary.done.append({"run": name, "lora": entry["lora"], "steps_done": trainer.step_done})
-    summary.data["run"] = entry
-    final_loss = trainer.last.get("loss", float("nan"))
-    summary.lines.append(
-        f"trained run {name}: {trainer.step_done} steps, final loss {final_loss:.4f}; LoRA {run_dir / WEIGHT_NAME}"
-    )
-    if grid is not None:
-        summary.lines.append(f"validation grid: {grid}")
-    return summary
 
 
 def _train(
-    project: Project,
-    name: str,
-    run_dir: Path,
-    pipe: Any,
-    config: TrainConfig,
-    refs: list[TrainImage],
-    regs: list[TrainImage],
-    checkpoint: Path | None,
+    project: Project, plan: _RunPlan, pipe: Any, refs: list[TrainImage], regs: list[TrainImage]
 ) -> tuple[Trainer, dict[str, Any]]:
     """Build the trainer, resume if asked, train, write the outputs; Ctrl-C → checkpoint + InterruptedRun."""
+    name, run_dir, config = plan.name, plan.run_dir, plan.config
     try:
         trainer = Trainer(pipe, config, refs, regs, run_dir)
     except torch.OutOfMemoryError as exc:
         raise _oom(config) from exc
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
+    if plan.checkpoint is not None:
+        trainer.load_checkpoint(plan.checkpoint)
         truncate_loss_log(run_dir / LOSS_LOG, trainer.step_done)
         console.info(f"resuming run {name} at step {trainer.step_done}/{config.steps}.")
     else:
@@ -192,7 +236,42 @@ def _train(
     return trainer, recorder.record(finished=True)
 
 
+def _validation_grid(
+    project: Project, plan: _RunPlan, pipe: Any, trainer: Trainer, entry: dict[str, Any]
+) -> tuple[Path | None, dict[str, Any]]:
+    """With --validate-ages: render validation.png and record it; returns it (or None) and the run entry."""
+    ages = plan.config.validation_ages()
+    if not ages:
+        return None, entry
+    from selfage_cli.train.validate import render_validation_grid
+
+    grid = render_validation_grid(pipe, plan.config, ages, plan.run_dir / "validation.png", dtype=trainer.weight_dtype)
+    with project.update() as manifest:
+        run = find(manifest["runs"], plan.name, key="name")
+        if run is not None:
+            run["validation_grid"] = project.relative(grid)
+            entry = run
+    return grid, entry
+
+
+def _report_trained(
+    summary: StageSummary, plan: _RunPlan, trainer: Trainer, entry: dict[str, Any], grid: Path | None
+) -> StageSummary:
+    """Fill the summary of a finished run: its entry, steps, final loss, LoRA and validation grid."""
+    summary.done.append({"run": plan.name, "lora": entry["lora"], "steps_done": trainer.step_done})
+    summary.data["run"] = entry
+    final_loss = trainer.last.get("loss", float("nan"))
+    summary.lines.append(
+        f"trained run {plan.name}: {trainer.step_done} steps, final loss {final_loss:.4f}; "
+        f"LoRA {plan.run_dir / WEIGHT_NAME}"
+    )
+    if grid is not None:
+        summary.lines.append(f"validation grid: {grid}")
+    return summary
+
+
 def _oom(config: TrainConfig) -> SelfageError:
+    """The exit-2 error for running out of GPU memory, with the options that use less."""
     return SelfageError(
         f"out of GPU memory training at --batch-size {config.batch_size}, --resolution "
         f"{config.resolution}; try --gradient-checkpointing, a smaller --batch-size (with "
@@ -201,6 +280,7 @@ def _oom(config: TrainConfig) -> SelfageError:
 
 
 def _run_name(manifest: dict[str, Any], run_name: str | None, resume: bool) -> str:
+    """The run's name: --run (checked), the last unfinished run for --resume, else a timestamp."""
     if run_name:
         if not _RUN_NAME.match(run_name):
             raise SelfageError(f"--run {run_name!r}: use letters, digits, '.', '_' and '-' only.")
@@ -214,6 +294,7 @@ def _run_name(manifest: dict[str, Any], run_name: str | None, resume: bool) -> s
 
 
 def _is_finished(entry: dict[str, Any] | None, run_dir: Path) -> bool:
+    """Whether the run is finished, from its manifest entry or else its LoRA JSON."""
     if entry is not None:
         return bool(entry.get("finished"))
     meta = run_dir / META_NAME
@@ -236,6 +317,7 @@ def _merge(summary: StageSummary, sub: StageSummary | None, stage: str) -> None:
 
 
 def _photos(folder: Path) -> list[Path]:
+    """The photos in ``folder`` and below, sorted."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -293,6 +375,7 @@ def _label(
     birth_date: str | None,
     ages_file: Path | None,
 ) -> None:
+    """Run the label-ages stage (references, or ``reg`` as the regularisation set) into ``summary``."""
     from selfage_cli.ages.stage import label_ages
 
     sub = label_ages(
@@ -330,6 +413,7 @@ class _Recorder:
         self.fingerprint = model_fingerprint(config.base_model)
 
     def metadata(self, finished: bool) -> dict[str, Any]:
+        """The LoRA's JSON sidecar (``pytorch_lora_weights.json``)."""
         cfg = self.config
         return {
             "format": "selfage-lora",
@@ -361,6 +445,7 @@ class _Recorder:
         }
 
     def record(self, finished: bool) -> dict[str, Any]:
+        """Write the LoRA and its JSON, upsert the Run entry; returns it ({} off the main process)."""
         if not self.trainer.accelerator.is_main_process:
             return {}
         lora = self.trainer.save_lora(self.run_dir)
