@@ -267,3 +267,33 @@ def test_frozen_text_encoder_uses_cached_embeddings(trained: dict[str, Any], tin
     assert calls == [] and not any("lora" in n for n, _ in pipe.text_encoder.named_parameters())
     keys = load_file(str(trainer.save_lora(tmp_path))).keys()
     assert keys and all(k.startswith("unet.") for k in keys)
+
+
+def test_v_prediction_models_train_on_the_velocity(trained: dict[str, Any], tiny_pipe: Any) -> None:
+    """SD 2.x-v style models: the regression target is the velocity, not the noise."""
+    from diffusers import DDIMScheduler
+
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    config = tiny_config(Path(trained["trainer"].config.base_model))
+    pipe = copy.deepcopy(tiny_pipe)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    trainer = Trainer(pipe, config, refs, regs, run_dir=None)
+    assert trainer.prediction_type == "v_prediction"
+    seen: dict[str, torch.Tensor] = {}
+    real_loss = trainer.loss
+    real_velocity = trainer.scheduler.get_velocity
+
+    def spy_velocity(sample, noise, timesteps):
+        seen["noise"] = noise
+        seen["velocity"] = real_velocity(sample, noise, timesteps)
+        return seen["velocity"]
+
+    def spy_loss(pred, target):
+        seen["target"] = target
+        return real_loss(pred, target)
+
+    trainer.scheduler.get_velocity = spy_velocity
+    trainer.loss = spy_loss
+    assert torch.isfinite(torch.tensor(trainer.step()["loss"]))
+    assert torch.equal(seen["target"], seen["velocity"])
+    assert not torch.allclose(seen["target"], seen["noise"])
