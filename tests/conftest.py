@@ -15,6 +15,11 @@ os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SELFAGE_TEST_THREADS", 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests: no per-example deadline (a loaded CI machine is slow) and a fixed seed (no flakes).
+settings.register_profile("selfage", deadline=None, derandomize=True)
+settings.load_profile("selfage")
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
