@@ -107,53 +107,17 @@ def demo_stages(
     edit_config = EditConfig(
         ages=EDIT_AGES, side_by_side=True, gif=True, source_age=DEMO_AGES[0], ddim_steps=10, inner_steps=3
     )
+    cpu = {"device": "cpu", "dtype": "fp32"}
     return [
         ("align", lambda: align_photos(project, [refs], role="refs", size=128)),
-        (
-            "label-ages",
-            lambda: label_ages(
-                project,
-                pairs=[],
-                reg=None,
-                ages_file=None,
-                birth_date=None,
-                dex_weights=None,
-                prefer="file,filename,exif,dex",
-                dex_preprocess="antialias",
-                device="cpu",
-            ),
-        ),
+        ("label-ages", lambda: label_ages(project, device="cpu")),
         (
             "make-reg",
             lambda: make_reg(
-                project,
-                count=4,
-                age_range="10-70",
-                verify=False,
-                dex_weights=None,
-                batch_size=4,
-                steps=4,
-                seed=0,
-                force=True,
-                base_model=base,
-                device="cpu",
-                dtype="fp32",
+                project, count=4, age_range="10-70", verify=False, steps=4, force=True, base_model=base, **cpu
             ),
         ),
-        (
-            "train",
-            lambda: train_project(
-                project,
-                train_config,
-                refs=None,
-                reg=None,
-                birth_date=None,
-                ages_file=None,
-                run_name="demo",
-                resume=False,
-                force=True,
-            ),
-        ),
+        ("train", lambda: train_project(project, train_config, run_name="demo", force=True)),
         (
             "edit",
             lambda: edit_project(
@@ -166,8 +130,7 @@ def demo_stages(
                 aligned=False,
                 dex_weights=None,
                 force=True,
-                device="cpu",
-                dtype="fp32",
+                **cpu,
             ),
         ),
         ("eval", lambda: evaluate_project(project, edits=[], report_dir=None, dex_weights=None, device="cpu")),

@@ -44,7 +44,7 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.load()
-                image = _apply_exif_orientation(opened)
+                image = _apply_exif_orientation(opened, name)
                 return to_rgb(image)
     except FileNotFoundError:
         raise UnreadableImageError(f"{name}: the file does not exist ({path}); check the path.") from None
@@ -71,24 +71,28 @@ def load_bytes(data: bytes, name: str = "image") -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
-            return to_rgb(_apply_exif_orientation(opened))
+            return to_rgb(_apply_exif_orientation(opened, name))
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{name}: not an image Pillow can read; give a {READABLE} image.") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UnreadableImageError(f"{name}: the image data is truncated or corrupt ({exc}).") from None
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """The image turned upright per its EXIF orientation tag (no copy when it is already upright)."""
+def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
+    """The image turned upright per its EXIF orientation tag (no copy when it is already upright).
+
+    A broken EXIF block must not make a good photo unreadable: the photo is used as stored, with a
+    warning naming the file (a sideways face may then not be detected).
+    """
     try:
         orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not make a good photo unreadable
-        return image
-    if orientation in (None, 1):
-        return image
-    try:
+        if orientation in (None, 1):
+            return image
         return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any EXIF parsing failure
+        from selfage_cli import console  # lazily: alignment workers do not load rich otherwise
+
+        console.warn(f"{name}: its EXIF orientation could not be read ({exc}); using the photo as stored.")
         return image
 
 
@@ -149,8 +153,10 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
             converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
             if converted is not None:
                 return converted
-        except Exception:  # noqa: BLE001 - fall back to Pillow's plain formula
-            pass
+        except Exception as exc:  # noqa: BLE001 - fall back to Pillow's plain formula
+            from selfage_cli import console
+
+            console.warn(f"CMYK photo: its colour profile could not be applied ({exc}); using a plain conversion.")
     return image.convert("RGB")
 
 

@@ -378,17 +378,7 @@ def _label(
     """Run the label-ages stage (references, or ``reg`` as the regularisation set) into ``summary``."""
     from selfage_cli.ages.stage import label_ages
 
-    sub = label_ages(
-        project,
-        pairs=[],
-        reg=reg,
-        ages_file=ages_file,
-        birth_date=birth_date,
-        dex_weights=None,
-        prefer="file,filename,exif,dex",
-        dex_preprocess="antialias",
-        device=config.device,
-    )
+    sub = label_ages(project, reg=reg, ages_file=ages_file, birth_date=birth_date, device=config.device)
     _merge(summary, sub, "label-ages")
 
 
