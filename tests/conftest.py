@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -125,21 +124,6 @@ TINY_EDIT_STEPS = 20  # DDIM steps of the shared inversion (the method's default
 TINY_EDIT_SOURCE_AGE = 30
 
 
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run torch ops with ``count`` intra-op threads, restoring the previous number after.
-
-    The tiny model's ops are too small to gain from threads, and on a loaded 2-core machine two
-    spinning threads made the shared inversion ~20× slower than one.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def tiny_source_latent(tiny_pipe, astronaut_path: Path) -> torch.Tensor:
     """The astronaut portrait encoded by the tiny pipeline's VAE (1, 4, 16, 16), fp32."""
@@ -147,7 +131,7 @@ def tiny_source_latent(tiny_pipe, astronaut_path: Path) -> torch.Tensor:
 
     from selfage_cli.edit.engine import encode_image
 
-    with Image.open(astronaut_path) as image, torch_threads(1):
+    with Image.open(astronaut_path) as image:
         return encode_image(tiny_pipe, image)
 
 
@@ -162,14 +146,13 @@ def tiny_inversion(tiny_pipe, tiny_source_latent: torch.Tensor):
     from selfage_cli.edit.prompts import build_prompts
 
     prompt = build_prompts(TINY_EDIT_SOURCE_AGE, [TINY_EDIT_SOURCE_AGE], "female").source
-    with torch_threads(1):
-        return invert(
-            tiny_pipe,
-            tiny_source_latent,
-            prompt,
-            mode="null-text",
-            steps=TINY_EDIT_STEPS,
-            guidance=7.5,
-            inner_steps=10,
-            keep_trajectory=True,
-        )
+    return invert(
+        tiny_pipe,
+        tiny_source_latent,
+        prompt,
+        mode="null-text",
+        steps=TINY_EDIT_STEPS,
+        guidance=7.5,
+        inner_steps=10,
+        keep_trajectory=True,
+    )

@@ -28,15 +28,6 @@ GENDER = "female"
 PARTIAL_MASK = 0.9  # random attention is nearly flat: a high threshold gives a mask with zeros and ones
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny-model ops gain nothing from threads and suffer badly from them on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def squared_error(latent: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((latent - reference) ** 2).mean())
 

@@ -48,15 +48,6 @@ def _bias() -> torch.Tensor:
 EXPECTED_AGE = float((torch.softmax(_bias().double(), 0) * torch.arange(101, dtype=torch.float64)).sum())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a CPU shared with other jobs it is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dex_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fixed random DEX checkpoint in the SAM format ('state_dict', '-' in some key names)."""

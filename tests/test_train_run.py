@@ -24,15 +24,6 @@ REF_AGES = (30, 40, 50)
 REG_AGES = (8, 25, 65, 80)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU, two OpenMP threads spin-wait and run ~20× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_train_project(root: Path, portraits: list[Path], size: int = 128) -> Project:
     """A project with 3 aligned, labelled references and 4 labelled regularisation images."""
     project = Project(root)
