@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="modes in which the naive per-age loop also runs (default: the first of --modes; 'all' or 'none')",
     )
     edit.add_argument("--no-warmup", action="store_true", help="skip the short warm-up edit (dry runs)")
+    edit.add_argument(
+        "--compile-inversion",
+        action="store_true",
+        help="run the inversion's UNet through torch.compile (mode reduce-overhead: CUDA graphs on a GPU);"
+        " the warm-up then includes compiling, reported as edit_compile_warmup",
+    )
     edit.add_argument("--max-batch", type=int, default=None, help="ages per pass of the batched run (default all)")
     align = parser.add_argument_group("align")
     align.add_argument("--align-photos", type=int, default=4, help="photos per size and mode in the align benchmark")
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             repeats=args.repeats,
             max_batch=args.max_batch,
             warmup=not args.no_warmup,
+            compile_inversion=args.compile_inversion,
         )
     return records
 

@@ -13,6 +13,11 @@ For each inversion mode (``null-text``, ``negative-prompt``):
 
 A short warm-up (2 DDIM steps, 1 inner step, batched and naive) runs first so one-off start-up costs
 (CUDA context, cuBLAS/cuDNN autotuning) are not timed.
+
+``compile_inversion`` runs the inversion's UNet through ``torch.compile(mode="reduce-overhead")``
+(the library's ``compile_unet=True``: CUDA graphs on a GPU). Its warm-up (the short inversion, which
+compiles and records the graphs) is timed on its own as ``edit_compile_warmup``; every line of such a
+run has ``settings.compile_inversion = true``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from benchmarks.harness import Recorder, measuring_memory, repeat_timed
+from benchmarks.harness import Recorder, measuring_memory, repeat_timed, time_call
 
 REFERENCE = {
     "gpu": "NVIDIA H100 80GB",
@@ -51,6 +56,7 @@ def bench_edit(
     repeats: int = 1,
     max_batch: int | None = None,
     warmup: bool = True,
+    compile_inversion: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
     from selfage_cli.edit.engine import P2PSettings, edit_ages, invert
@@ -66,19 +72,33 @@ def bench_edit(
         "ddim_steps": steps,
         "guidance": guidance,
         "photo": photo.name,
+        "compile_inversion": compile_inversion,
     }
     records: list[dict[str, Any]] = []
 
     if warmup:
-        short = invert(
-            pipe,
-            image,
-            prompts.source,
-            mode=modes[0],
-            steps=min(steps, 2),
-            guidance=guidance,
-            inner_steps=min(inner_steps, 1),
+        warmup_seconds, short = time_call(
+            lambda: invert(
+                pipe,
+                image,
+                prompts.source,
+                mode=modes[0],
+                steps=min(steps, 2),
+                guidance=guidance,
+                inner_steps=min(inner_steps, 2),
+                compile_unet=compile_inversion,
+            ),
+            device,
         )
+        if compile_inversion:
+            records.append(
+                recorder.emit(
+                    "edit_compile_warmup",
+                    {**base, "mode": modes[0]},
+                    [warmup_seconds],
+                    seconds_note="compile + graph recording + 2 short steps",
+                )
+            )
         edit_ages(pipe, short, prompts, settings=settings, max_batch=max_batch, guidance=guidance)
         if naive_modes:
             edit_ages(pipe, short, prompts, settings=settings, max_batch=1, guidance=guidance)
@@ -88,7 +108,14 @@ def bench_edit(
         with measuring_memory(device) as peak:
             inv_samples, inversion = repeat_timed(
                 lambda mode=mode: invert(
-                    pipe, image, prompts.source, mode=mode, steps=steps, guidance=guidance, inner_steps=inner_steps
+                    pipe,
+                    image,
+                    prompts.source,
+                    mode=mode,
+                    steps=steps,
+                    guidance=guidance,
+                    inner_steps=inner_steps,
+                    compile_unet=compile_inversion,
                 ),
                 device,
                 repeats,

@@ -4,9 +4,11 @@
 #   benchmarks/fetch_wheels.sh DIR [PYTHON_VERSION]     # default DIR=.whl, PYTHON_VERSION=3.12
 #
 # Fetches, for CPython PYTHON_VERSION on manylinux x86-64, the pinned versions (constraints.txt) of what a
-# typical GPU image lacks: diffusers and its small dependencies importlib_metadata, lazy-importer and zipp
-# (gpu.sh installs only those the GPU's Python does not have), plus dlib-bin for the align benchmark
-# (the align benchmark also needs face_recognition_models, ~100 MB; fetch it yourself if you want align there).
+# typical GPU image lacks or holds at another version: diffusers and its small dependencies
+# importlib_metadata, lazy-importer and zipp, the tested transformers and peft (an image's transformers
+# 5.17 is not what the suite ran with), plus dlib-bin for the align benchmark (which also needs
+# face_recognition_models, ~100 MB; fetch it yourself if you want align there). gpu.sh installs only the
+# wheels whose version that Python does not already have.
 set -euo pipefail
 DIR=${1:-.whl}
 PYVER=${2:-3.12}
@@ -14,7 +16,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 pin() { grep -i "^$1==" "$ROOT/constraints.txt" | head -1; }
 mkdir -p "$DIR"
-PURE=("$(pin diffusers)" "$(pin importlib_metadata)" "$(pin lazy-importer)" "$(pin zipp)")
+PURE=("$(pin diffusers)" "$(pin importlib_metadata)" "$(pin lazy-importer)" "$(pin zipp)" "$(pin transformers)" "$(pin peft)")
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform any -d "$DIR" "${PURE[@]}"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \

@@ -11,7 +11,9 @@
 #    per-step seconds with and without the latent cache (2 warm-up + 20 timed steps each, ~44 steps);
 # 4. edit benchmark: 1 photo → 9 ages (0, 10, …, 80), null-text and negative-prompt inversion, batched
 #    editing and the naive per-age loop (null-text mode) with their ratio;
-# 5. align benchmark, only when dlib and its models are importable (skipped otherwise, and in --dry-run).
+# 5. the null-text edit again with the inversion's UNet under torch.compile (CUDA graphs), compile time
+#    reported apart (edit_compile_warmup);
+# 6. align benchmark, only when dlib and its models are importable (skipped otherwise, and in --dry-run).
 #
 # Every measurement is printed as one JSON line as soon as it is made and appended to
 # $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
@@ -70,16 +72,19 @@ if [ "$DRY" = 1 ]; then
   COMMON=(--model tiny --device cpu --dtype fp32 --threads 1 --out "$RESULTS")
   TRAIN=(--train-steps 1 --train-warmup 0)
   EDIT=(--ddim-steps 3 --inner-steps 2 --ages 0,40,80 --no-warmup)
+  COMPILED=()
 else
   COMMON=(--model sd15 --device cuda --dtype auto --out "$RESULTS")
   TRAIN=(--train-steps 20 --train-warmup 2)
   EDIT=(--ddim-steps 50 --inner-steps 10 --ages 0,10,20,30,40,50,60,70,80)
+  COMPILED=(--modes null-text --naive-modes none --compile-inversion)
 fi
 
 "$PY" - <<'EOF' >&2 || true
-import platform, torch
+import importlib.metadata as md, platform, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
 print(f"selfage benchmarks: python {platform.python_version()}, torch {torch.__version__}, device {name}")
+print("  " + ", ".join(f"{n} {md.version(n)}" for n in ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub")))
 EOF
 
 status=0
@@ -101,6 +106,7 @@ if [ "$DRY" = 1 ]; then
 else
   phase train "${TRAIN[@]}"
   phase edit "${EDIT[@]}"
+  phase edit "${EDIT[@]}" "${COMPILED[@]}"
 fi
 if [ "$DRY" = 0 ] && "$PY" -c "import dlib, importlib.util as u, sys; sys.exit(u.find_spec('face_recognition_models') is None)" 2>/dev/null; then
   phase align

@@ -1,12 +1,14 @@
-"""Install, from a folder of wheels and without network, the distributions this Python lacks.
+"""Install, from a folder of wheels and without network, the versions this Python lacks.
 
 Usage: ``python -m benchmarks.install_wheels WHEELS_DIR TARGET_DIR`` (``benchmarks/gpu.sh`` calls it).
 
-For every ``*.whl`` in WHEELS_DIR whose distribution is not installed, ``pip install --no-index
---no-deps --target TARGET_DIR`` installs it; distributions already present (torch, transformers,
-peft, accelerate, …) are left alone, so a wheel folder can hold more than needed. Prints what it
-installed and what it skipped; a wheel that does not install (e.g. built for another Python) is
-reported and the others still go in. Put TARGET_DIR on ``PYTHONPATH`` afterwards.
+For every ``*.whl`` in WHEELS_DIR whose distribution is not installed *at the wheel's version*,
+``pip install --no-index --no-deps --target TARGET_DIR`` installs it: a missing package (diffusers)
+goes in, and so does a pinned version that differs from the machine's (transformers 5.23.0 over an
+image's 5.17.0); a distribution already present at that version is left alone. So the wheel folder
+says which versions run. Prints what it installed and what it skipped; a wheel that does not install
+(e.g. built for another Python) is reported and the others still go in. Put TARGET_DIR first on
+``PYTHONPATH`` afterwards so its versions win.
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ def wheel_distribution(path: Path) -> str:
     return re.sub(r"[-_.]+", "-", path.name.split("-", 1)[0]).lower()
 
 
-def installed(name: str) -> bool:
+def wheel_version(path: Path) -> str:
+    """The version field of a wheel file name (``Foo_Bar-1.0-py3-none-any.whl`` → ``1.0``)."""
+    return path.name.split("-")[1]
+
+
+def installed_version(name: str) -> str | None:
     try:
-        importlib.metadata.distribution(name)
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+        return None
 
 
 def missing_wheels(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(wheels to install, wheels skipped because their distribution is present)."""
+    """(wheels to install, wheels skipped because their distribution is present at that version)."""
     wheels = sorted(folder.glob("*.whl"))
-    todo = [w for w in wheels if not installed(wheel_distribution(w))]
+    todo = [w for w in wheels if installed_version(wheel_distribution(w)) != wheel_version(w)]
     return todo, [w for w in wheels if w not in todo]
 
 
@@ -50,7 +56,7 @@ def main(argv: list[str]) -> int:
         return 2
     todo, skipped = missing_wheels(folder)
     for wheel in skipped:
-        print(f"present, not installed again: {wheel.name}", file=sys.stderr)
+        print(f"present at this version, not installed again: {wheel.name}", file=sys.stderr)
     if not todo:
         return 0
     target.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ def _describe(record: dict[str, Any]) -> str:
             parts.append(f"≤{s.get('inner_steps')} inner")
         if "max_batch" in s:
             parts.append(f"max_batch {s['max_batch'] or 'all'}")
+        if s.get("compile_inversion"):
+            parts.append("compiled inversion")
         return ", ".join(parts)
     if what.startswith("align") and "size" in s:
         how = "one process" if s.get("mode") == "single" else f"pool of {s.get('workers')} (start-up included)"

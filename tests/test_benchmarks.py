@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # the benchmarks package lives at the repository 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import harness, table  # noqa: E402
-from benchmarks.install_wheels import missing_wheels, wheel_distribution  # noqa: E402
+from benchmarks.install_wheels import missing_wheels, wheel_distribution, wheel_version  # noqa: E402
 
 REQUIRED = ("what", "model", "device", "dtype", "settings", "run_id", "timestamp")
 
@@ -51,14 +51,24 @@ def test_recorder_prints_each_line_and_appends_it(tmp_path: Path, capsys: pytest
     assert json.loads(lines[0]) == {"what": "older"} and json.loads(lines[1]) == record
 
 
-def test_wheel_installer_picks_only_missing_distributions(tmp_path: Path) -> None:
+def test_wheel_installer_picks_missing_distributions_and_other_versions(tmp_path: Path) -> None:
+    import importlib.metadata
+
     assert wheel_distribution(Path("importlib_metadata-10.2.0-py3-none-any.whl")) == "importlib-metadata"
     assert wheel_distribution(Path("dlib_bin-20.0.1-cp312-cp312-manylinux_2_28_x86_64.whl")) == "dlib-bin"
-    (tmp_path / "torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
-    (tmp_path / "surely_not_installed_pkg-1.0-py3-none-any.whl").write_bytes(b"")
-    todo, skipped = missing_wheels(tmp_path)
+    assert wheel_version(Path("dlib_bin-20.0.1.post1-cp312-cp312-manylinux_2_28_x86_64.whl")) == "20.0.1.post1"
+    same = importlib.metadata.version("typer")
+    folders = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["a"] / f"typer-{same}-py3-none-any.whl").write_bytes(b"")
+    (folders["a"] / "surely_not_installed_pkg-1.0-py3-none-any.whl").write_bytes(b"")
+    (folders["b"] / "typer-0.0.1-py3-none-any.whl").write_bytes(b"")
+    todo, skipped = missing_wheels(folders["a"])
     assert [w.name for w in todo] == ["surely_not_installed_pkg-1.0-py3-none-any.whl"]
-    assert [w.name for w in skipped] == ["torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl"]
+    assert [w.name for w in skipped] == [f"typer-{same}-py3-none-any.whl"]
+    todo, skipped = missing_wheels(folders["b"])  # a pinned version unlike the installed one goes in
+    assert [w.name for w in todo] == ["typer-0.0.1-py3-none-any.whl"] and skipped == []
 
 
 def test_unknown_benchmark_is_refused() -> None:

@@ -194,15 +194,17 @@ def invert_latent(
             progress(done, total)
 
     unet = compiled_unet(pipe, compile_unet)
-    trajectory = ddim_inversion(pipe, schedule, latent, cond, forward_progress, unet)
-    lrs: list[float] = []
-    if mode == "null-text":
+    # Frozen for the whole inversion, not just the optimisation: one parameter state means one
+    # compiled graph per grad mode under torch.compile (requires_grad flips are recompile guards).
+    with frozen(pipe.unet):
+        trajectory = ddim_inversion(pipe, schedule, latent, cond, forward_progress, unet)
+        lrs: list[float] = []
+        if mode == "null-text":
 
-        def backward_progress(done: int, _total: int) -> None:
-            if progress:
-                progress(steps + done, total)
+            def backward_progress(done: int, _total: int) -> None:
+                if progress:
+                    progress(steps + done, total)
 
-        with frozen(pipe.unet):
             embeddings, runs, lrs = null_text_optimisation(
                 pipe,
                 schedule,
@@ -214,9 +216,9 @@ def invert_latent(
                 progress=backward_progress,
                 unet=unet,
             )
-    else:
-        embeddings = cond.expand(steps, *cond.shape[1:]).clone()
-        runs = [0] * steps
+        else:
+            embeddings = cond.expand(steps, *cond.shape[1:]).clone()
+            runs = [0] * steps
     return Inversion(
         x_t=trajectory[-1].detach().clone(),
         null_embeddings=embeddings.detach().float(),
