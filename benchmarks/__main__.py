@@ -69,6 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--train-warmup", type=int, default=2, help="untimed steps first (default 2)")
     train.add_argument("--train-batch", type=int, default=4, help="reference (= regularisation) images per step")
     train.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    train.add_argument("--train-channels-last", action="store_true", help="the trainer's --channels-last switch")
+    train.add_argument(
+        "--train-compile",
+        default="off",
+        choices=("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of the trainer's UNet (default off)",
+    )
+    train.add_argument(
+        "--train-cache-modes",
+        default="on,off",
+        help="latent-cache modes to time: on,off (default), on or off",
+    )
+    train.add_argument(
+        "--train-profile", type=int, default=0, help="profile this many extra steps per mode (train_profile line)"
+    )
     edit = parser.add_argument_group("edit")
     edit.add_argument("--ages", default=DEFAULT_AGES, help=f"target ages (default {DEFAULT_AGES})")
     edit.add_argument("--source-age", type=int, default=35, help="age in the inversion prompt (default 35)")
@@ -89,6 +104,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " the warm-up then includes compiling, reported as edit_compile_warmup",
     )
     edit.add_argument("--max-batch", type=int, default=None, help="ages per pass of the batched run (default all)")
+    edit.add_argument(
+        "--inversion-graph",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="CUDA-graph replay of the inversion's UNet (auto: on a CUDA GPU, the library's default)",
+    )
+    edit.add_argument(
+        "--graph-check-steps",
+        type=int,
+        default=0,
+        help="first compare a short inversion of this many steps eagerly and from CUDA graphs (edit_graph_check)",
+    )
     align = parser.add_argument_group("align")
     align.add_argument("--align-photos", type=int, default=4, help="photos per size and mode in the align benchmark")
     align.add_argument("--align-sizes", default="1MP,12MP", help="photo sizes (1MP, 12MP, 48MP; default 1MP,12MP)")
@@ -144,6 +171,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             warmup=args.train_warmup,
             batch_size=args.train_batch,
             rank=args.rank,
+            latent_cache_modes=tuple(m.strip() == "on" for m in args.train_cache_modes.split(",") if m.strip()),
+            channels_last=args.train_channels_last,
+            compile_mode=None if args.train_compile == "off" else args.train_compile,
+            profile_steps=args.train_profile,
         )
     if "edit" in whats:
         from benchmarks.edit import bench_edit
@@ -173,6 +204,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             max_batch=args.max_batch,
             warmup=not args.no_warmup,
             compile_inversion=args.compile_inversion,
+            cuda_graph={"auto": None, "on": True, "off": False}[args.inversion_graph],
+            graph_check_steps=args.graph_check_steps,
         )
     return records
 

@@ -57,6 +57,8 @@ def bench_edit(
     max_batch: int | None = None,
     warmup: bool = True,
     compile_inversion: bool = False,
+    cuda_graph: bool | None = None,
+    graph_check_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
     from selfage_cli.edit.engine import P2PSettings, edit_ages, invert
@@ -73,6 +75,7 @@ def bench_edit(
         "guidance": guidance,
         "photo": photo.name,
         "compile_inversion": compile_inversion,
+        "cuda_graph": cuda_graph,
     }
     records: list[dict[str, Any]] = []
 
@@ -87,6 +90,7 @@ def bench_edit(
                 guidance=guidance,
                 inner_steps=min(inner_steps, 2),
                 compile_unet=compile_inversion,
+                cuda_graph=cuda_graph,
             ),
             device,
         )
@@ -103,6 +107,9 @@ def bench_edit(
         if naive_modes:
             edit_ages(pipe, short, prompts, settings=settings, max_batch=1, guidance=guidance)
 
+    if graph_check_steps:
+        records += graph_check(recorder, pipe, image, prompts.source, modes, graph_check_steps, inner_steps, guidance)
+
     for mode in modes:
         mode_settings = {**base, "mode": mode, "inner_steps": inner_steps if mode == "null-text" else 0}
         with measuring_memory(device) as peak:
@@ -116,6 +123,7 @@ def bench_edit(
                     guidance=guidance,
                     inner_steps=inner_steps,
                     compile_unet=compile_inversion,
+                    cuda_graph=cuda_graph,
                 ),
                 device,
                 repeats,
@@ -139,6 +147,7 @@ def bench_edit(
                 inner_steps_run=inversion.total_inner_steps,
                 inner_steps_max=steps * inner_steps if mode == "null-text" else 0,
                 engine_seconds=inversion.seconds,
+                unet_runner=inversion.unet_runner,
                 reference=REFERENCE,
             )
         )
@@ -210,6 +219,57 @@ def bench_edit(
                 speedup=by_mode["null-text"]["seconds"] / by_mode["negative-prompt"]["seconds"],
                 null_text_seconds=by_mode["null-text"]["seconds"],
                 negative_prompt_seconds=by_mode["negative-prompt"]["seconds"],
+            )
+        )
+    return records
+
+
+def graph_check(
+    recorder: Recorder,
+    pipe: Any,
+    image: Image.Image,
+    prompt: str,
+    modes: list[str] | tuple[str, ...],
+    steps: int,
+    inner_steps: int,
+    guidance: float,
+) -> list[dict[str, Any]]:
+    """``edit_graph_check``: a short inversion per mode eagerly and from CUDA graphs; their largest differences.
+
+    The graphs replay the same kernels, so the null embeddings and x_T should agree to rounding.
+    """
+    from selfage_cli.edit.engine import invert
+
+    records = []
+    for mode in modes:
+        runs = {}
+        for graph in (False, True):
+            seconds, runs[graph] = time_call(
+                lambda graph=graph, mode=mode: invert(
+                    pipe,
+                    image,
+                    prompt,
+                    mode=mode,
+                    steps=steps,
+                    guidance=guidance,
+                    inner_steps=inner_steps,
+                    cuda_graph=graph,
+                ),
+                recorder.device,
+            )
+            runs[graph].seconds = seconds
+        eager, graphed = runs[False], runs[True]
+        records.append(
+            recorder.emit(
+                "edit_graph_check",
+                {"mode": mode, "ddim_steps": steps, "inner_steps": inner_steps if mode == "null-text" else 0},
+                unet_runner=graphed.unet_runner,
+                eager_seconds=eager.seconds,
+                graph_seconds=graphed.seconds,
+                inner_steps_run=[sum(eager.inner_steps_run), sum(graphed.inner_steps_run)],
+                max_abs_null_embedding_difference=float((eager.null_embeddings - graphed.null_embeddings).abs().max()),
+                max_abs_x_t_difference=float((eager.x_t - graphed.x_t).abs().max()),
+                x_t_abs_max=float(eager.x_t.abs().max()),
             )
         )
     return records

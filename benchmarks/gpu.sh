@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu.sh [WHEELS_DIR]            # on the GPU machine, from anywhere; ≤ 6 minutes
 #   benchmarks/gpu.sh --dry-run [WHEELS_DIR]  # the same script on the CPU with the tiny model (< 1 minute)
+#   benchmarks/gpu.sh --variants [WHEELS_DIR] # the engineering variants instead (see below; ≤ 8 minutes)
 #
 # 1. installs what this Python lacks (e.g. diffusers, importlib_metadata, lazy-importer) from the wheels in
 #    WHEELS_DIR (pip --no-index --no-deps --target; see docs/benchmarks.md for how to fetch them);
@@ -14,6 +15,9 @@
 # 5. the null-text edit again with the inversion's UNet under torch.compile (CUDA graphs), compile time
 #    reported apart (edit_compile_warmup);
 # 6. align benchmark, only when dlib and its models are importable (skipped otherwise, and in --dry-run).
+# --variants measures the switches instead: the CUDA-graph inversion checked against eager execution
+# (edit_graph_check) and timed in both modes; training steps (latent cache on) plain with a kernel
+# profile, with --channels-last, and under torch.compile (reduce-overhead, then default).
 #
 # Every measurement is printed as one JSON line as soon as it is made and appended to
 # $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
@@ -23,10 +27,12 @@ set -uo pipefail
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY=0
+VARIANTS=0
 WHEELS=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
+    --variants) VARIANTS=1 ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "error: unknown option $arg; use --dry-run or --help." >&2; exit 2 ;;
     *) WHEELS=$arg ;;
@@ -101,14 +107,23 @@ phase() {  # phase NAME ARGS...: run one benchmark invocation within what is lef
 }
 
 cd "$ROOT" || exit 2
-if [ "$DRY" = 1 ]; then
+if [ "$VARIANTS" = 1 ]; then
+  ONE=(--train-cache-modes on)
+  phase edit "${EDIT[@]}" --naive-modes none --graph-check-steps "$([ "$DRY" = 1 ] && echo 2 || echo 5)"
+  phase train "${TRAIN[@]}" "${ONE[@]}" --train-profile 3
+  phase train "${TRAIN[@]}" "${ONE[@]}" --train-channels-last
+  if [ "$DRY" = 0 ]; then  # compiling takes minutes on a CPU
+    phase train "${TRAIN[@]}" "${ONE[@]}" --train-compile reduce-overhead
+    phase train "${TRAIN[@]}" "${ONE[@]}" --train-compile default
+  fi
+elif [ "$DRY" = 1 ]; then
   phase train,edit "${TRAIN[@]}" "${EDIT[@]}"  # one process: the dry run is about the script, not the figures
 else
   phase train "${TRAIN[@]}"
   phase edit "${EDIT[@]}"
   phase edit "${EDIT[@]}" "${COMPILED[@]}"
 fi
-if [ "$DRY" = 0 ] && "$PY" -c "import dlib, importlib.util as u, sys; sys.exit(u.find_spec('face_recognition_models') is None)" 2>/dev/null; then
+if [ "$DRY" = 0 ] && [ "$VARIANTS" = 0 ] && "$PY" -c "import dlib, importlib.util as u, sys; sys.exit(u.find_spec('face_recognition_models') is None)" 2>/dev/null; then
   phase align
 else
   echo "--- align skipped (dlib or face_recognition_models missing, or --dry-run)" >&2

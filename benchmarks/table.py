@@ -24,10 +24,16 @@ def _describe(record: dict[str, Any]) -> str:
     s = record.get("settings", {})
     what = record["what"]
     if what.startswith("train"):
-        if "latent_cache" in s:
+        if "batch" in s and "latent_cache" in s:
+            switches = "".join(
+                [
+                    ", channels-last" if s.get("channels_last") else "",
+                    f", compile {s['compile']}" if s.get("compile") else "",
+                ]
+            )
             return (
                 f"{s['batch']} images at {s['resolution']}², rank {s['rank']}, text-encoder LoRA, "
-                f"latent cache {'on' if s['latent_cache'] else 'off'}, {s['timed_steps']} timed steps"
+                f"latent cache {'on' if s['latent_cache'] else 'off'}{switches}, {s['timed_steps']} timed steps"
             )
         return f"{s.get('batch', '')} images, rank {s.get('rank', '')}"
     if what.startswith("edit"):
@@ -49,13 +55,29 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def _extra(record: dict[str, Any]) -> str:
-    keys = ("inner_steps_run", "unet_calls", "ratio", "speedup", "seconds_per_photo", "photos", "reason")
+    keys = (
+        "unet_runner",
+        "inner_steps_run",
+        "unet_calls",
+        "ratio",
+        "speedup",
+        "warmup_seconds",
+        "device_kernel_seconds_per_step",
+        "device_busy_share",
+        "eager_seconds",
+        "graph_seconds",
+        "max_abs_null_embedding_difference",
+        "max_abs_x_t_difference",
+        "seconds_per_photo",
+        "photos",
+        "reason",
+    )
     out = []
     for key in keys:
         if key in record and record[key] is not None:
             value = record[key]
             out.append(
-                f"{key.replace('_', ' ')} {value:.2f}"
+                f"{key.replace('_', ' ')} {value:.3g}"
                 if isinstance(value, float)
                 else f"{key.replace('_', ' ')} {value}"
             )

@@ -86,8 +86,16 @@ def bench_train(
     rank: int = 16,
     num_refs: int = 3,
     latent_cache_modes: tuple[bool, ...] = (True, False),
+    channels_last: bool = False,
+    compile_mode: str | None = None,
+    profile_steps: int = 0,
 ) -> list[dict[str, Any]]:
-    """Time training steps for each latent-cache mode; emit one JSON line per mode plus their ratio."""
+    """Time training steps for each latent-cache mode; emit one JSON line per mode plus their ratio.
+
+    ``channels_last`` / ``compile_mode`` (a torch.compile mode, None = off) set the trainer's
+    engineering switches; ``profile_steps`` > 0 adds a ``train_profile`` line per mode (GPU kernel
+    time per step and the top kernels, from torch.profiler) after the timed steps.
+    """
     from selfage_cli.train.config import TrainConfig
     from selfage_cli.train.loop import Trainer
 
@@ -107,6 +115,9 @@ def bench_train(
                     resolution=resolution,
                     checkpoint_every=0,
                     latent_cache=cache,
+                    channels_last=channels_last,
+                    compile=compile_mode is not None,
+                    compile_mode=compile_mode or "default",
                     device=str(device),
                     dtype=dtype,
                 )
@@ -115,14 +126,15 @@ def bench_train(
                 setup_seconds, trainer = time_call(
                     functools.partial(Trainer, pipe, config, ref_images, reg_images), device
                 )
-                for _ in range(warmup):
-                    trainer.step()
+                warmup_seconds, _ = time_call(functools.partial(run_steps, trainer, warmup), device)
                 samples, losses = [], []
                 for _ in range(steps):
                     seconds, stats = time_call(trainer.step, device)
                     samples.append(seconds)
                     losses.append(stats["loss"])
                 memory = peak.read()
+                if profile_steps:
+                    records.append(profile_train(recorder, trainer, profile_steps, cache))
             settings = {
                 "latent_cache": cache,
                 "batch": f"{batch_size}+{batch_size}",
@@ -133,6 +145,8 @@ def bench_train(
                 "timed_steps": steps,
                 "warmup_steps": warmup,
                 "weights_dtype": dtype_name(trainer.weight_dtype),
+                "channels_last": channels_last,
+                "compile": compile_mode,
             }
             records.append(
                 recorder.emit(
@@ -141,6 +155,7 @@ def bench_train(
                     samples,
                     memory,
                     setup_seconds=setup_seconds,
+                    warmup_seconds=warmup_seconds,
                     loss_finite=all(math.isfinite(v) for v in losses),
                     reference={
                         "seconds": 0.507,
@@ -166,3 +181,43 @@ def bench_train(
             )
         )
     return records
+
+
+def run_steps(trainer: Any, steps: int) -> None:
+    for _ in range(steps):
+        trainer.step()
+
+
+def profile_train(recorder: Recorder, trainer: Any, steps: int, cache: bool) -> dict[str, Any]:
+    """``train_profile``: per-step GPU kernel time (vs. wall time) and the 12 costliest kernels."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.step()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+
+    def device_us(event: Any) -> float:
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+    kernel_seconds = sum(device_us(e) for e in events) / steps / 1e6
+    top = sorted(events, key=device_us, reverse=True)[:12]
+    return recorder.emit(
+        "train_profile",
+        {"latent_cache": cache, "profiled_steps": steps},
+        seconds=wall,
+        device_kernel_seconds_per_step=kernel_seconds,
+        device_busy_share=kernel_seconds / wall if wall else None,
+        top_kernels=[
+            {"name": e.key[:80], "ms_per_step": device_us(e) / steps / 1e3, "calls_per_step": e.count / steps}
+            for e in top
+        ],
+        cpu_ops_per_step=sum(e.count for e in events) / steps,
+    )

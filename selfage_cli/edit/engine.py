@@ -79,13 +79,15 @@ def invert(
     progress: Progress = None,
     keep_trajectory: bool = False,
     compile_unet: bool | dict[str, Any] = False,
+    cuda_graph: bool | None = None,
 ) -> Inversion:
     """Invert a photo (PIL image, or an already encoded latent) with ``prompt``.
 
     ``mode``: ``null-text`` (the paper's) or ``negative-prompt`` (no optimisation). ``progress`` is
     called as ``progress(done, total)`` after each DDIM step (inversion, then optimisation).
     ``keep_trajectory`` keeps the T + 1 DDIM-inversion latents; ``compile_unet`` (off by default)
-    runs the inversion's UNet through ``torch.compile`` (``True``: ``mode="reduce-overhead"``).
+    runs the inversion's UNet through ``torch.compile`` (``True``: ``mode="reduce-overhead"``);
+    ``cuda_graph`` replays its calls from CUDA graphs (None: yes on a CUDA GPU unless compiling).
     """
     latent = image if isinstance(image, Tensor) else encode_image(pipe, image)
     latent = latent.to(model_device(pipe), torch.float32)
@@ -100,6 +102,7 @@ def invert(
         progress=progress,
         keep_trajectory=keep_trajectory,
         compile_unet=compile_unet,
+        cuda_graph=cuda_graph,
     )
 
 

@@ -14,6 +14,10 @@
 The optimisation runs in fp32 on the embedding, the latents and the loss whatever the UNet's weight
 dtype (fp16/bf16 weights only change the UNet's internal arithmetic; the test suite checks that a
 bf16 UNet gives the fp32 result within a tolerance).
+
+How the UNet runs (:func:`inversion_unet`): on a CUDA GPU its batch-1 calls are replayed from CUDA
+graphs by default (:mod:`selfage_cli.edit.graphs`: the same kernels, without the per-call launch
+cost); ``compile_unet`` runs them through ``torch.compile`` instead; elsewhere, eagerly.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim import Adam
 
+from selfage_cli.edit.graphs import GraphedUNet, cuda_graphs_available
 from selfage_cli.edit.sampling import DDIMSchedule, compiled_unet, encode_text, unet_epsilon
 
 Progress = Callable[[int, int], None] | None
@@ -57,6 +62,7 @@ class Inversion:
     seconds: float
     trajectory: list[Tensor] | None = None
     learning_rates: list[float] = field(default_factory=list)
+    unet_runner: str = "eager"  # how the UNet ran: eager, cuda-graph or compiled (not cached)
 
     @property
     def total_inner_steps(self) -> int:
@@ -175,11 +181,13 @@ def invert_latent(
     progress: Progress = None,
     keep_trajectory: bool = False,
     compile_unet: bool | dict[str, Any] = False,
+    cuda_graph: bool | None = None,
 ) -> Inversion:
     """Invert an encoded latent (1, C, h, w) with the given prompt and mode.
 
     ``compile_unet`` (off by default): run the inversion's UNet calls through ``torch.compile``
     (``True``: ``mode="reduce-overhead"``, i.e. CUDA graphs on a GPU; a dict: torch.compile's options).
+    ``cuda_graph``: replay the UNet calls from CUDA graphs (None: yes on a CUDA GPU unless compiling).
     """
     if mode not in MODES:
         raise ValueError(f"inversion mode {mode!r} is not one of {MODES}")
@@ -193,7 +201,7 @@ def invert_latent(
         if progress:
             progress(done, total)
 
-    unet = compiled_unet(pipe, compile_unet)
+    unet, runner = inversion_unet(pipe, mode, compile_unet, cuda_graph)
     # Frozen for the whole inversion, not just the optimisation: one parameter state means one
     # compiled graph per grad mode under torch.compile (requires_grad flips are recompile guards).
     with frozen(pipe.unet):
@@ -230,4 +238,18 @@ def invert_latent(
         seconds=time.perf_counter() - start,
         trajectory=[x.detach().clone() for x in trajectory] if keep_trajectory else None,
         learning_rates=lrs,
+        unet_runner=runner if not isinstance(unet, GraphedUNet) or unet.replays else "eager",
     )
+
+
+def inversion_unet(
+    pipe: Any, mode: str, compile_unet: bool | dict[str, Any], cuda_graph: bool | None
+) -> tuple[Any, str]:
+    """(the UNet callable the inversion uses, or None for ``pipe.unet``; its name for reports)."""
+    if compile_unet:
+        return compiled_unet(pipe, compile_unet), "compiled"
+    if cuda_graph is None:
+        cuda_graph = cuda_graphs_available(pipe)
+    if cuda_graph and cuda_graphs_available(pipe):
+        return GraphedUNet(pipe.unet, context_grad=mode == "null-text"), "cuda-graph"
+    return None, "eager"

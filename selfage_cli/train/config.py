@@ -33,6 +33,9 @@ METHOD_FIELDS = (
 )
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``selfage train`` (see docs/training.md)."""
@@ -56,6 +59,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode when compile is on (e.g. reduce-overhead: CUDA graphs)
+    channels_last: bool = False  # UNet convolutions in NHWC layout (GPU)
     latent_cache: bool = True
     validate_ages: str | None = None
     device: str = "auto"
@@ -100,6 +105,10 @@ class TrainConfig:
         for option, value in (("--prior-weight", self.prior_weight), ("--contrast-weight", self.contrast_weight)):
             if value < 0:
                 raise SelfageError(f"{option} {value} must not be negative.")
+        if self.compile_mode not in COMPILE_MODES:
+            raise SelfageError(
+                f"--compile-mode {self.compile_mode!r} is not known; use one of {', '.join(COMPILE_MODES)}."
+            )
         if self.resolution < 1:
             raise SelfageError(f"--resolution {self.resolution} must be positive, e.g. --resolution 512.")
         # The multiple the resolution must be depends on the model: checked when it is loaded

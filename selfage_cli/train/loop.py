@@ -105,6 +105,8 @@ class Trainer:
                 module.to(dtype=self.weight_dtype)
             module.to(self.device)
         cast_lora_fp32(self.unet, self.text_encoder if self.train_text else None)
+        if config.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.train_text:
@@ -130,7 +132,9 @@ class Trainer:
             self.unet_fwd, self.optimizer = acc.prepare(self.unet, self.optimizer)
             self.text_fwd = self.text_encoder
         if config.compile:
-            self.unet_fwd = torch.compile(self.unet_fwd)
+            self.unet_fwd = torch.compile(
+                self.unet_fwd, mode=None if config.compile_mode == "default" else config.compile_mode
+            )
 
         images = refs + regs
         self.plan = BatchPlan(len(refs), len(regs), config.batch_size, config.seed)

@@ -1,0 +1,86 @@
+"""CUDA-graph replay of the inversion's UNet: the selection, the fallback and the plumbing (on the CPU).
+
+The real recording needs a GPU (benchmarks/gpu.sh checks it there against eager execution); here a
+stand-in for ``torch.cuda.make_graphed_callables`` that returns the function itself checks that the
+inversion routes its calls through the recorded callable and gets the eager result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfage_cli.edit import graphs
+from selfage_cli.edit.engine import invert
+from selfage_cli.edit.inversion import inversion_unet
+from selfage_cli.edit.prompts import build_prompts
+
+PROMPT = build_prompts(35, [35], "female").source
+
+
+def test_cpu_pipes_run_eagerly_even_when_graphs_are_asked_for(tiny_pipe, tiny_source_latent):
+    assert not graphs.cuda_graphs_available(tiny_pipe)
+    assert inversion_unet(tiny_pipe, "null-text", False, None) == (None, "eager")
+    assert inversion_unet(tiny_pipe, "null-text", False, True) == (None, "eager")
+    assert inversion_unet(tiny_pipe, "null-text", {"backend": "eager"}, None)[1] == "compiled"
+    assert invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=True).unet_runner == "eager"
+
+
+@pytest.fixture
+def fake_recording(monkeypatch):
+    """Pretend to be on a GPU: recording returns the function; remembers the sample arguments."""
+    recorded: list[tuple[torch.Tensor, ...]] = []
+
+    def fake_make_graphed_callables(fn, samples, num_warmup_iters=3):
+        recorded.append(samples)
+        return fn
+
+    monkeypatch.setattr(graphs, "cuda_graphs_available", lambda pipe: True)
+    monkeypatch.setattr("selfage_cli.edit.inversion.cuda_graphs_available", lambda pipe: True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    monkeypatch.setattr(graphs.GraphedUNet, "_on_gpu", staticmethod(lambda sample: True))
+    return recorded
+
+
+@pytest.mark.parametrize("mode", ["null-text", "negative-prompt"])
+def test_graph_path_routes_every_call_and_matches_eager(tiny_pipe, tiny_source_latent, fake_recording, mode):
+    eager = invert(tiny_pipe, tiny_source_latent, PROMPT, mode=mode, steps=2, inner_steps=2, cuda_graph=False)
+    graphed = invert(tiny_pipe, tiny_source_latent, PROMPT, mode=mode, steps=2, inner_steps=2)
+    assert eager.unet_runner == "eager" and graphed.unet_runner == "cuda-graph"
+    assert len(fake_recording) == 1  # recorded once, replayed for every call after
+    latent, timestep, context = fake_recording[0]
+    assert latent.shape == tiny_source_latent.shape and timestep.shape == ()
+    assert context.requires_grad == (mode == "null-text")  # backward recorded only when optimising
+    assert torch.allclose(eager.x_t, graphed.x_t, atol=1e-6)
+    assert torch.allclose(eager.null_embeddings, graphed.null_embeddings, atol=1e-6)
+    assert eager.inner_steps_run == graphed.inner_steps_run
+    assert all(p.requires_grad for p in tiny_pipe.unet.parameters())  # frozen only during the inversion
+
+
+def test_a_failed_recording_warns_and_runs_eagerly(tiny_pipe, tiny_source_latent, monkeypatch, capsys):
+    def broken(fn, samples, num_warmup_iters=3):
+        raise RuntimeError("capture not permitted")
+
+    monkeypatch.setattr("selfage_cli.edit.inversion.cuda_graphs_available", lambda pipe: True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", broken)
+    monkeypatch.setattr(graphs.GraphedUNet, "_on_gpu", staticmethod(lambda sample: True))
+    eager = invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=False)
+    fallback = invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1)
+    assert fallback.unet_runner == "eager"
+    assert torch.equal(eager.null_embeddings, fallback.null_embeddings)
+    assert "CUDA-graph recording of the UNet failed (capture not permitted)" in capsys.readouterr().err
+
+
+def test_other_shapes_than_the_recorded_one_run_eagerly(tiny_pipe, tiny_source_latent, fake_recording):
+    unet = graphs.GraphedUNet(tiny_pipe.unet, context_grad=False)
+    context = torch.zeros(1, 77, 32)
+    with torch.no_grad(), graphs_frozen(tiny_pipe.unet):
+        unet(tiny_source_latent, torch.tensor(10), encoder_hidden_states=context)
+        unet(torch.cat([tiny_source_latent] * 2), torch.tensor(10), encoder_hidden_states=torch.cat([context] * 2))
+    assert unet.replays == 1 and len(fake_recording) == 1
+
+
+def graphs_frozen(module):
+    from selfage_cli.edit.inversion import frozen
+
+    return frozen(module)
