@@ -69,7 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--train-warmup", type=int, default=2, help="untimed steps first (default 2)")
     train.add_argument("--train-batch", type=int, default=4, help="reference (= regularisation) images per step")
     train.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    train.add_argument("--train-channels-last", action="store_true", help="the trainer's --channels-last switch")
     train.add_argument(
         "--train-compile",
         default="off",
@@ -106,9 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     edit.add_argument("--max-batch", type=int, default=None, help="ages per pass of the batched run (default all)")
     edit.add_argument(
         "--inversion-graph",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="CUDA-graph replay of the inversion's UNet (auto: on a CUDA GPU, the library's default)",
+        choices=("on", "off"),
+        default="off",
+        help="CUDA-graph replay of the inversion's UNet (experimental; default off, as in the library)",
     )
     edit.add_argument(
         "--graph-check-steps",
@@ -172,7 +171,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             batch_size=args.train_batch,
             rank=args.rank,
             latent_cache_modes=tuple(m.strip() == "on" for m in args.train_cache_modes.split(",") if m.strip()),
-            channels_last=args.train_channels_last,
             compile_mode=None if args.train_compile == "off" else args.train_compile,
             profile_steps=args.train_profile,
         )
@@ -204,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             max_batch=args.max_batch,
             warmup=not args.no_warmup,
             compile_inversion=args.compile_inversion,
-            cuda_graph={"auto": None, "on": True, "off": False}[args.inversion_graph],
+            cuda_graph=args.inversion_graph == "on",
             graph_check_steps=args.graph_check_steps,
         )
     return records

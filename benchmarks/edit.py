@@ -57,7 +57,7 @@ def bench_edit(
     max_batch: int | None = None,
     warmup: bool = True,
     compile_inversion: bool = False,
-    cuda_graph: bool | None = None,
+    cuda_graph: bool = False,
     graph_check_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
@@ -78,6 +78,16 @@ def bench_edit(
         "cuda_graph": cuda_graph,
     }
     records: list[dict[str, Any]] = []
+
+    if graph_check_steps:
+        try:
+            records += graph_check(
+                recorder, pipe, image, prompts.source, modes, graph_check_steps, inner_steps, guidance
+            )
+        except Exception as exc:  # noqa: BLE001 - an experimental path: record why, go on without it
+            records.append(recorder.emit("edit_graph_check", {"ddim_steps": graph_check_steps}, error=repr(exc)))
+            cuda_graph = False
+            base["cuda_graph"] = False
 
     if warmup:
         warmup_seconds, short = time_call(
@@ -106,9 +116,6 @@ def bench_edit(
         edit_ages(pipe, short, prompts, settings=settings, max_batch=max_batch, guidance=guidance)
         if naive_modes:
             edit_ages(pipe, short, prompts, settings=settings, max_batch=1, guidance=guidance)
-
-    if graph_check_steps:
-        records += graph_check(recorder, pipe, image, prompts.source, modes, graph_check_steps, inner_steps, guidance)
 
     for mode in modes:
         mode_settings = {**base, "mode": mode, "inner_steps": inner_steps if mode == "null-text" else 0}

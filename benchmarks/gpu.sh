@@ -17,7 +17,7 @@
 # 6. align benchmark, only when dlib and its models are importable (skipped otherwise, and in --dry-run).
 # --variants measures the switches instead: the CUDA-graph inversion checked against eager execution
 # (edit_graph_check) and timed in both modes; training steps (latent cache on) plain with a kernel
-# profile, with --channels-last, and under torch.compile (reduce-overhead, then default).
+# profile, and under torch.compile (reduce-overhead, then default).
 #
 # Every measurement is printed as one JSON line as soon as it is made and appended to
 # $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
@@ -109,9 +109,8 @@ phase() {  # phase NAME ARGS...: run one benchmark invocation within what is lef
 cd "$ROOT" || exit 2
 if [ "$VARIANTS" = 1 ]; then
   ONE=(--train-cache-modes on)
-  phase edit "${EDIT[@]}" --naive-modes none --graph-check-steps "$([ "$DRY" = 1 ] && echo 2 || echo 5)"
+  phase edit "${EDIT[@]}" --naive-modes none --inversion-graph on --graph-check-steps "$([ "$DRY" = 1 ] && echo 2 || echo 5)"
   phase train "${TRAIN[@]}" "${ONE[@]}" --train-profile 3
-  phase train "${TRAIN[@]}" "${ONE[@]}" --train-channels-last
   if [ "$DRY" = 0 ]; then  # compiling takes minutes on a CPU
     phase train "${TRAIN[@]}" "${ONE[@]}" --train-compile reduce-overhead
     phase train "${TRAIN[@]}" "${ONE[@]}" --train-compile default

@@ -23,6 +23,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def _describe(record: dict[str, Any]) -> str:
     s = record.get("settings", {})
     what = record["what"]
+    if what == "train_profile":
+        return f"latent cache {'on' if s.get('latent_cache') else 'off'}, {s.get('profiled_steps')} profiled steps"
     if what.startswith("train"):
         if "batch" in s and "latent_cache" in s:
             switches = "".join(
@@ -38,15 +40,17 @@ def _describe(record: dict[str, Any]) -> str:
         return f"{s.get('batch', '')} images, rank {s.get('rank', '')}"
     if what.startswith("edit"):
         ages = s.get("ages", [])
-        parts = [f"{len(ages)} ages", f"{s.get('ddim_steps')} steps"]
+        parts = ([f"{len(ages)} ages"] if ages else []) + [f"{s.get('ddim_steps')} steps"]
         if "mode" in s:
             parts.append(s["mode"])
-        if s.get("mode") == "null-text" or what == "edit_inversion_speedup":
+        if (s.get("mode") == "null-text" or what == "edit_inversion_speedup") and "inner_steps" in s:
             parts.append(f"≤{s.get('inner_steps')} inner")
         if "max_batch" in s:
             parts.append(f"max_batch {s['max_batch'] or 'all'}")
         if s.get("compile_inversion"):
             parts.append("compiled inversion")
+        if s.get("cuda_graph"):
+            parts.append("CUDA-graph inversion")
         return ", ".join(parts)
     if what.startswith("align") and "size" in s:
         how = "one process" if s.get("mode") == "single" else f"pool of {s.get('workers')} (start-up included)"
@@ -77,11 +81,16 @@ def _extra(record: dict[str, Any]) -> str:
         if key in record and record[key] is not None:
             value = record[key]
             out.append(
-                f"{key.replace('_', ' ')} {value:.3g}"
+                f"{key.replace('_', ' ')} {_number(value)}"
                 if isinstance(value, float)
                 else f"{key.replace('_', ' ')} {value}"
             )
     return "; ".join(out)
+
+
+def _number(value: float) -> str:
+    """Two decimals, or two significant digits in e-notation for tiny non-zero values (differences)."""
+    return f"{value:.2e}" if value and abs(value) < 0.01 else f"{value:.2f}"
 
 
 def _seconds(record: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
 """CUDA-graph replay of the inversion's UNet: the selection, the fallback and the plumbing (on the CPU).
 
-The real recording needs a GPU (benchmarks/gpu.sh checks it there against eager execution); here a
-stand-in for ``torch.cuda.make_graphed_callables`` that returns the function itself checks that the
-inversion routes its calls through the recorded callable and gets the eager result.
+The real recording needs a GPU (``benchmarks/gpu.sh --variants`` checks it there against eager
+execution); here a stand-in for ``torch.cuda.make_graphed_callables`` that returns the function itself
+checks that the inversion routes its calls through the recorded callable and gets the eager result,
+and that the recording is made with gradients on (its first H100 run recorded under no_grad, so the
+backward graph was missing).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ PROMPT = build_prompts(35, [35], "female").source
 
 def test_cpu_pipes_run_eagerly_even_when_graphs_are_asked_for(tiny_pipe, tiny_source_latent):
     assert not graphs.cuda_graphs_available(tiny_pipe)
-    assert inversion_unet(tiny_pipe, "null-text", False, None) == (None, "eager")
+    assert inversion_unet(tiny_pipe, "null-text", False, False) == (None, "eager")
     assert inversion_unet(tiny_pipe, "null-text", False, True) == (None, "eager")
-    assert inversion_unet(tiny_pipe, "null-text", {"backend": "eager"}, None)[1] == "compiled"
+    assert inversion_unet(tiny_pipe, "null-text", {"backend": "eager"}, True)[1] == "compiled"
     assert invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=True).unet_runner == "eager"
 
 
@@ -32,7 +34,7 @@ def fake_recording(monkeypatch):
     recorded: list[tuple[torch.Tensor, ...]] = []
 
     def fake_make_graphed_callables(fn, samples, num_warmup_iters=3):
-        recorded.append(samples)
+        recorded.append((*samples, torch.is_grad_enabled()))
         return fn
 
     monkeypatch.setattr(graphs, "cuda_graphs_available", lambda pipe: True)
@@ -45,10 +47,11 @@ def fake_recording(monkeypatch):
 @pytest.mark.parametrize("mode", ["null-text", "negative-prompt"])
 def test_graph_path_routes_every_call_and_matches_eager(tiny_pipe, tiny_source_latent, fake_recording, mode):
     eager = invert(tiny_pipe, tiny_source_latent, PROMPT, mode=mode, steps=2, inner_steps=2, cuda_graph=False)
-    graphed = invert(tiny_pipe, tiny_source_latent, PROMPT, mode=mode, steps=2, inner_steps=2)
+    graphed = invert(tiny_pipe, tiny_source_latent, PROMPT, mode=mode, steps=2, inner_steps=2, cuda_graph=True)
     assert eager.unet_runner == "eager" and graphed.unet_runner == "cuda-graph"
-    assert len(fake_recording) == 1  # recorded once, replayed for every call after
-    latent, timestep, context = fake_recording[0]
+    assert len(fake_recording) == 1  # recorded once (at the first, no-grad DDIM call), replayed after
+    latent, timestep, context, grad_enabled = fake_recording[0]
+    assert grad_enabled  # else no backward graph would be recorded
     assert latent.shape == tiny_source_latent.shape and timestep.shape == ()
     assert context.requires_grad == (mode == "null-text")  # backward recorded only when optimising
     assert torch.allclose(eager.x_t, graphed.x_t, atol=1e-6)
@@ -65,7 +68,7 @@ def test_a_failed_recording_warns_and_runs_eagerly(tiny_pipe, tiny_source_latent
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", broken)
     monkeypatch.setattr(graphs.GraphedUNet, "_on_gpu", staticmethod(lambda sample: True))
     eager = invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=False)
-    fallback = invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1)
+    fallback = invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=True)
     assert fallback.unet_runner == "eager"
     assert torch.equal(eager.null_embeddings, fallback.null_embeddings)
     assert "CUDA-graph recording of the UNet failed (capture not permitted)" in capsys.readouterr().err

@@ -93,6 +93,14 @@ def edit(
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    compile_unet: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the inversion's UNet (GPU): ~2 min once per call, then null-text inversion "
+            "~3x faster (35 -> 11 s on an H100); worth it from ~5 photos per call.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     project: ProjectOpt = None,
     base_model: BaseModelOpt = None,
@@ -145,6 +153,7 @@ def edit(
             max_batch=max_batch,
             round_source_age=not no_round_source_age,
             seed=seed,
+            compile=compile_unet,
         )
         return edit_project(
             proj,

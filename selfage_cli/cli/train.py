@@ -93,7 +93,22 @@ def train(
     use_8bit_adam: Annotated[
         bool, typer.Option("--use-8bit-adam", help="bitsandbytes 8-bit AdamW (CUDA; less memory).")
     ] = False,
-    compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (GPU).")] = False,
+    compile_unet: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the UNet (GPU): ~2 min to compile, then ~2x faster steps on an H100 "
+            "(0.10 vs 0.19-0.22 s); pays off beyond ~1,500 steps or with a warm compile cache.",
+        ),
+    ] = False,
+    compile_mode: Annotated[
+        str,
+        typer.Option(
+            "--compile-mode",
+            help="torch.compile mode with --compile: reduce-overhead (CUDA graphs), default, max-autotune, "
+            "max-autotune-no-cudagraphs.",
+        ),
+    ] = "reduce-overhead",
     no_latent_cache: Annotated[
         bool,
         typer.Option(
@@ -162,6 +177,7 @@ def train(
             gradient_checkpointing=gradient_checkpointing,
             use_8bit_adam=use_8bit_adam,
             compile=compile_unet,
+            compile_mode=compile_mode,
             latent_cache=not no_latent_cache,
             validate_ages=validate_ages,
             device=device,

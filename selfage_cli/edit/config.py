@@ -39,6 +39,7 @@ class EditConfig:
     max_batch: int | None = None
     round_source_age: bool = True
     seed: int = 0
+    compile: bool = False  # torch.compile the inversion's UNet (engineering only: same method)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -10,6 +10,11 @@ forward, and backward when the context needs a gradient) and replays afterwards;
 
 Only for CUDA devices, frozen UNets (no weight needs a gradient) and one fixed input shape; any other
 call, and any failure to record, falls back to the plain UNet (with a warning for the failure).
+
+**Experimental, off by default** (``invert(..., cuda_graph=True)``): its first H100 run failed (the
+recording was made under ``torch.no_grad`` and so held no backward graph); that is fixed and tested on
+the CPU with a stand-in recorder, but the GPU path has not run since. ``benchmarks/gpu.sh --variants``
+checks it against eager execution (``edit_graph_check``) and times it.
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ class GraphedUNet:
             timestep.detach().clone(),
             context.detach().clone().requires_grad_(self.context_grad),
         )
-        self.graphed = torch.cuda.make_graphed_callables(self._forward, samples, num_warmup_iters=self.warmup_iters)
+        # The first call may come under torch.no_grad() (DDIM inversion): recording there would
+        # capture no backward graph, and the first backward replay would then fail
+        # ("CUDAGraph::replay without a preceding successful capture", seen on an H100).
+        with torch.enable_grad():
+            self.graphed = torch.cuda.make_graphed_callables(self._forward, samples, num_warmup_iters=self.warmup_iters)
         self.shapes = tuple(t.shape for t in samples)
 
     @staticmethod

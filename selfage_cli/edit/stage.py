@@ -264,6 +264,7 @@ def _invert(ctx: _EditContext, key: InversionKey, image: Any, progress: Any) -> 
         guidance=config.guidance,
         inner_steps=config.inner_steps,
         progress=progress,
+        compile_unet=config.compile,
     )
     ctx.cache.save(key, inversion)
     return inversion, False

@@ -59,8 +59,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode when compile is on (e.g. reduce-overhead: CUDA graphs)
-    channels_last: bool = False  # UNet convolutions in NHWC layout (GPU)
+    compile_mode: str = "reduce-overhead"  # torch.compile mode when compile is on (the fastest measured)
     latent_cache: bool = True
     validate_ages: str | None = None
     device: str = "auto"

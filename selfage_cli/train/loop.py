@@ -105,8 +105,6 @@ class Trainer:
                 module.to(dtype=self.weight_dtype)
             module.to(self.device)
         cast_lora_fp32(self.unet, self.text_encoder if self.train_text else None)
-        if config.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.train_text:
