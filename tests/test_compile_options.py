@@ -47,7 +47,9 @@ def test_train_compile_defaults_to_reduce_overhead_and_takes_a_mode(project_dir:
 
 
 def test_unknown_compile_mode_is_refused_naming_the_choices() -> None:
-    with pytest.raises(SelfageError, match=r"--compile-mode 'fastest' is not known; use one of default, reduce-overhead"):
+    with pytest.raises(
+        SelfageError, match=r"--compile-mode 'fastest' is not known; use one of default, reduce-overhead"
+    ):
         TrainConfig(compile_mode="fastest").check()
 
 
