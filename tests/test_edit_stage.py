@@ -66,7 +66,18 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> dict:
 
     seen: dict = {"invert": [], "edit_ages": [], "settings": []}
 
-    def invert(pipe, image, prompt, *, mode="null-text", steps=50, guidance=7.5, inner_steps=10, progress=None):
+    def invert(
+        pipe,
+        image,
+        prompt,
+        *,
+        mode="null-text",
+        steps=50,
+        guidance=7.5,
+        inner_steps=10,
+        progress=None,
+        compile_unet=False,
+    ):
         seen["invert"].append(prompt)
         side = image.width // int(pipe.vae_scale_factor)
         width = int(pipe.text_encoder.config.hidden_size)
