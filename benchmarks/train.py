@@ -91,8 +91,9 @@ def bench_train(
 ) -> list[dict[str, Any]]:
     """Time training steps for each latent-cache mode; emit one JSON line per mode plus their ratio.
 
-    ``compile_mode`` (a torch.compile mode, None = off) sets the trainer's ``--compile``/``--compile-mode``; ``profile_steps`` > 0 adds a ``train_profile`` line per mode (GPU kernel
-    time per step and the top kernels, from torch.profiler) after the timed steps.
+    ``compile_mode`` (a torch.compile mode, None = off) sets the trainer's ``--compile``/``--compile-mode``;
+    ``profile_steps`` > 0 adds a ``train_profile`` line per mode (GPU kernel time per step and the top
+    kernels, from torch.profiler) after the timed steps.
     """
     from selfage_cli.train.config import TrainConfig
     from selfage_cli.train.loop import Trainer
@@ -194,8 +195,7 @@ def profile_train(recorder: Recorder, trainer: Any, steps: int, cache: bool) -> 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            trainer.step()
+        run_steps(trainer, steps)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
     wall = (time.perf_counter() - start) / steps
