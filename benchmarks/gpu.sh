@@ -21,7 +21,8 @@
 #
 # Every measurement is printed as one JSON line as soon as it is made and appended to
 # $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
-# (also written to $OUT/results.md). Env: PYTHON (default python3), BENCH_BUDGET_S (default 360).
+# (also written to $OUT/results.md). Env: PYTHON (default python3), BENCH_BUDGET_S (default 360;
+# 440 with --variants).
 set -uo pipefail
 
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -44,7 +45,7 @@ PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$PWD/bench-out}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "error: cannot create $OUTDIR; set OUT to a writable folder." >&2; exit 2; }
 RESULTS=$OUTDIR/results.jsonl
-BUDGET=${BENCH_BUDGET_S:-360}
+BUDGET=${BENCH_BUDGET_S:-$([ "$VARIANTS" = 1 ] && echo 440 || echo 360)}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-sh-$(date +%Y%m%dT%H%M%S)-$$}

@@ -156,6 +156,21 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert "align skipped" in result.stderr
 
 
+def test_gpu_script_variants_dry_run(tmp_path: Path) -> None:
+    """``--variants``: the graph check (eager on a CPU, so identical), the profiled and plain train steps."""
+    out = tmp_path / "out"
+    result = _run_gpu_sh(["--dry-run", "--variants"], out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    checks = [r for r in records if r["what"] == "edit_graph_check"]
+    assert [c["settings"]["mode"] for c in checks] == ["null-text", "negative-prompt"]
+    assert all(c["max_abs_null_embedding_difference"] == 0 and c["max_abs_x_t_difference"] == 0 for c in checks)
+    assert all(r["settings"]["cuda_graph"] for r in records if r["what"] == "edit_inversion")
+    assert [r["what"] for r in records].count("train_profile") == 1
+    assert [r["settings"]["latent_cache"] for r in records if r["what"] == "train_step"] == [True]
+    assert "| train_profile | latent cache on, 3 profiled steps |" in (out / "results.md").read_text()
+
+
 def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:
     import torch
 
