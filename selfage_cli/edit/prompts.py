@@ -13,19 +13,27 @@ from dataclasses import dataclass, field
 from selfage_cli.errors import SelfageError
 
 GENDERS = ("female", "male")
+# The placeholder's age bands, (name, first age); eval reports age errors per band.
+AGE_BANDS: tuple[tuple[str, int], ...] = (("baby", 0), ("child", 5), ("adult", 15), ("elderly", 65))
+_BAND_WORDS = {  # band → (female, male, no gender)
+    "baby": ("baby", "baby", "baby"),
+    "child": ("girl", "boy", "child"),
+    "adult": ("woman", "man", "person"),
+    "elderly": ("elderly", "elderly", "elderly"),
+}
+
+
+def age_band(age: float) -> str:
+    """The band of an age: baby < 5, child 5–14, adult 15–64, elderly ≥ 65 (ages below 0 count as baby)."""
+    return next((name for name, first in reversed(AGE_BANDS) if age >= first), AGE_BANDS[0][0])
 
 
 def placeholder(age: float, gender: str | None) -> str:
     """The person word for an age: <5 baby; 5–14 girl/boy/child; 15–64 woman/man/person; ≥65 elderly."""
     if gender not in (None, *GENDERS):
         raise SelfageError(f"--gender {gender!r} is not known; use female or male (or leave it out).")
-    if age < 5:
-        return "baby"
-    if age < 15:
-        return {"female": "girl", "male": "boy"}.get(gender or "", "child")
-    if age < 65:
-        return {"female": "woman", "male": "man"}.get(gender or "", "person")
-    return "elderly"
+    female, male, neutral = _BAND_WORDS[age_band(age)]
+    return {"female": female, "male": male}.get(gender or "", neutral)
 
 
 def age_word(age: float | int) -> str:

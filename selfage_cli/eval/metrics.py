@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from selfage_cli.edit.prompts import age_band as band  # the editor's placeholder bands
+
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 DATA_RANGE = 255.0
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-BANDS: tuple[tuple[str, int, int], ...] = (("baby", 0, 4), ("child", 5, 14), ("adult", 15, 64), ("elderly", 65, 100))
 
 
 def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -110,14 +111,6 @@ def decade_bucket(age: float) -> str:
     decade = min(int(age) // 10, 9)
     low = decade * 10
     return f"{low}-{100 if decade == 9 else low + 9}"
-
-
-def band(age: float) -> str:
-    """The prompt band of a target age (the editor's placeholder word): baby, child, adult, elderly."""
-    for name, low, high in BANDS:
-        if low <= age < high + 1:
-            return name
-    return BANDS[-1][0]
 
 
 @dataclass(frozen=True)
