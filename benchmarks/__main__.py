@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from selfage_cli.train.config import COMPILE_MODES  # light: imports no torch
+
 WHATS = ("align", "train", "edit")
 DEFAULT_AGES = "0,10,20,30,40,50,60,70,80"
 
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--train-compile",
         default="off",
-        choices=("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        choices=("off", *COMPILE_MODES),
         help="torch.compile mode of the trainer's UNet (default off)",
     )
     train.add_argument(

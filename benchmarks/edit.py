@@ -11,7 +11,7 @@ For each inversion mode (``null-text``, ``negative-prompt``):
   with ``ratio`` = naive seconds / batched seconds;
 - ``edit_whole``: inversion + batched editing seconds, and the peak memory of that span.
 
-A short warm-up (2 DDIM steps, 1 inner step, batched and naive) runs first so one-off start-up costs
+A short warm-up (2 DDIM steps, 2 inner steps, batched and naive) runs first so one-off start-up costs
 (CUDA context, cuBLAS/cuDNN autotuning) are not timed.
 
 ``compile_inversion`` runs the inversion's UNet through ``torch.compile(mode="reduce-overhead")``

@@ -115,7 +115,7 @@ def bench_train(
                     checkpoint_every=0,
                     latent_cache=cache,
                     compile=compile_mode is not None,
-                    compile_mode=compile_mode or "default",
+                    compile_mode=compile_mode or TrainConfig.compile_mode,
                     device=str(device),
                     dtype=dtype,
                 )

@@ -130,9 +130,7 @@ class Trainer:
             self.unet_fwd, self.optimizer = acc.prepare(self.unet, self.optimizer)
             self.text_fwd = self.text_encoder
         if config.compile:
-            self.unet_fwd = torch.compile(
-                self.unet_fwd, mode=None if config.compile_mode == "default" else config.compile_mode
-            )
+            self.unet_fwd = torch.compile(self.unet_fwd, mode=config.compile_mode)
 
         images = refs + regs
         self.plan = BatchPlan(len(refs), len(regs), config.batch_size, config.seed)
