@@ -42,6 +42,8 @@ def test_train_compile_defaults_to_reduce_overhead_and_takes_a_mode(project_dir:
     assert captured["train"].compile and captured["train"].compile_mode == "reduce-overhead"
     runner.invoke(app, ["train", "-p", str(project_dir), "--compile", "--compile-mode", "default", "--base-model", "x"])
     assert captured["train"].compile_mode == "default"
+    runner.invoke(app, ["train", "-p", str(project_dir), "--compile-mode", "max-autotune", "--base-model", "x"])
+    assert captured["train"].compile and captured["train"].compile_mode == "max-autotune"  # the mode implies it
     runner.invoke(app, ["train", "-p", str(project_dir), "--base-model", "x"])
     assert not captured["train"].compile
 

@@ -102,13 +102,14 @@ def train(
         ),
     ] = False,
     compile_mode: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--compile-mode",
-            help="torch.compile mode with --compile: reduce-overhead (CUDA graphs), default, max-autotune, "
-            "max-autotune-no-cudagraphs.",
+            help="torch.compile mode (implies --compile): reduce-overhead (CUDA graphs; the default), default, "
+            "max-autotune, max-autotune-no-cudagraphs.",
+            show_default=False,
         ),
-    ] = "reduce-overhead",
+    ] = None,
     no_latent_cache: Annotated[
         bool,
         typer.Option(
@@ -176,8 +177,8 @@ def train(
             keep_checkpoints=keep_checkpoints,
             gradient_checkpointing=gradient_checkpointing,
             use_8bit_adam=use_8bit_adam,
-            compile=compile_unet,
-            compile_mode=compile_mode,
+            compile=compile_unet or compile_mode is not None,
+            compile_mode=compile_mode or TrainConfig.compile_mode,
             latent_cache=not no_latent_cache,
             validate_ages=validate_ages,
             device=device,
