@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--train-profile", type=int, default=0, help="profile this many extra steps per mode (train_profile line)"
     )
+    train.add_argument(
+        "--train-graph",
+        choices=("on", "off"),
+        default="off",
+        help="the trainer's --cuda-graph: each step replayed from one CUDA graph (experimental; default off)",
+    )
     edit = parser.add_argument_group("edit")
     edit.add_argument("--ages", default=DEFAULT_AGES, help=f"target ages (default {DEFAULT_AGES})")
     edit.add_argument("--source-age", type=int, default=35, help="age in the inversion prompt (default 35)")
@@ -108,8 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     edit.add_argument(
         "--inversion-graph",
         choices=("on", "off"),
-        default="off",
-        help="CUDA-graph replay of the inversion's UNet (experimental; default off, as in the library)",
+        default="on",
+        help="CUDA-graph replay of the inversion's UNet on a GPU (default on, as in the library)",
     )
     edit.add_argument(
         "--graph-check-steps",
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             latent_cache_modes=tuple(m.strip() == "on" for m in args.train_cache_modes.split(",") if m.strip()),
             compile_mode=None if args.train_compile == "off" else args.train_compile,
             profile_steps=args.train_profile,
+            cuda_graph=args.train_graph == "on",
         )
     if "edit" in whats:
         from benchmarks.edit import bench_edit

@@ -17,7 +17,9 @@ A short warm-up (2 DDIM steps, 2 inner steps, batched and naive) runs first so o
 ``compile_inversion`` runs the inversion's UNet through ``torch.compile(mode="reduce-overhead")``
 (the library's ``compile_unet=True``: CUDA graphs on a GPU). Its warm-up (the short inversion, which
 compiles and records the graphs) is timed on its own as ``edit_compile_warmup``; every line of such a
-run has ``settings.compile_inversion = true``.
+run has ``settings.compile_inversion = true``. ``cuda_graph`` (on, as in the library) replays the
+inversion's UNet from CUDA graphs on a GPU; ``settings.cuda_graph`` says which way a line ran, and
+``unet_runner`` how it actually ran (``eager`` after a fallback).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def bench_edit(
     max_batch: int | None = None,
     warmup: bool = True,
     compile_inversion: bool = False,
-    cuda_graph: bool = False,
+    cuda_graph: bool = True,
     graph_check_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
@@ -155,6 +157,7 @@ def bench_edit(
                 inner_steps_max=steps * inner_steps if mode == "null-text" else 0,
                 engine_seconds=inversion.seconds,
                 unet_runner=inversion.unet_runner,
+                graph_differences=inversion.graph_differences,
                 reference=REFERENCE,
             )
         )
@@ -271,6 +274,7 @@ def graph_check(
                 "edit_graph_check",
                 {"mode": mode, "ddim_steps": steps, "inner_steps": inner_steps if mode == "null-text" else 0},
                 unet_runner=graphed.unet_runner,
+                graph_differences=graphed.graph_differences,
                 eager_seconds=eager.seconds,
                 graph_seconds=graphed.seconds,
                 inner_steps_run=[sum(eager.inner_steps_run), sum(graphed.inner_steps_run)],

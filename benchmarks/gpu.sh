@@ -9,20 +9,21 @@
 #    WHEELS_DIR (pip --no-index --no-deps --target; see docs/benchmarks.md for how to fetch them);
 # 2. builds the random sd15 pipeline on the GPU (nothing is downloaded or written to disk);
 # 3. train benchmark: paper configuration (4 + 4 images at 512², LoRA rank 16 on UNet and text encoder),
-#    per-step seconds with and without the latent cache (2 warm-up + 20 timed steps each, ~44 steps);
-# 4. edit benchmark: 1 photo → 9 ages (0, 10, …, 80), null-text and negative-prompt inversion, batched
-#    editing and the naive per-age loop (null-text mode) with their ratio;
-# 5. the null-text edit again with the inversion's UNet under torch.compile (CUDA graphs), compile time
-#    reported apart (edit_compile_warmup);
+#    per-step seconds with and without the latent cache (2 warm-up + 20 timed steps each, ~44 steps),
+#    then with the step replayed from one CUDA graph (train --cuda-graph, experimental; latent cache on);
+# 4. edit benchmark: 1 photo → 9 ages (0, 10, …, 80), null-text and negative-prompt inversion (the
+#    inversion's UNet replayed from CUDA graphs, the default on a GPU), batched editing and the naive
+#    per-age loop (null-text mode) with their ratio;
+# 5. both inversions again without CUDA graphs (edit --no-cuda-graph), the eager baseline;
 # 6. align benchmark, only when dlib and its models are importable (skipped otherwise, and in --dry-run).
-# --variants measures the switches instead: the CUDA-graph inversion checked against eager execution
-# (edit_graph_check) and timed in both modes; training steps (latent cache on) plain with a kernel
-# profile, and under torch.compile (reduce-overhead, then default).
+# --variants measures the other switches instead: the CUDA-graph inversion checked against eager
+# execution (edit_graph_check); training steps (latent cache on) with a kernel profile, eagerly and from
+# the CUDA graph; under torch.compile (reduce-overhead); the inversion under torch.compile.
 #
 # Every measurement is printed as one JSON line as soon as it is made and appended to
 # $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
 # (also written to $OUT/results.md). Env: PYTHON (default python3), BENCH_BUDGET_S (default 360;
-# 440 with --variants).
+# 480 with --variants).
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -45,7 +46,7 @@ PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$PWD/bench-out}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "error: cannot create $OUTDIR; set OUT to a writable folder." >&2; exit 2; }
 RESULTS=$OUTDIR/results.jsonl
-BUDGET=${BENCH_BUDGET_S:-$([ "$VARIANTS" = 1 ] && echo 440 || echo 360)}
+BUDGET=${BENCH_BUDGET_S:-$([ "$VARIANTS" = 1 ] && echo 480 || echo 360)}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-sh-$(date +%Y%m%dT%H%M%S)-$$}
@@ -79,12 +80,10 @@ if [ "$DRY" = 1 ]; then
   COMMON=(--model tiny --device cpu --dtype fp32 --threads 1 --out "$RESULTS")
   TRAIN=(--train-steps 1 --train-warmup 0)
   EDIT=(--ddim-steps 3 --inner-steps 2 --ages 0,40,80 --no-warmup)
-  COMPILED=()
 else
   COMMON=(--model sd15 --device cuda --dtype auto --out "$RESULTS")
   TRAIN=(--train-steps 20 --train-warmup 2)
   EDIT=(--ddim-steps 50 --inner-steps 10 --ages 0,10,20,30,40,50,60,70,80)
-  COMPILED=(--modes null-text --naive-modes none --compile-inversion)
 fi
 
 "$PY" - <<'EOF' >&2 || true
@@ -108,20 +107,22 @@ phase() {  # phase NAME ARGS...: run one benchmark invocation within what is lef
 }
 
 cd "$ROOT" || exit 2
+ONE=(--train-cache-modes on)
 if [ "$VARIANTS" = 1 ]; then
-  ONE=(--train-cache-modes on)
-  phase edit "${EDIT[@]}" --naive-modes none --inversion-graph on --graph-check-steps "$([ "$DRY" = 1 ] && echo 2 || echo 5)"
+  phase edit "${EDIT[@]}" --naive-modes none --graph-check-steps "$([ "$DRY" = 1 ] && echo 2 || echo 5)"
   phase train "${TRAIN[@]}" "${ONE[@]}" --train-profile 3
+  phase train "${TRAIN[@]}" "${ONE[@]}" --train-profile 3 --train-graph on
   if [ "$DRY" = 0 ]; then  # compiling takes minutes on a CPU
     phase train "${TRAIN[@]}" "${ONE[@]}" --train-compile reduce-overhead
-    phase train "${TRAIN[@]}" "${ONE[@]}" --train-compile default
+    phase edit "${EDIT[@]}" --modes null-text --naive-modes none --compile-inversion
   fi
 elif [ "$DRY" = 1 ]; then
   phase train,edit "${TRAIN[@]}" "${EDIT[@]}"  # one process: the dry run is about the script, not the figures
 else
   phase train "${TRAIN[@]}"
+  phase train "${TRAIN[@]}" "${ONE[@]}" --train-graph on
   phase edit "${EDIT[@]}"
-  phase edit "${EDIT[@]}" "${COMPILED[@]}"
+  phase edit "${EDIT[@]}" --naive-modes none --inversion-graph off
 fi
 if [ "$DRY" = 0 ] && [ "$VARIANTS" = 0 ] && "$PY" -c "import dlib, importlib.util as u, sys; sys.exit(u.find_spec('face_recognition_models') is None)" 2>/dev/null; then
   phase align

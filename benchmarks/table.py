@@ -31,6 +31,7 @@ def _describe(record: dict[str, Any]) -> str:
                 [
                     ", channels-last" if s.get("channels_last") else "",
                     f", compile {s['compile']}" if s.get("compile") else "",
+                    ", CUDA-graph step" if s.get("cuda_graph") else "",
                 ]
             )
             return (
@@ -49,8 +50,8 @@ def _describe(record: dict[str, Any]) -> str:
             parts.append(f"max_batch {s['max_batch'] or 'all'}")
         if s.get("compile_inversion"):
             parts.append("compiled inversion")
-        if s.get("cuda_graph"):
-            parts.append("CUDA-graph inversion")
+        if s.get("cuda_graph") is False and s.get("device_type", "cuda") == "cuda":
+            parts.append("inversion without CUDA graphs")
         return ", ".join(parts)
     if what.startswith("align") and "size" in s:
         how = "one process" if s.get("mode") == "single" else f"pool of {s.get('workers')} (start-up included)"
@@ -61,6 +62,9 @@ def _describe(record: dict[str, Any]) -> str:
 def _extra(record: dict[str, Any]) -> str:
     keys = (
         "unet_runner",
+        "step_runner",
+        "graph_loss_difference",
+        "graph_failure",
         "inner_steps_run",
         "unet_calls",
         "ratio",

@@ -88,14 +88,17 @@ def bench_train(
     latent_cache_modes: tuple[bool, ...] = (True, False),
     compile_mode: str | None = None,
     profile_steps: int = 0,
+    cuda_graph: bool = False,
 ) -> list[dict[str, Any]]:
     """Time training steps for each latent-cache mode; emit one JSON line per mode plus their ratio.
 
     ``compile_mode`` (a torch.compile mode, None = off) sets the trainer's ``--compile``/``--compile-mode``;
     ``profile_steps`` > 0 adds a ``train_profile`` line per mode (GPU kernel time per step and the top
-    kernels, from torch.profiler) after the timed steps.
+    kernels, from torch.profiler) after the timed steps. ``cuda_graph`` sets ``train --cuda-graph`` (the
+    step replayed from one CUDA graph); its eager warm-up and recording then fall in the untimed steps.
     """
     from selfage_cli.train.config import TrainConfig
+    from selfage_cli.train.graphs import WARMUP_STEPS
     from selfage_cli.train.loop import Trainer
 
     records = []
@@ -116,6 +119,7 @@ def bench_train(
                     latent_cache=cache,
                     compile=compile_mode is not None,
                     compile_mode=compile_mode or TrainConfig.compile_mode,
+                    cuda_graph=cuda_graph,
                     device=str(device),
                     dtype=dtype,
                 )
@@ -124,7 +128,8 @@ def bench_train(
                 setup_seconds, trainer = time_call(
                     functools.partial(Trainer, pipe, config, ref_images, reg_images), device
                 )
-                warmup_seconds, _ = time_call(functools.partial(run_steps, trainer, warmup), device)
+                untimed = max(warmup, WARMUP_STEPS + 1) if trainer.graphed is not None else warmup
+                warmup_seconds, _ = time_call(functools.partial(run_steps, trainer, untimed), device)
                 samples, losses = [], []
                 for _ in range(steps):
                     seconds, stats = time_call(trainer.step, device)
@@ -144,7 +149,9 @@ def bench_train(
                 "warmup_steps": warmup,
                 "weights_dtype": dtype_name(trainer.weight_dtype),
                 "compile": compile_mode,
+                "cuda_graph": cuda_graph,
             }
+            graphed = trainer.graphed
             records.append(
                 recorder.emit(
                     "train_step",
@@ -154,6 +161,9 @@ def bench_train(
                     setup_seconds=setup_seconds,
                     warmup_seconds=warmup_seconds,
                     loss_finite=all(math.isfinite(v) for v in losses),
+                    step_runner=graphed.runner if graphed is not None else None,
+                    graph_loss_difference=graphed.loss_difference if graphed is not None else None,
+                    graph_failure=graphed.failure if graphed is not None else None,
                     reference={
                         "seconds": 0.507,
                         "peak_memory_gb": 16.8,

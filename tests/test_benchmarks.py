@@ -166,9 +166,18 @@ def test_gpu_script_variants_dry_run(tmp_path: Path) -> None:
     assert [c["settings"]["mode"] for c in checks] == ["null-text", "negative-prompt"]
     assert all(c["max_abs_null_embedding_difference"] == 0 and c["max_abs_x_t_difference"] == 0 for c in checks)
     assert all(r["settings"]["cuda_graph"] for r in records if r["what"] == "edit_inversion")
-    assert [r["what"] for r in records].count("train_profile") == 1
-    assert [r["settings"]["latent_cache"] for r in records if r["what"] == "train_step"] == [True]
-    assert "| train_profile | latent cache on, 3 profiled steps |" in (out / "results.md").read_text()
+    assert all(r["unet_runner"] == "eager" for r in records if r["what"] == "edit_inversion")  # no GPU here
+    assert [r["what"] for r in records].count("train_profile") == 2
+    steps = [r for r in records if r["what"] == "train_step"]
+    assert [(r["settings"]["latent_cache"], r["settings"]["cuda_graph"]) for r in steps] == [
+        (True, False),
+        (True, True),
+    ]
+    assert steps[0]["step_runner"] is None and steps[1]["step_runner"] is None  # --cuda-graph refused on a CPU
+    assert "--cuda-graph does not work off a CUDA GPU" in result.stderr
+    table = (out / "results.md").read_text()
+    assert "| train_profile | latent cache on, 3 profiled steps |" in table
+    assert "latent cache on, CUDA-graph step, 1 timed steps |" in table
 
 
 def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
-"""CUDA-graph replay of the inversion's UNet: the selection, the fallback and the plumbing (on the CPU).
+"""CUDA-graph replay of the inversion's UNet: the selection, the checks, the fallback and the plumbing
+(on the CPU).
 
-The real recording needs a GPU (``benchmarks/gpu.sh --variants`` checks it there against eager
-execution); here a stand-in for ``torch.cuda.make_graphed_callables`` that returns the function itself
-checks that the inversion routes its calls through the recorded callable and gets the eager result,
-and that the recording is made with gradients on (its first H100 run recorded under no_grad, so the
-backward graph was missing).
+The real recording needs a GPU (``benchmarks/gpu.sh --variants`` times it there against eager
+execution); here stand-ins for ``torch.cuda.make_graphed_callables`` check that the inversion routes
+its calls through the recorded callable and gets the eager result, that the recording is made with
+gradients on (its first H100 run recorded under no_grad, so the backward graph was missing) and from
+stand-in inputs, and that a replay which ignores its inputs, or fails, is caught and replaced by
+eager execution.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from selfage_cli.edit.prompts import build_prompts
 PROMPT = build_prompts(35, [35], "female").source
 
 
-def test_cpu_pipes_run_eagerly_even_when_graphs_are_asked_for(tiny_pipe, tiny_source_latent):
+def test_cpu_pipes_run_eagerly_although_graphs_are_the_default(tiny_pipe, tiny_source_latent):
     assert not graphs.cuda_graphs_available(tiny_pipe)
     assert inversion_unet(tiny_pipe, "null-text", False, False) == (None, "eager")
     assert inversion_unet(tiny_pipe, "null-text", False, True) == (None, "eager")
     assert inversion_unet(tiny_pipe, "null-text", {"backend": "eager"}, True)[1] == "compiled"
-    assert invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=True).unet_runner == "eager"
+    assert invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1).unet_runner == "eager"
 
 
 @pytest.fixture
@@ -53,6 +55,7 @@ def test_graph_path_routes_every_call_and_matches_eager(tiny_pipe, tiny_source_l
     latent, timestep, context, grad_enabled = fake_recording[0]
     assert grad_enabled  # else no backward graph would be recorded
     assert latent.shape == tiny_source_latent.shape and timestep.shape == ()
+    assert not torch.equal(latent, tiny_source_latent)  # stand-in inputs: the first replay is a real check
     assert context.requires_grad == (mode == "null-text")  # backward recorded only when optimising
     assert torch.allclose(eager.x_t, graphed.x_t, atol=1e-6)
     assert torch.allclose(eager.null_embeddings, graphed.null_embeddings, atol=1e-6)
@@ -60,18 +63,71 @@ def test_graph_path_routes_every_call_and_matches_eager(tiny_pipe, tiny_source_l
     assert all(p.requires_grad for p in tiny_pipe.unet.parameters())  # frozen only during the inversion
 
 
-def test_a_failed_recording_warns_and_runs_eagerly(tiny_pipe, tiny_source_latent, monkeypatch, capsys):
-    def broken(fn, samples, num_warmup_iters=3):
-        raise RuntimeError("capture not permitted")
-
+def _pretend_gpu(monkeypatch, recorder):
     monkeypatch.setattr("selfage_cli.edit.inversion.cuda_graphs_available", lambda pipe: True)
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", broken)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", recorder)
     monkeypatch.setattr(graphs.GraphedUNet, "_on_gpu", staticmethod(lambda sample: True))
+
+
+def _broken(fn, samples, num_warmup_iters=3):
+    raise RuntimeError("capture not permitted")
+
+
+def _stale(fn, samples, num_warmup_iters=3):
+    """A recording whose replays ignore their inputs (what a graph that never copied them would do)."""
+    return lambda *args: fn(*samples)
+
+
+def _fails_on_replay(fn, samples, num_warmup_iters=3):
+    def replay(*args):
+        raise RuntimeError("CUDAGraph::replay without a preceding successful capture")
+
+    return replay
+
+
+@pytest.mark.parametrize(
+    ("recorder", "message"),
+    [
+        (_broken, "could not be recorded (capture not permitted)"),
+        (_stale, "disagreed with eager execution (forward: relative difference"),
+        (_fails_on_replay, "failed (CUDAGraph::replay without a preceding successful capture)"),
+    ],
+)
+def test_a_failed_or_wrong_graph_warns_once_and_runs_eagerly(
+    tiny_pipe, tiny_source_latent, monkeypatch, capsys, recorder, message
+):
+    _pretend_gpu(monkeypatch, recorder)
     eager = invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=False)
     fallback = invert(tiny_pipe, tiny_source_latent, PROMPT, steps=2, inner_steps=1, cuda_graph=True)
     assert fallback.unet_runner == "eager"
     assert torch.equal(eager.null_embeddings, fallback.null_embeddings)
-    assert "CUDA-graph recording of the UNet failed (capture not permitted)" in capsys.readouterr().err
+    assert torch.equal(eager.x_t, fallback.x_t)
+    err = capsys.readouterr().err
+    assert f"CUDA-graph replay of the UNet {message}" in err
+    assert err.count("CUDA-graph replay of the UNet") == 1
+
+
+def test_the_first_replay_of_each_kind_is_checked_against_eager(tiny_pipe, tiny_source_latent, fake_recording):
+    unet = graphs.GraphedUNet(tiny_pipe.unet, context_grad=True)
+    context = torch.randn(1, 77, 32)
+    with graphs_frozen(tiny_pipe.unet):
+        with torch.no_grad():
+            unet(tiny_source_latent, torch.tensor(10), encoder_hidden_states=context)
+        assert list(unet.checked) == [graphs.FORWARD]
+        probe = context.clone().requires_grad_(True)
+        out = unet(tiny_source_latent, torch.tensor(20), encoder_hidden_states=probe)[0]
+        out.sum().backward()
+    assert list(unet.checked) == [graphs.FORWARD, graphs.BACKWARD]
+    assert all(diff <= 1e-6 for diff in unet.checked.values())
+    assert probe.grad is not None and torch.isfinite(probe.grad).all()
+    assert unet.replays == 2 and unet.runner == "cuda-graph"
+
+
+def test_relative_difference_flags_non_finite_values():
+    reference = torch.tensor([1.0, -2.0])
+    assert graphs.relative_difference(reference, reference) == 0.0
+    assert graphs.relative_difference(torch.tensor([1.0, -1.0]), reference) == 0.5
+    assert graphs.relative_difference(torch.tensor([float("nan"), 0.0]), reference) == float("inf")
 
 
 def test_other_shapes_than_the_recorded_one_run_eagerly(tiny_pipe, tiny_source_latent, fake_recording):

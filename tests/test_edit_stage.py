@@ -77,8 +77,10 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> dict:
         inner_steps=10,
         progress=None,
         compile_unet=False,
+        cuda_graph=True,
     ):
         seen["invert"].append(prompt)
+        seen.setdefault("cuda_graph", []).append(cuda_graph)
         side = image.width // int(pipe.vae_scale_factor)
         width = int(pipe.text_encoder.config.hidden_size)
         return Inversion(
@@ -419,6 +421,16 @@ def test_reweight_option_reaches_the_engine_and_the_record(
     assert Project(project_dir).read()["edits"][0]["settings"]["reweight"] == 2.5
     code, output, _ = edit(project_dir, tiny_model_dir, *args, "--force", "--reweight", "inf")
     assert code == 2 and "--reweight" in output
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-cuda-graph"], False)])
+def test_cuda_graph_option_reaches_the_inversion(
+    project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, stub_engine: dict, flags: list[str], expected: bool
+) -> None:
+    args = [str(astronaut_path), "--aligned", "--no-lora", "--source-age", "40", "--ages", "20", *flags]
+    code, output, _ = edit(project_dir, tiny_model_dir, *args)
+    assert code == 0, output
+    assert stub_engine["cuda_graph"] == [expected]
 
 
 def test_aligned_inputs_must_be_square(

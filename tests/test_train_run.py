@@ -288,3 +288,157 @@ def test_v_prediction_models_train_on_the_velocity(trained: dict[str, Any], tiny
     assert torch.isfinite(torch.tensor(trainer.step()["loss"]))
     assert torch.equal(seen["target"], seen["velocity"])
     assert not torch.allclose(seen["target"], seen["noise"])
+
+
+# ---- the whole-step CUDA graph (train/graphs.py), on the CPU with stand-in recorders -------------------
+class StandInGraphs:
+    """Records nothing: a replay runs the recorded body again, on the very tensors it was given, with
+    fresh gradients (a real replay rewrites the gradient buffers its recording created)."""
+
+    params: list[torch.nn.Parameter] = []
+
+    def __init__(self) -> None:
+        self.recordings = 0
+
+    def side_stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def record(self, body):
+        self.recordings += 1
+
+        def replay():
+            for param in self.params:
+                param.grad = None
+            return body()
+
+        return replay
+
+
+class WrongGraphs(StandInGraphs):
+    """A recording whose replay corrupts the weights and reports a wrong loss."""
+
+    def record(self, body):
+        replay_body = super().record(body)
+
+        def replay():
+            totals, grad_norm = replay_body()
+            with torch.no_grad():
+                for param in self.params:
+                    param.add_(1.0)
+            return {**totals, "loss": totals["loss"] * 3}, grad_norm
+
+        return replay
+
+
+class BrokenGraphs(StandInGraphs):
+    def record(self, body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _graph_run(trained: dict[str, Any], tiny_pipe: Any, backend: Any, steps: int = 5) -> tuple[list[float], Trainer]:
+    from selfage_cli.train.graphs import GraphedStep
+
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    config = tiny_config(Path(trained["trainer"].config.base_model))
+    trainer = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=None)
+    if backend is not None:
+        backend.params = trainer.params
+        trainer.graphed = GraphedStep(trainer, backend=backend)
+    return [trainer.step()["loss"] for _ in range(steps)], trainer
+
+
+def _lora(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.params]
+
+
+def test_graphed_training_steps_are_the_eager_steps(trained: dict[str, Any], tiny_pipe: Any) -> None:
+    """Warm-up eagerly, record once, then every step copies its draws into the recorded inputs."""
+    eager_losses, eager = _graph_run(trained, tiny_pipe, None)
+    backend = StandInGraphs()
+    losses, graphed = _graph_run(trained, tiny_pipe, backend)
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    assert len(set(losses)) == len(losses)  # new draws every step: a replay reading stale inputs would repeat
+    for a, b in zip(_lora(eager), _lora(graphed), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
+    step = graphed.graphed
+    assert backend.recordings == 1 and step.eager_steps == 2 and step.replays == 3
+    assert step.loss_difference == pytest.approx(0.0, abs=1e-6) and step.runner == "cuda-graph"
+    assert graphed.last["grad_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        (WrongGraphs(), "disagreed with eager execution (loss relative difference 2 > 0.02)"),
+        (BrokenGraphs(), "could not be recorded (operation not permitted when stream is capturing)"),
+    ],
+)
+def test_a_wrong_or_failed_graph_is_undone_and_training_goes_on_eagerly(
+    trained: dict[str, Any], tiny_pipe: Any, capsys: pytest.CaptureFixture[str], backend: Any, message: str
+) -> None:
+    eager_losses, eager = _graph_run(trained, tiny_pipe, None)
+    losses, graphed = _graph_run(trained, tiny_pipe, backend)
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    for a, b in zip(_lora(eager), _lora(graphed), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)  # the corrupted replay was undone
+    assert graphed.graphed.runner == "eager"
+    err = capsys.readouterr().err
+    assert f"CUDA-graph replay of the training step {message}" in err
+    assert err.count("CUDA-graph replay of the training step") == 1
+
+
+def test_cuda_graph_is_refused_with_a_reason_where_it_cannot_work(
+    trained: dict[str, Any], tiny_pipe: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from selfage_cli.train.graphs import why_not_graphed
+
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    config = tiny_config(Path(trained["trainer"].config.base_model), cuda_graph=True)
+    trainer = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=None)
+    assert trainer.graphed is None
+    assert "--cuda-graph does not work off a CUDA GPU; training runs without it." in capsys.readouterr().err
+    assert torch.isfinite(torch.tensor(trainer.step()["loss"]))
+    trainer.device = torch.device("cuda")  # what the reasons look at, one by one
+    assert why_not_graphed(trainer) is None
+    for field, value, reason in [
+        ("gradient_accumulation", 2, "--gradient-accumulation above 1"),
+        ("gradient_checkpointing", True, "--gradient-checkpointing"),
+        ("compile", True, "--compile"),
+        ("use_8bit_adam", True, "--use-8bit-adam"),
+    ]:
+        trainer.config = tiny_config(Path(config.base_model), **{field: value})
+        assert reason in why_not_graphed(trainer)
+
+
+def test_the_recorded_step_body_makes_no_host_sync(trained: dict[str, Any], tiny_pipe: Any) -> None:
+    """What a CUDA-graph recording forbids, caught on the CPU: reading a value back to Python
+    (``.item()``, ``bool(tensor)``) and building a tensor from Python data (a host-to-device copy)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    forbidden = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default}
+
+    class Spy(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in forbidden:
+                self.seen.append(f"{func} at {traceback.extract_stack()[-2]}")
+            return func(*args, **(kwargs or {}))
+
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    trainer = Trainer(copy.deepcopy(tiny_pipe), tiny_config(Path(trained["trainer"].config.base_model)), refs, regs)
+    # As on a GPU: AdamW keeps its step count on the device (fused here, fused + capturable there),
+    # and its state exists before the recording (made by the eager warm-up steps).
+    trainer.optimizer = torch.optim.AdamW(trainer.params, lr=1e-3, weight_decay=1e-2, fused=True)
+    trainer.optimise(trainer.step_inputs(0))
+    inputs = trainer.step_inputs(1)
+    with Spy() as spy:
+        totals, grad_norm = trainer.optimise(inputs)
+    assert spy.seen == []
+    assert torch.isfinite(totals["loss"]) and torch.isfinite(grad_norm)

@@ -101,6 +101,14 @@ def edit(
             "~3x faster (35 -> 11 s on an H100); worth it from ~5 photos per call.",
         ),
     ] = False,
+    cuda_graph: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graph/--no-cuda-graph",
+            help="On a GPU, replay the inversion's UNet from CUDA graphs (no compile; checked against eager "
+            "execution, which it falls back to).",
+        ),
+    ] = True,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     project: ProjectOpt = None,
     base_model: BaseModelOpt = None,
@@ -154,6 +162,7 @@ def edit(
             round_source_age=not no_round_source_age,
             seed=seed,
             compile=compile_unet,
+            cuda_graph=cuda_graph,
         )
         return edit_project(
             proj,

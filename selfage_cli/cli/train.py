@@ -110,6 +110,14 @@ def train(
             show_default=False,
         ),
     ] = None,
+    cuda_graph: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graph",
+            help="Experimental (GPU): replay each step from one CUDA graph, no compile; checked against "
+            "eager execution at its first replay, which it falls back to.",
+        ),
+    ] = False,
     no_latent_cache: Annotated[
         bool,
         typer.Option(
@@ -179,6 +187,7 @@ def train(
             use_8bit_adam=use_8bit_adam,
             compile=compile_unet or compile_mode is not None,
             compile_mode=compile_mode or TrainConfig.compile_mode,
+            cuda_graph=cuda_graph,
             latent_cache=not no_latent_cache,
             validate_ages=validate_ages,
             device=device,

@@ -40,6 +40,7 @@ class EditConfig:
     round_source_age: bool = True
     seed: int = 0
     compile: bool = False  # torch.compile the inversion's UNet (engineering only: same method)
+    cuda_graph: bool = True  # replay the inversion's UNet from CUDA graphs on a GPU (same kernels, checked)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -79,7 +79,7 @@ def invert(
     progress: Progress = None,
     keep_trajectory: bool = False,
     compile_unet: bool | dict[str, Any] = False,
-    cuda_graph: bool = False,
+    cuda_graph: bool = True,
 ) -> Inversion:
     """Invert a photo (PIL image, or an already encoded latent) with ``prompt``.
 
@@ -87,7 +87,8 @@ def invert(
     called as ``progress(done, total)`` after each DDIM step (inversion, then optimisation).
     ``keep_trajectory`` keeps the T + 1 DDIM-inversion latents; ``compile_unet`` (off by default)
     runs the inversion's UNet through ``torch.compile`` (``True``: ``mode="reduce-overhead"``);
-    ``cuda_graph`` (experimental, off) replays its calls from CUDA graphs on a CUDA GPU.
+    ``cuda_graph`` (on; acts only on a CUDA GPU) replays its calls from CUDA graphs, checked against
+    eager execution.
     """
     latent = image if isinstance(image, Tensor) else encode_image(pipe, image)
     latent = latent.to(model_device(pipe), torch.float32)

@@ -1,20 +1,26 @@
-"""CUDA-graph replay of the UNet for the batch-1 calls of an inversion.
+"""CUDA-graph replay of the UNet for the batch-1 calls of an inversion, checked against eager execution.
 
 Null-text inversion makes ~650 batch-1 UNet calls (500 of them forward + backward w.r.t. the null
 embedding). At batch 1 a GPU spends most of each call waiting for Python to launch its ~1,000
 kernels; recording the call once as a CUDA graph and replaying it removes that cost without
-changing a single operation (the same kernels on the same inputs, so the results match eager
-execution). :class:`GraphedUNet` records on the first call (``torch.cuda.make_graphed_callables``:
-forward, and backward when the context needs a gradient) and replays afterwards; it behaves like
-``pipe.unet`` called as ``unet(latents, timestep_tensor, encoder_hidden_states=ctx, return_dict=False)``.
+changing a single operation (the same kernels on the same inputs). :class:`GraphedUNet` records on
+the first call (``torch.cuda.make_graphed_callables``: forward, and backward when the context needs a
+gradient) and replays afterwards; it behaves like ``pipe.unet`` called as
+``unet(latents, timestep_tensor, encoder_hidden_states=ctx, return_dict=False)``.
 
-Only for CUDA devices, frozen UNets (no weight needs a gradient) and one fixed input shape; any other
-call, and any failure to record, falls back to the plain UNet (with a warning for the failure).
+Trust, but verify. The recording is made from stand-in inputs (random latents and context, another
+timestep), so the first replay of each kind (forward only, and forward + backward) runs on inputs the
+recording never saw; that replay is compared with an eager call on the same inputs (output, and the
+gradient w.r.t. the context), and only if they agree does the inversion go on with graphs. A failed
+recording or replay, or a disagreement, is reported once as a warning and the inversion continues
+eagerly with the same result. Only CUDA devices, frozen UNets (no weight needs a gradient) and one
+fixed input shape are replayed; any other call runs the plain UNet.
 
-**Experimental, off by default** (``invert(..., cuda_graph=True)``): its first H100 run failed (the
-recording was made under ``torch.no_grad`` and so held no backward graph); that is fixed and tested on
-the CPU with a stand-in recorder, but the GPU path has not run since. ``benchmarks/gpu.sh --variants``
-checks it against eager execution (``edit_graph_check``) and times it.
+Used by default for inversions on a CUDA GPU (``invert(..., cuda_graph=True)``, ``edit
+--no-cuda-graph`` to turn off). Its first H100 run failed (that recording was made under
+``torch.no_grad`` and so held no backward graph); the fix and the checks are tested on the CPU with
+a stand-in recorder, and ``benchmarks/gpu.sh --variants`` times it against eager execution
+(``edit_graph_check``).
 """
 
 from __future__ import annotations
@@ -26,10 +32,25 @@ from torch import Tensor
 
 from selfage_cli import console
 
+# Largest |graph − eager| allowed, relative to the largest |eager| value. The graph replays the
+# eager kernels, so the two agree to rounding (nondeterministic attention backward included);
+# a replay that read stale or wrong inputs is off by O(1).
+AGREEMENT_TOLERANCE = 2e-2
+FORWARD, BACKWARD = "forward", "forward + backward"
+
 
 def cuda_graphs_available(pipe: Any) -> bool:
     """Whether the pipe's UNet sits on a CUDA device (CUDA graphs need one)."""
     return next(pipe.unet.parameters()).device.type == "cuda"
+
+
+def relative_difference(value: Tensor, reference: Tensor) -> float:
+    """max |value − reference| / max |reference| (inf when value has non-finite entries)."""
+    value, reference = value.detach().float(), reference.detach().float()
+    if not bool(torch.isfinite(value).all()):
+        return float("inf")
+    scale = reference.abs().max().clamp_min(1e-12)
+    return float((value - reference).abs().max() / scale)
 
 
 class GraphedUNet:
@@ -37,6 +58,7 @@ class GraphedUNet:
 
     ``context_grad``: record the backward w.r.t. ``encoder_hidden_states`` as well (null-text
     optimisation); without it only the forward is recorded (negative-prompt inversion).
+    ``failure`` holds why graphs were given up (``None`` while they are in use or not yet tried).
     """
 
     def __init__(self, unet: torch.nn.Module, *, context_grad: bool, warmup_iters: int = 3):
@@ -45,17 +67,26 @@ class GraphedUNet:
         self.warmup_iters = warmup_iters
         self.graphed: Any = None
         self.shapes: tuple[torch.Size, ...] | None = None
-        self.failed = False
+        self.failure: str | None = None
+        self.checked: dict[str, float] = {}  # kind → relative difference found at its first replay
         self.replays = 0
+
+    @property
+    def runner(self) -> str:
+        """How the calls ran, for reports: ``cuda-graph`` when every call after recording replayed."""
+        return "cuda-graph" if self.replays and self.failure is None else "eager"
 
     def _forward(self, sample: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
         return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
     def _record(self, sample: Tensor, timestep: Tensor, context: Tensor) -> None:
+        # Stand-in inputs: the first real replay then differs from what was recorded, so its check
+        # also proves that replays read their inputs.
+        stand_in_t = torch.full_like(timestep, 500 if int(timestep.max()) != 500 else 499)
         samples = (
-            sample.detach().clone(),
-            timestep.detach().clone(),
-            context.detach().clone().requires_grad_(self.context_grad),
+            torch.randn_like(sample),
+            stand_in_t,
+            torch.randn_like(context).requires_grad_(self.context_grad),
         )
         # The first call may come under torch.no_grad() (DDIM inversion): recording there would
         # capture no backward graph, and the first backward replay would then fail
@@ -69,7 +100,7 @@ class GraphedUNet:
         return sample.device.type == "cuda"
 
     def _usable(self, sample: Tensor, timestep: Tensor, context: Tensor) -> bool:
-        if self.failed or not self._on_gpu(sample) or torch.is_autocast_enabled():
+        if self.failure is not None or not self._on_gpu(sample) or torch.is_autocast_enabled():
             return False
         if self.shapes is None and any(p.requires_grad for p in self.unet.parameters()):
             return False  # weights needing gradients: not what a recording covers (they stay frozen after)
@@ -77,6 +108,51 @@ class GraphedUNet:
             return False
         shapes = (sample.shape, timestep.shape, context.shape)
         return self.shapes is None or shapes == self.shapes
+
+    def _give_up(self, why: str) -> None:
+        self.failure = why
+        self.graphed = None
+        console.warn(f"CUDA-graph replay of the UNet {why}; running it without graphs (same result, slower).")
+
+    def _check(self, kind: str, sample: Tensor, timestep: Tensor, context: Tensor) -> float:
+        """Relative difference between a replay and an eager call on these inputs (output and, for
+        ``BACKWARD``, the gradient w.r.t. the context against a fixed random cotangent)."""
+        if kind == FORWARD:
+            with torch.no_grad():
+                graph_out = self.graphed(sample, timestep, context).clone()
+                eager_out = self._forward(sample, timestep, context)
+            return relative_difference(graph_out, eager_out)
+        results = []
+        cotangent = None
+        for run in (self.graphed, self._forward):
+            probe = context.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = run(sample, timestep, probe)
+                if cotangent is None:
+                    cotangent = torch.randn_like(out, dtype=torch.float32)
+                (grad,) = torch.autograd.grad((out.float() * cotangent).sum(), probe)
+            results.append((out.detach().clone(), grad.clone()))
+        (graph_out, graph_grad), (eager_out, eager_grad) = results
+        return max(relative_difference(graph_out, eager_out), relative_difference(graph_grad, eager_grad))
+
+    def _replay(self, sample: Tensor, timestep: Tensor, context: Tensor) -> Tensor | None:
+        """The graph's output for these inputs, or ``None`` after giving graphs up."""
+        kind = BACKWARD if context.requires_grad and torch.is_grad_enabled() else FORWARD
+        try:
+            if kind not in self.checked:
+                self.checked[kind] = self._check(kind, sample, timestep, context)
+                if not self.checked[kind] <= AGREEMENT_TOLERANCE:
+                    self._give_up(
+                        f"disagreed with eager execution ({kind}: relative difference "
+                        f"{self.checked[kind]:.2g} > {AGREEMENT_TOLERANCE:g})"
+                    )
+                    return None
+            out = self.graphed(sample, timestep, context)
+        except Exception as exc:  # noqa: BLE001 - any replay failure: run eagerly instead
+            self._give_up(f"failed ({exc})")
+            return None
+        self.replays += 1
+        return out
 
     def __call__(
         self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, return_dict: bool = False
@@ -87,10 +163,9 @@ class GraphedUNet:
                 try:
                     self._record(sample, timestep, encoder_hidden_states)
                 except Exception as exc:  # noqa: BLE001 - any recording failure: run eagerly instead
-                    self.failed = True
-                    self.graphed = None
-                    console.warn(f"CUDA-graph recording of the UNet failed ({exc}); running it without graphs.")
+                    self._give_up(f"could not be recorded ({exc})")
             if self.graphed is not None:
-                self.replays += 1
-                return (self.graphed(sample, timestep, encoder_hidden_states),)
+                out = self._replay(sample, timestep, encoder_hidden_states)
+                if out is not None:
+                    return (out,)
         return (self._forward(sample, timestep, encoder_hidden_states),)

@@ -15,10 +15,10 @@ The optimisation runs in fp32 on the embedding, the latents and the loss whateve
 dtype (fp16/bf16 weights only change the UNet's internal arithmetic; the test suite checks that a
 bf16 UNet gives the fp32 result within a tolerance).
 
-How the UNet runs (:func:`inversion_unet`): eagerly by default; ``compile_unet`` runs its calls
-through ``torch.compile`` (measured on an H100: 35.4 s → 10.6 s for 500 inner steps, after a 124 s
-compile); ``cuda_graph`` (experimental, unverified on a GPU) replays them from CUDA graphs
-(:mod:`selfage_cli.edit.graphs`).
+How the UNet runs (:func:`inversion_unet`): on a CUDA GPU it is replayed from CUDA graphs by
+default (``cuda_graph``; :mod:`selfage_cli.edit.graphs` checks the replays against eager execution and
+falls back to it), elsewhere eagerly; ``compile_unet`` runs its calls through ``torch.compile``
+instead (measured on an H100: 35.4 s → 10.6 s for 500 inner steps, after a 124 s compile).
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Inversion:
     trajectory: list[Tensor] | None = None
     learning_rates: list[float] = field(default_factory=list)
     unet_runner: str = "eager"  # how the UNet ran: eager, cuda-graph or compiled (not cached)
+    # CUDA-graph runs: relative difference from eager execution found at the first replay of each kind
+    graph_differences: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_inner_steps(self) -> int:
@@ -182,13 +184,14 @@ def invert_latent(
     progress: Progress = None,
     keep_trajectory: bool = False,
     compile_unet: bool | dict[str, Any] = False,
-    cuda_graph: bool = False,
+    cuda_graph: bool = True,
 ) -> Inversion:
     """Invert an encoded latent (1, C, h, w) with the given prompt and mode.
 
     ``compile_unet`` (off by default): run the inversion's UNet calls through ``torch.compile``
     (``True``: ``mode="reduce-overhead"``, i.e. CUDA graphs on a GPU; a dict: torch.compile's options).
-    ``cuda_graph`` (experimental, off by default): replay the UNet calls from CUDA graphs on a CUDA GPU.
+    ``cuda_graph`` (on by default; only acts on a CUDA GPU and without ``compile_unet``): replay the
+    UNet calls from CUDA graphs, checked against eager execution (:mod:`selfage_cli.edit.graphs`).
     """
     if mode not in MODES:
         raise ValueError(f"inversion mode {mode!r} is not one of {MODES}")
@@ -239,7 +242,8 @@ def invert_latent(
         seconds=time.perf_counter() - start,
         trajectory=[x.detach().clone() for x in trajectory] if keep_trajectory else None,
         learning_rates=lrs,
-        unet_runner=runner if not isinstance(unet, GraphedUNet) or unet.replays else "eager",
+        unet_runner=unet.runner if isinstance(unet, GraphedUNet) else runner,
+        graph_differences=dict(unet.checked) if isinstance(unet, GraphedUNet) else {},
     )
 
 

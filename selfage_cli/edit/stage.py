@@ -265,6 +265,7 @@ def _invert(ctx: _EditContext, key: InversionKey, image: Any, progress: Any) -> 
         inner_steps=config.inner_steps,
         progress=progress,
         compile_unet=config.compile,
+        cuda_graph=config.cuda_graph,
     )
     ctx.cache.save(key, inversion)
     return inversion, False

@@ -27,6 +27,8 @@ def nt_xent_per_channel(pred: torch.Tensor, target: torch.Tensor, temperature: f
     logits = z @ z.transpose(1, 2) / temperature  # C × 2B × 2B
     eye = torch.eye(2 * batch, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))
-    partner = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)]).to(z.device)
+    # Made on the device: a CPU tensor copied over would be a host-to-device copy, which a CUDA-graph
+    # recording of the training step cannot contain.
+    partner = torch.cat([torch.arange(batch, 2 * batch, device=z.device), torch.arange(0, batch, device=z.device)])
     # mean over C·2B anchors == (sum over anchors / 2B) averaged over channels
     return F.cross_entropy(logits.reshape(channels * 2 * batch, 2 * batch), partner.repeat(channels))

@@ -34,6 +34,7 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.contrastive import nt_xent_per_channel
 from selfage_cli.train.data import BatchPlan, LatentSource, TrainImage
+from selfage_cli.train.graphs import GraphedStep, StepInputs
 from selfage_cli.train.lora import add_lora, cast_lora_fp32, lora_state, save_lora, trainable_parameters
 
 CHECKPOINT_PREFIX = "step-"
@@ -53,16 +54,21 @@ def resolve_precision(config: TrainConfig) -> tuple[torch.device, torch.dtype, s
     return device, dtype, mode
 
 
-def make_accelerator(device: torch.device, mixed_precision: str) -> Any:
-    """An ``accelerate.Accelerator`` for this device and precision (multi-GPU under ``accelerate launch``)."""
+def make_accelerator(device: torch.device, mixed_precision: str, autocast_cache: bool = True) -> Any:
+    """An ``accelerate.Accelerator`` for this device and precision (multi-GPU under ``accelerate launch``).
+
+    ``autocast_cache=False`` turns off autocast's cache of cast weights (needed to record CUDA graphs).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import AutocastKwargs
 
     if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)
     if "LOCAL_RANK" not in os.environ and PartialState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=True)  # single process: allow a new device/precision
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    handlers = [] if autocast_cache else [AutocastKwargs(cache_enabled=False)]
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 
 class Trainer:
@@ -86,7 +92,7 @@ class Trainer:
 
         self.config, self.refs, self.regs, self.run_dir = config, refs, regs, run_dir
         device, self.weight_dtype, mixed = resolve_precision(config)
-        self.accelerator = accelerator or make_accelerator(device, mixed)
+        self.accelerator = accelerator or make_accelerator(device, mixed, autocast_cache=not config.cuda_graph)
         self.device = self.accelerator.device
         acc = self.accelerator
         if self.device.type == "cuda":
@@ -143,6 +149,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + acc.process_index)
         self.step_done = 0
         self.last: dict[str, float] = {}
+        self.graphed: GraphedStep | None = GraphedStep.for_trainer(self) if config.cuda_graph else None
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -157,6 +164,7 @@ class Trainer:
             return bnb.optim.AdamW8bit(self.params, **kwargs)
         if self.device.type == "cuda":
             kwargs["fused"] = True  # one kernel for all LoRA tensors
+            kwargs["capturable"] = bool(self.config.cuda_graph)  # step count on the GPU: recordable
         return torch.optim.AdamW(self.params, **kwargs)
 
     def _prepare_prompts(self, images: list[TrainImage]) -> None:
@@ -175,11 +183,11 @@ class Trainer:
             with torch.no_grad(), self.accelerator.autocast():
                 self.prompt_cache = self.text_encoder(self.token_ids)[0].detach()
 
-    def encode_prompts(self, image_indices: list[int]) -> torch.Tensor:
-        index = self.prompt_index[torch.tensor(image_indices, device=self.device)]
+    def encode_prompts(self, prompt_rows: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of the prompts with these indices (``StepInputs.prompt_rows``)."""
         if self.prompt_cache is not None:
-            return self.prompt_cache[index]
-        return self.text_fwd(self.token_ids[index])[0]  # no attention mask, as SD 1.x was trained
+            return self.prompt_cache[prompt_rows]
+        return self.text_fwd(self.token_ids[prompt_rows])[0]  # no attention mask, as SD 1.x was trained
 
     # ---- the method ------------------------------------------------------------------------------
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -203,7 +211,8 @@ class Trainer:
         ref_idx, reg_idx = self.plan.items(micro_batch * acc.num_processes + acc.process_index)
         return ref_idx + [len(self.refs) + i for i in reg_idx]
 
-    def micro_step(self, micro_batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step_inputs(self, micro_batch: int) -> StepInputs:
+        """The random draws and tensors of one micro-batch (everything before the models run)."""
         indices = self.batch_indices(micro_batch)
         gen = self.generator
         latents = self.latents.sample(indices, gen)
@@ -213,18 +222,35 @@ class Trainer:
         )
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
-        with self.accelerator.autocast():
-            hidden = self.encode_prompts(indices)
-            pred = self.unet_fwd(noisy, timesteps, hidden, return_dict=False)[0]
-        return self.loss(pred, target)
+        rows = self.prompt_index[torch.tensor(indices, device=self.device)]
+        return StepInputs(noisy=noisy, timesteps=timesteps, target=target, prompt_rows=rows)
 
-    def step(self) -> dict[str, float]:
-        """One optimisation step (``gradient_accumulation`` micro-batches); returns its loss terms."""
-        start = time.perf_counter()
+    def forward_loss(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Text encoder and UNet on a micro-batch's inputs → the SelfAge loss and its terms."""
+        with self.accelerator.autocast():
+            hidden = self.encode_prompts(inputs.prompt_rows)
+            pred = self.unet_fwd(inputs.noisy, inputs.timesteps, hidden, return_dict=False)[0]
+        return self.loss(pred, inputs.target)
+
+    def micro_step(self, micro_batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.forward_loss(self.step_inputs(micro_batch))
+
+    def optimise(self, inputs: StepInputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One single-micro-batch step: loss, backward, clipping, AdamW; (loss terms, gradient norm).
+
+        No host sync and no allocation outside the step's own tensors: this is what
+        :class:`~selfage_cli.train.graphs.GraphedStep` records as one CUDA graph. Gradients are
+        left in place (the caller zeroes them eagerly; a recorded graph overwrites them).
+        """
+        loss, parts = self.forward_loss(inputs)
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        return {"loss": loss.detach(), **parts}, torch.as_tensor(grad_norm)
+
+    def eager_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimisation step run op by op (``gradient_accumulation`` micro-batches)."""
         acc, ga = self.accelerator, self.config.gradient_accumulation
-        self.unet_fwd.train()
-        if self.train_text:
-            self.text_fwd.train()
         totals: dict[str, torch.Tensor] = {}
         for micro in range(ga):
             with contextlib.ExitStack() as stack:
@@ -239,9 +265,25 @@ class Trainer:
         grad_norm = acc.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return totals, torch.as_tensor(grad_norm)
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step; returns its loss terms, gradient norm and seconds.
+
+        Replayed from a CUDA graph when ``config.cuda_graph`` holds and the set-up allows it
+        (:mod:`selfage_cli.train.graphs`), else run eagerly.
+        """
+        start = time.perf_counter()
+        self.unet_fwd.train()
+        if self.train_text:
+            self.text_fwd.train()
+        if self.graphed is not None and self.graphed.failure is None:
+            totals, grad_norm = self.graphed.step(self.step_inputs(self.step_done))
+        else:
+            totals, grad_norm = self.eager_step()
         self.step_done += 1
         names = list(totals)
-        values = torch.stack([totals[k].float() for k in names] + [torch.as_tensor(grad_norm).float().to(self.device)])
+        values = torch.stack([totals[k].float() for k in names] + [grad_norm.float().to(self.device)])
         numbers = values.tolist()  # the step's only device sync
         self.last = {
             "step": self.step_done,
