@@ -13,8 +13,8 @@ side stream (they are real steps), then the step body (:meth:`Trainer.optimise
 later step copies its inputs before the replay. AdamW keeps its step count on the GPU
 (``capturable=True``), autocast's weight cache is off (the docs' rule for graphs).
 
-Checked before it is trusted: the first replay's loss is compared with an eager forward pass on the
-same inputs; on a disagreement, or if recording or replaying fails, the LoRA weights and optimiser
+Checked before it is trusted: the recording is made on zero inputs, and the first replay's loss (on
+the copied-in real inputs) is compared with an eager forward pass on those inputs; on a disagreement, or if recording or replaying fails, the LoRA weights and optimiser
 state are restored from a snapshot taken before that replay, a warning names the cause and training
 continues eagerly. Not used (with a warning) where it cannot work: off a CUDA GPU, with
 ``--compile``, gradient accumulation, gradient checkpointing, 8-bit Adam, fp16 (loss scaling
@@ -55,9 +55,6 @@ class StepInputs:
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
-
-    def clone(self) -> StepInputs:
-        return StepInputs(*(t.clone() for t in self.tensors()))
 
     def copy_into(self, static: StepInputs) -> None:
         """Write these values into ``static``'s tensors (a recorded graph reads those very tensors)."""
@@ -157,7 +154,9 @@ class GraphedStep:
         return outputs
 
     def _record(self, inputs: StepInputs) -> None:
-        static = self.static = inputs.clone()
+        # Recorded on zeros (a recording runs nothing, so the values do not matter to it): the first
+        # replay then reads only what was copied in, and its check also proves the copying.
+        static = self.static = StepInputs(*(torch.zeros_like(t) for t in inputs.tensors()))
         trainer = self.trainer
         trainer.optimizer.zero_grad(set_to_none=True)  # the recorded backward writes fresh gradients
         self.replay = self.backend.record(lambda: trainer.optimise(static))
