@@ -458,3 +458,37 @@ def test_the_recorded_step_body_makes_no_host_sync(trained: dict[str, Any], tiny
         totals, grad_norm = trainer.optimise(inputs)
     assert spy.seen == []
     assert torch.isfinite(totals["loss"]) and torch.isfinite(grad_norm)
+
+
+def test_uncast_lora_inputs_give_the_same_step_with_fewer_copies(trained: dict[str, Any], tiny_pipe: Any) -> None:
+    """Under bf16 autocast, PEFT's cast of each LoRA input to fp32 (which autocast undoes) is skipped:
+    bit-identical losses and weights, and fewer copy kernels."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                CountCopies.copies += 1
+            return func(*args, **(kwargs or {}))
+
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    results = {}
+    for uncast in (True, False):
+        config = tiny_config(Path(trained["trainer"].config.base_model), dtype="bf16")
+        trainer = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs)
+        assert trainer.weight_dtype == torch.bfloat16 and len(trainer.uncast_lora) > 0
+        if not uncast:
+            trainer.uncast_lora = []
+        CountCopies.copies = 0
+        with CountCopies():
+            losses = [trainer.step()["loss"] for _ in range(2)]
+        results[uncast] = (losses, _lora(trainer), CountCopies.copies)
+        if uncast:
+            layers = trainer.uncast_lora
+    assert results[True][0] == results[False][0]
+    for a, b in zip(results[True][1], results[False][1], strict=True):
+        assert torch.equal(a, b)
+    assert results[True][2] < results[False][2]
+    assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored after each forward

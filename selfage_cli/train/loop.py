@@ -35,7 +35,15 @@ from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.contrastive import nt_xent_per_channel
 from selfage_cli.train.data import BatchPlan, LatentSource, TrainImage
 from selfage_cli.train.graphs import GraphedStep, StepInputs
-from selfage_cli.train.lora import add_lora, cast_lora_fp32, lora_state, save_lora, trainable_parameters
+from selfage_cli.train.lora import (
+    add_lora,
+    cast_lora_fp32,
+    lora_inputs_uncast,
+    lora_layers,
+    lora_state,
+    save_lora,
+    trainable_parameters,
+)
 
 CHECKPOINT_PREFIX = "step-"
 LOSS_LOG = "loss.jsonl"
@@ -129,6 +137,8 @@ class Trainer:
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
 
         self.params = trainable_parameters(self.unet, self.text_encoder if self.train_text else None)
+        # Under autocast the LoRA inputs need no cast to fp32 (lora.lora_inputs_uncast): same numbers, fewer copies.
+        self.uncast_lora = lora_layers(self.unet, self.text_encoder) if mixed != "no" else []
         self.optimizer = self._make_optimizer()
         if self.train_text:
             self.unet_fwd, self.text_fwd, self.optimizer = acc.prepare(self.unet, self.text_encoder, self.optimizer)
@@ -227,7 +237,7 @@ class Trainer:
 
     def forward_loss(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Text encoder and UNet on a micro-batch's inputs → the SelfAge loss and its terms."""
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), lora_inputs_uncast(self.uncast_lora):
             hidden = self.encode_prompts(inputs.prompt_rows)
             pred = self.unet_fwd(inputs.noisy, inputs.timesteps, hidden, return_dict=False)[0]
         return self.loss(pred, inputs.target)
