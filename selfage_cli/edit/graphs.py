@@ -8,8 +8,8 @@ the first call (``torch.cuda.make_graphed_callables``: forward, and backward whe
 gradient) and replays afterwards; it behaves like ``pipe.unet`` called as
 ``unet(latents, timestep_tensor, encoder_hidden_states=ctx, return_dict=False)``.
 
-Trust, but verify. The recording is made from stand-in inputs (random latents and context, another
-timestep), so the first replay of each kind (forward only, and forward + backward) runs on inputs the
+Checked before it is trusted: the recording is made from stand-in inputs (random latents and
+context, another timestep), so the first replay of each kind (forward only, and forward + backward) runs on inputs the
 recording never saw; that replay is compared with an eager call on the same inputs (output, and the
 gradient w.r.t. the context), and only if they agree does the inversion go on with graphs. A failed
 recording or replay, or a disagreement, is reported once as a warning and the inversion continues
@@ -19,8 +19,8 @@ fixed input shape are replayed; any other call runs the plain UNet.
 Used by default for inversions on a CUDA GPU (``invert(..., cuda_graph=True)``, ``edit
 --no-cuda-graph`` to turn off). Its first H100 run failed (that recording was made under
 ``torch.no_grad`` and so held no backward graph); the fix and the checks are tested on the CPU with
-a stand-in recorder, and ``benchmarks/gpu.sh --variants`` times it against eager execution
-(``edit_graph_check``).
+a stand-in recorder; ``benchmarks/gpu.sh`` times it against eager execution (and ``--variants``
+compares the two inversions, ``edit_graph_check``).
 """
 
 from __future__ import annotations

@@ -248,9 +248,9 @@ class Trainer:
     def optimise(self, inputs: StepInputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One single-micro-batch step: loss, backward, clipping, AdamW; (loss terms, gradient norm).
 
-        No host sync and no allocation outside the step's own tensors: this is what
-        :class:`~selfage_cli.train.graphs.GraphedStep` records as one CUDA graph. Gradients are
-        left in place (the caller zeroes them eagerly; a recorded graph overwrites them).
+        No host sync (tested): this is what :class:`~selfage_cli.train.graphs.GraphedStep` records
+        as one CUDA graph. Gradients are left in place (the eager caller drops them; a recorded
+        graph overwrites them at every replay).
         """
         loss, parts = self.forward_loss(inputs)
         self.accelerator.backward(loss)
