@@ -381,6 +381,9 @@ def test_graphed_training_steps_are_the_eager_steps(trained: dict[str, Any], tin
     assert backend.recordings == 1 and step.eager_steps == 2 and step.replays == 3
     assert step.loss_difference == pytest.approx(0.0, abs=1e-6) and step.runner == "cuda-graph"
     assert graphed.last["grad_norm"] > 0
+    graphed.release_graph()  # what fit() does at the end: the graph and its gradients go
+    assert graphed.graphed is None and all(p.grad is None for p in graphed.params)
+    assert torch.isfinite(torch.tensor(graphed.step()["loss"]))  # and later steps run eagerly
 
 
 @pytest.mark.parametrize(

@@ -408,6 +408,14 @@ class Trainer:
                     path = self.save_checkpoint()
                     if on_checkpoint is not None:
                         on_checkpoint(path)
+        self.release_graph()
+
+    def release_graph(self) -> None:
+        """Drop the recorded step (``--cuda-graph``) and its gradients: their GPU memory is freed for
+        what follows training (validation renders); a later ``step()`` runs eagerly."""
+        if self.graphed is not None:
+            self.graphed = None
+            self.optimizer.zero_grad(set_to_none=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
