@@ -495,3 +495,20 @@ def test_uncast_lora_inputs_give_the_same_step_with_fewer_copies(trained: dict[s
         assert torch.equal(a, b)
     assert results[True][2] < results[False][2]
     assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored after each forward
+
+
+def test_steps_put_the_models_in_training_mode_without_walking_them_every_step(
+    trained: dict[str, Any], tiny_pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    trainer = Trainer(copy.deepcopy(tiny_pipe), tiny_config(Path(trained["trainer"].config.base_model)), refs, regs)
+    trainer.unet_fwd.eval()
+    walks = []
+    real_train = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walks.append(self) or real_train(self, mode))
+    trainer.step()
+    assert trainer.unet.training and all(m.training for m in trainer.unet.modules())
+    assert trainer.text_encoder.training
+    first = len(walks)
+    trainer.step()
+    assert first > 0 and len(walks) == first  # the second step walks nothing

@@ -277,6 +277,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return totals, torch.as_tensor(grad_norm)
 
+    def _training_mode(self) -> None:
+        """Put the trained models in training mode, if they are not (``Module.train()`` walks every
+        submodule: ~2,600 of them in SD 1.5, some 10–20 ms of Python when done every step)."""
+        models = [self.unet_fwd] + ([self.text_fwd] if self.train_text else [])
+        for model in models:
+            if not model.training:
+                model.train()
+
     def step(self) -> dict[str, float]:
         """One optimisation step; returns its loss terms, gradient norm and seconds.
 
@@ -284,9 +292,7 @@ class Trainer:
         (:mod:`selfage_cli.train.graphs`), else run eagerly.
         """
         start = time.perf_counter()
-        self.unet_fwd.train()
-        if self.train_text:
-            self.text_fwd.train()
+        self._training_mode()
         if self.graphed is not None and self.graphed.failure is None:
             totals, grad_norm = self.graphed.step(self.step_inputs(self.step_done))
         else:
