@@ -31,7 +31,7 @@ def _describe(record: dict[str, Any]) -> str:
                 [
                     ", channels-last" if s.get("channels_last") else "",
                     f", compile {s['compile']}" if s.get("compile") else "",
-                    ", CUDA-graph step" if s.get("cuda_graph") else "",
+                    _graph_step(record),
                 ]
             )
             return (
@@ -50,13 +50,20 @@ def _describe(record: dict[str, Any]) -> str:
             parts.append(f"max_batch {s['max_batch'] or 'all'}")
         if s.get("compile_inversion"):
             parts.append("compiled inversion")
-        if s.get("cuda_graph") is False and s.get("device_type", "cuda") == "cuda":
+        if s.get("cuda_graph") is False and record.get("device_type") == "cuda":
             parts.append("inversion without CUDA graphs")
         return ", ".join(parts)
     if what.startswith("align") and "size" in s:
         how = "one process" if s.get("mode") == "single" else f"pool of {s.get('workers')} (start-up included)"
         return f"{s['size']} JPEG → {s.get('output_size')}² PNG, {s.get('detector')}, {how}, {s.get('photos')} photos"
     return ", ".join(f"{k} {v}" for k, v in s.items())
+
+
+def _graph_step(record: dict[str, Any]) -> str:
+    """How a train_step line asked for and got ``--cuda-graph`` (refused off a GPU: no runner)."""
+    if not record.get("settings", {}).get("cuda_graph"):
+        return ""
+    return ", CUDA-graph step" if record.get("step_runner") else ", --cuda-graph refused"
 
 
 def _extra(record: dict[str, Any]) -> str:

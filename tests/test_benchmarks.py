@@ -113,6 +113,22 @@ def test_table_renders_records() -> None:
     assert "unet calls 6; ratio 1.50" in text and "2 ages, 3 steps, null-text, ≤2 inner, max_batch 1" in text
 
 
+def test_table_names_the_cuda_graph_switches_as_they_ran() -> None:
+    def line(what: str, device_type: str, settings: dict, **extra) -> str:
+        record = {"what": what, "device_type": device_type, "run_id": "r", "seconds": 1.0, "settings": settings}
+        return table.render([{**record, **extra}])
+
+    edit = {"ages": [0], "ddim_steps": 3, "mode": "negative-prompt", "cuda_graph": False}
+    assert "inversion without CUDA graphs" in line("edit_inversion", "cuda", edit)
+    assert "without CUDA graphs" not in line("edit_inversion", "cpu", edit)  # never any on a CPU
+    assert "without CUDA graphs" not in line("edit_inversion", "cuda", {**edit, "cuda_graph": True})
+    train = {"batch": "4+4", "resolution": 512, "rank": 16, "latent_cache": True, "timed_steps": 20, "cuda_graph": True}
+    ran = line("train_step", "cuda", train, step_runner="cuda-graph", graph_loss_difference=0.0012)
+    assert "latent cache on, CUDA-graph step, 20 timed steps" in ran
+    assert "step runner cuda-graph; graph loss difference 1.20e-03" in ran
+    assert "--cuda-graph refused" in line("train_step", "cpu", train, step_runner=None)
+
+
 def _run_gpu_sh(args: list[str], out: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     return subprocess.run(
@@ -177,7 +193,7 @@ def test_gpu_script_variants_dry_run(tmp_path: Path) -> None:
     assert "--cuda-graph does not work off a CUDA GPU" in result.stderr
     table = (out / "results.md").read_text()
     assert "| train_profile | latent cache on, 3 profiled steps |" in table
-    assert "latent cache on, CUDA-graph step, 1 timed steps |" in table
+    assert "latent cache on, --cuda-graph refused, 1 timed steps |" in table
 
 
 def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:
