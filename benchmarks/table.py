@@ -69,6 +69,7 @@ def _graph_step(record: dict[str, Any]) -> str:
 def _extra(record: dict[str, Any]) -> str:
     keys = (
         "unet_runner",
+        "graph_differences",
         "step_runner",
         "graph_loss_difference",
         "graph_failure",
@@ -89,13 +90,13 @@ def _extra(record: dict[str, Any]) -> str:
     )
     out = []
     for key in keys:
-        if key in record and record[key] is not None:
+        if key in record and record[key] not in (None, {}):
             value = record[key]
-            out.append(
-                f"{key.replace('_', ' ')} {_number(value)}"
-                if isinstance(value, float)
-                else f"{key.replace('_', ' ')} {value}"
-            )
+            if isinstance(value, float):
+                value = _number(value)
+            elif isinstance(value, dict):
+                value = "(" + ", ".join(f"{k} {_number(float(v))}" for k, v in value.items()) + ")"
+            out.append(f"{key.replace('_', ' ')} {value}")
     return "; ".join(out)
 
 

@@ -121,7 +121,15 @@ def test_table_names_the_cuda_graph_switches_as_they_ran() -> None:
     edit = {"ages": [0], "ddim_steps": 3, "mode": "negative-prompt", "cuda_graph": False}
     assert "inversion without CUDA graphs" in line("edit_inversion", "cuda", edit)
     assert "without CUDA graphs" not in line("edit_inversion", "cpu", edit)  # never any on a CPU
-    assert "without CUDA graphs" not in line("edit_inversion", "cuda", {**edit, "cuda_graph": True})
+    graphed = line(
+        "edit_inversion",
+        "cuda",
+        {**edit, "cuda_graph": True},
+        unet_runner="cuda-graph",
+        graph_differences={"forward": 0.0, "forward + backward": 0.003},
+    )
+    assert "without CUDA graphs" not in graphed
+    assert "unet runner cuda-graph; graph differences (forward 0.00, forward + backward 3.00e-03)" in graphed
     train = {"batch": "4+4", "resolution": 512, "rank": 16, "latent_cache": True, "timed_steps": 20, "cuda_graph": True}
     ran = line("train_step", "cuda", train, step_runner="cuda-graph", graph_loss_difference=0.0012)
     assert "latent cache on, CUDA-graph step, 20 timed steps" in ran
