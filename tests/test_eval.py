@@ -322,6 +322,39 @@ def test_missing_output_fails_that_item_only(tmp_path: Path, astronaut_path: Pat
     assert (project.root / "eval" / "report.json").is_file()  # default report folder
 
 
+def test_unreadable_output_fails_that_item_only_naming_the_file(
+    tmp_path: Path, astronaut_path: Path, hopper_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from selfage_cli.cli import app
+
+    project = build_project(tmp_path / "proj", astronaut_path, hopper_path)
+    (project.root / "edits/astronaut/60.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(
+        app,
+        ["eval", "astronaut", "-p", str(project.root), "--json", "--device", "cpu"],
+        env={"SELFAGE_DEX_WEIGHTS": ""},
+    )
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [f["item"] for f in data["failures"]] == ["astronaut/60"]
+    reason = data["failures"][0]["reason"]
+    assert reason.startswith("60.png: not an image file") and "selfage edit --force" in reason
+    assert len(data["report"]["edits"][0]["outputs"]) == 2
+
+    input_rel = Project(project.root).read()["edits"][0]["input"]
+    (project.root / input_rel).write_bytes(b"")  # the aligned input itself: that whole edit fails
+    result = CliRunner().invoke(
+        app,
+        ["eval", "astronaut", "-p", str(project.root), "--json", "--device", "cpu"],
+        env={"SELFAGE_DEX_WEIGHTS": ""},
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    failure = json.loads(result.stdout.strip().splitlines()[-1])["failures"][0]
+    assert failure["item"] == "astronaut" and "selfage edit --force" in failure["reason"]
+
+
 def test_unknown_edit_and_empty_project_exit_2(tmp_path: Path, eval_project: Project) -> None:
     from typer.testing import CliRunner
 

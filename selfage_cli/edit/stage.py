@@ -24,6 +24,7 @@ from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, resolve_lora
 from selfage_cli.edit.outputs import EditOutputs, existing_outputs, plan_outputs, write_outputs
 from selfage_cli.errors import SelfageError, is_out_of_memory
+from selfage_cli.faces.loading import load_image
 from selfage_cli.project import Project, find, now_iso, sha256_file, upsert
 from selfage_cli.summary import StageSummary
 
@@ -421,7 +422,7 @@ def _source_age(ctx: _EditContext, photo: input_photos.InputPhoto) -> tuple[floa
         return entry["age"], str(entry.get("age_source") or "manifest")
     from selfage_cli.ages.dex import estimate_ages
 
-    image = _open_rgb(ctx.project.path(photo.aligned))
+    image = load_image(ctx.project.path(photo.aligned))
     estimate = float(estimate_ages(ctx.dex(), [image], preprocess="antialias", progress=False)[0])
     console.info(f"{photo.id}: DEX estimates age {estimate:.1f}")
     with ctx.project.update() as manifest:
@@ -431,14 +432,6 @@ def _source_age(ctx: _EditContext, photo: input_photos.InputPhoto) -> tuple[floa
             stored["age_source"] = "dex"
             stored["age_candidates"] = {**(stored.get("age_candidates") or {}), "dex": round(estimate, 3)}
     return estimate, "dex"
-
-
-def _open_rgb(path: Path) -> Any:
-    """The image at ``path`` as RGB."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 # ---- inputs, ages, processes ---------------------------------------------------------------------------

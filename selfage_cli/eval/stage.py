@@ -29,7 +29,9 @@ from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.eval import metrics
 from selfage_cli.eval.report import REPORT_FILES
+from selfage_cli.faces.errors import UnreadableImageError
 from selfage_cli.faces.identity import SAME_PERSON_THRESHOLD
+from selfage_cli.faces.loading import load_image
 from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
@@ -137,12 +139,6 @@ def _edit_matches(project: Project, entry: dict[str, Any], name: str, inputs: di
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-def _open_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` as RGB."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 class _Identity:
     """dlib descriptors (cached per file) and distances; disabled with a note when dlib is unavailable."""
 
@@ -165,7 +161,7 @@ class _Identity:
         if not self.available:
             return None
         if path not in self._cache:
-            picture = image if image is not None else _open_rgb(path)
+            picture = image if image is not None else load_image(path)
             value = self._identity.face_descriptor(np.asarray(picture.convert("RGB")))
             self._cache[path] = None if value is None else np.asarray(value, dtype=np.float64)
         return self._cache[path]
@@ -387,7 +383,11 @@ def _score_edit(
     if input_path is None or not input_path.is_file():
         summary.fail(edit_id, f"the aligned input {input_rel} is missing; re-run `selfage edit` on the photo.")
         return None
-    input_image = _open_rgb(input_path)
+    try:
+        input_image = load_image(input_path)
+    except UnreadableImageError as exc:
+        summary.fail(edit_id, f"{exc} Re-run `selfage edit --force` on the photo.")
+        return None
     score = EditScore(
         id=edit_id,
         input=str(input_rel),
@@ -411,7 +411,11 @@ def _score_edit(
                 f"the output {rel or '(not recorded)'} is missing; re-run `selfage edit --force` for this photo.",
             )
             continue
-        output, image = _score_output(path, str(rel), age, identity, input_descriptor, ref_mean)
+        try:
+            output, image = _score_output(path, str(rel), age, identity, input_descriptor, ref_mean)
+        except UnreadableImageError as exc:
+            summary.fail(f"{edit_id}/{age}", f"{exc} Re-run `selfage edit --force` for this photo.")
+            continue
         if age == recon_age:
             score.reconstruction = {"target_age": age, **reconstruction_scores(input_image, image)}
         score.outputs.append(output)
@@ -429,7 +433,7 @@ def _score_output(
     ref_mean: np.ndarray | None,
 ) -> tuple[OutputScore, Image.Image]:
     """One output's identity scores (face found, distances to the input and the references), and its image."""
-    image = _open_rgb(path)
+    image = load_image(path)
     output = OutputScore(target_age=age, path=rel)
     descriptor = identity.descriptor(path, image)
     output.face_found = None if not identity.available else descriptor is not None
