@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -302,20 +303,25 @@ def test_a_previous_report_is_replaced_with_a_warning(eval_project: Project, mon
     assert "old report" not in (folder / "report.md").read_text()
 
 
-def test_missing_output_fails_that_item_only(tmp_path: Path, astronaut_path: Path, hopper_path: Path) -> None:
+def _eval_astronaut(project: Project) -> tuple[int, dict[str, Any], str]:
+    """``selfage eval astronaut --json`` without DEX: (exit code, the JSON summary, all output)."""
     from typer.testing import CliRunner
 
     from selfage_cli.cli import app
 
-    project = build_project(tmp_path / "proj", astronaut_path, hopper_path)
-    (project.root / "edits/astronaut/60.png").unlink()
     result = CliRunner().invoke(
         app,
         ["eval", "astronaut", "-p", str(project.root), "--json", "--device", "cpu"],
         env={"SELFAGE_DEX_WEIGHTS": ""},
     )
-    assert result.exit_code == 1, result.output
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return result.exit_code, json.loads(result.stdout.strip().splitlines()[-1]), result.output
+
+
+def test_missing_output_fails_that_item_only(tmp_path: Path, astronaut_path: Path, hopper_path: Path) -> None:
+    project = build_project(tmp_path / "proj", astronaut_path, hopper_path)
+    (project.root / "edits/astronaut/60.png").unlink()
+    code, data, output = _eval_astronaut(project)
+    assert code == 1, output
     assert [f["item"] for f in data["failures"]] == ["astronaut/60"]
     assert "edits/astronaut/60.png is missing" in data["failures"][0]["reason"]
     assert len(data["report"]["edits"][0]["outputs"]) == 2
@@ -325,19 +331,10 @@ def test_missing_output_fails_that_item_only(tmp_path: Path, astronaut_path: Pat
 def test_unreadable_output_fails_that_item_only_naming_the_file(
     tmp_path: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:
-    from typer.testing import CliRunner
-
-    from selfage_cli.cli import app
-
     project = build_project(tmp_path / "proj", astronaut_path, hopper_path)
     (project.root / "edits/astronaut/60.png").write_bytes(b"not a png")
-    result = CliRunner().invoke(
-        app,
-        ["eval", "astronaut", "-p", str(project.root), "--json", "--device", "cpu"],
-        env={"SELFAGE_DEX_WEIGHTS": ""},
-    )
-    assert result.exit_code == 1, result.output
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+    code, data, output = _eval_astronaut(project)
+    assert code == 1, output
     assert [f["item"] for f in data["failures"]] == ["astronaut/60"]
     reason = data["failures"][0]["reason"]
     assert reason.startswith("60.png: not an image file") and "selfage edit --force" in reason
@@ -345,13 +342,9 @@ def test_unreadable_output_fails_that_item_only_naming_the_file(
 
     input_rel = Project(project.root).read()["edits"][0]["input"]
     (project.root / input_rel).write_bytes(b"")  # the aligned input itself: that whole edit fails
-    result = CliRunner().invoke(
-        app,
-        ["eval", "astronaut", "-p", str(project.root), "--json", "--device", "cpu"],
-        env={"SELFAGE_DEX_WEIGHTS": ""},
-    )
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    failure = json.loads(result.stdout.strip().splitlines()[-1])["failures"][0]
+    code, data, output = _eval_astronaut(project)
+    assert code == 1 and "Traceback" not in output, output
+    failure = data["failures"][0]
     assert failure["item"] == "astronaut" and "selfage edit --force" in failure["reason"]
 
 
