@@ -146,7 +146,7 @@ def bench_train(
                 "text_encoder_lora": True,
                 "num_refs": num_refs,
                 "timed_steps": steps,
-                "warmup_steps": warmup,
+                "warmup_steps": untimed,  # more than asked with --cuda-graph: its warm-up and recording
                 "weights_dtype": dtype_name(trainer.weight_dtype),
                 "compile": compile_mode,
                 "cuda_graph": cuda_graph,
