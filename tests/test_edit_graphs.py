@@ -85,6 +85,59 @@ def _fails_on_replay(fn, samples, num_warmup_iters=3):
     return replay
 
 
+def _static_buffers(fn, samples, num_warmup_iters=3):
+    """Replays with torch's semantics: inputs are copied into the recorded tensors, and every replay
+    writes its output (and its input gradients) into the same buffers, returned as detached aliases."""
+    static_inputs = [s.detach().clone() for s in samples]
+    wants_grad = [s.requires_grad for s in samples]
+    static_output: list[torch.Tensor] = []
+    static_grads: dict[int, torch.Tensor] = {}
+    last: dict[str, object] = {}
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            for static, value in zip(static_inputs, inputs, strict=True):
+                static.copy_(value)
+            with torch.enable_grad():
+                probes = [s.clone().requires_grad_(g) for s, g in zip(static_inputs, wants_grad, strict=True)]
+                out = fn(*probes)
+            last.update(out=out, probes=probes)  # the activations of the latest replay, as in a graph
+            if not static_output:
+                static_output.append(torch.empty_like(out))
+            static_output[0].copy_(out.detach())
+            return static_output[0].detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            wanted = [i for i, g in enumerate(wants_grad) if g]
+            grads = torch.autograd.grad(last["out"], [last["probes"][i] for i in wanted], grad)
+            for i, value in zip(wanted, grads, strict=True):
+                static_grads.setdefault(i, torch.empty_like(value)).copy_(value)
+            return tuple(static_grads[i].detach() if i in static_grads else None for i in range(len(samples)))
+
+    return lambda *args: Replay.apply(*args)
+
+
+@pytest.mark.parametrize("mode", ["null-text", "negative-prompt"])
+def test_replays_that_reuse_their_output_buffer_give_the_eager_inversion(
+    tiny_pipe, tiny_source_latent, monkeypatch, mode
+):
+    """A real replay overwrites the previous call's output: the conditional ε held across the inner
+    steps must be the inversion's own copy, not an alias of the graph's output buffer."""
+    _pretend_gpu(monkeypatch, _static_buffers)
+    eager = invert(tiny_pipe, tiny_source_latent, PROMPT, mode=mode, steps=3, inner_steps=3, cuda_graph=False)
+    graphed = invert(tiny_pipe, tiny_source_latent, PROMPT, mode=mode, steps=3, inner_steps=3, cuda_graph=True)
+    assert graphed.unet_runner == "cuda-graph"
+    assert set(graphed.graph_differences) == (
+        {graphs.FORWARD, graphs.BACKWARD} if mode == "null-text" else {graphs.FORWARD}
+    )
+    assert all(d <= 1e-6 for d in graphed.graph_differences.values())
+    assert torch.allclose(eager.x_t, graphed.x_t, atol=1e-6)
+    assert torch.allclose(eager.null_embeddings, graphed.null_embeddings, atol=1e-6)
+    assert eager.inner_steps_run == graphed.inner_steps_run
+
+
 @pytest.mark.parametrize(
     ("recorder", "message"),
     [
