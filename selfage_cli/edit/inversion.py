@@ -205,7 +205,7 @@ def invert_latent(
         if progress:
             progress(done, total)
 
-    unet, runner = inversion_unet(pipe, mode, compile_unet, cuda_graph)
+    unet = inversion_unet(pipe, mode, compile_unet, cuda_graph)
     # Frozen for the whole inversion, not just the optimisation: one parameter state means one
     # compiled graph per grad mode under torch.compile (requires_grad flips are recompile guards).
     with frozen(pipe.unet):
@@ -242,15 +242,23 @@ def invert_latent(
         seconds=time.perf_counter() - start,
         trajectory=[x.detach().clone() for x in trajectory] if keep_trajectory else None,
         learning_rates=lrs,
-        unet_runner=unet.runner if isinstance(unet, GraphedUNet) else runner,
+        unet_runner=runner_name(unet),
         graph_differences=dict(unet.checked) if isinstance(unet, GraphedUNet) else {},
     )
 
 
-def inversion_unet(pipe: Any, mode: str, compile_unet: bool | dict[str, Any], cuda_graph: bool) -> tuple[Any, str]:
-    """(the UNet callable the inversion uses, or None for ``pipe.unet``; its name for reports)."""
+def inversion_unet(pipe: Any, mode: str, compile_unet: bool | dict[str, Any], cuda_graph: bool) -> Any:
+    """The UNet callable the inversion uses (``None``: ``pipe.unet`` itself)."""
     if compile_unet:
-        return compiled_unet(pipe, compile_unet), "compiled"
+        return compiled_unet(pipe, compile_unet)
     if cuda_graph and cuda_graphs_available(pipe):
-        return GraphedUNet(pipe.unet, context_grad=mode == "null-text"), "cuda-graph"
-    return None, "eager"
+        return GraphedUNet(pipe.unet, context_grad=mode == "null-text")
+    return None
+
+
+def runner_name(unet: Any) -> str:
+    """How an inversion's UNet calls ran, for reports: ``eager``, ``cuda-graph`` or ``compiled``
+    (a graphed UNet that fell back to eager execution reports ``eager``)."""
+    if unet is None:
+        return "eager"
+    return unet.runner if isinstance(unet, GraphedUNet) else "compiled"
