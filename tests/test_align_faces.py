@@ -256,6 +256,21 @@ def test_truncated_and_non_image_files_raise_unreadable(hopper_path, tmp_path):
         align_file(tmp_path / "missing.png")
 
 
+def test_unreadable_errors_keep_their_parts_and_survive_pickling(tmp_path):
+    import pickle
+
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    with pytest.raises(UnreadableImageError) as caught:
+        align_file(text)
+    error = caught.value
+    assert (error.name, error.problem) == ("notes.jpg", "not an image file Pillow can read")
+    assert str(error) == f"notes.jpg: not an image file Pillow can read; {error.fix}."
+    assert error.sentence("re-run the edit") == "notes.jpg: not an image file Pillow can read; re-run the edit."
+    copy = pickle.loads(pickle.dumps(error))  # align's worker processes send errors back pickled
+    assert type(copy) is UnreadableImageError and str(copy) == str(error)
+
+
 def test_face_too_small_is_refused_with_its_size(astronaut):
     half = astronaut.resize((256, 256), Image.Resampling.LANCZOS)
     with pytest.raises(

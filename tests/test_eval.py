@@ -337,7 +337,7 @@ def test_unreadable_output_fails_that_item_only_naming_the_file(
     assert code == 1, output
     assert [f["item"] for f in data["failures"]] == ["astronaut/60"]
     reason = data["failures"][0]["reason"]
-    assert reason.startswith("60.png: not an image file") and "selfage edit --force" in reason
+    assert reason == "60.png: not an image file Pillow can read; re-run `selfage edit --force` for this photo."
     assert len(data["report"]["edits"][0]["outputs"]) == 2
 
     input_rel = Project(project.root).read()["edits"][0]["input"]

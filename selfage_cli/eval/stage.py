@@ -386,7 +386,7 @@ def _score_edit(
     try:
         input_image = load_image(input_path)
     except UnreadableImageError as exc:
-        summary.fail(edit_id, f"{exc} Re-run `selfage edit --force` on the photo.")
+        summary.fail(edit_id, exc.sentence("re-run `selfage edit --force` on the photo"))
         return None
     score = EditScore(
         id=edit_id,
@@ -414,7 +414,7 @@ def _score_edit(
         try:
             output, image = _score_output(path, str(rel), age, identity, input_descriptor, ref_mean)
         except UnreadableImageError as exc:
-            summary.fail(f"{edit_id}/{age}", f"{exc} Re-run `selfage edit --force` for this photo.")
+            summary.fail(f"{edit_id}/{age}", exc.sentence("re-run `selfage edit --force` for this photo"))
             continue
         if age == recon_age:
             score.reconstruction = {"target_age": age, **reconstruction_scores(input_image, image)}

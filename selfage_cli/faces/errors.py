@@ -15,7 +15,22 @@ class FaceError(SelfageError):
 
 
 class UnreadableImageError(FaceError):
-    """Missing, not an image, truncated or corrupt, or too large for Pillow."""
+    """Missing, not an image, truncated or corrupt, or too large for Pillow.
+
+    Held in parts (``name``: the file, ``problem``, ``fix``) so that a stage which knows better what
+    the user should do can say so instead (:meth:`sentence`): ``eval`` asks for the edit to be re-run.
+    """
+
+    def __init__(self, name: str, problem: str, fix: str = ""):
+        super().__init__(name, problem, fix)  # the parts as args: the error survives pickling (align's workers)
+        self.name, self.problem, self.fix = name, problem, fix
+
+    def __str__(self) -> str:
+        return self.sentence(self.fix)
+
+    def sentence(self, fix: str) -> str:
+        """The message, with ``fix`` as its advice."""
+        return f"{self.name}: {self.problem}; {fix}." if fix else f"{self.name}: {self.problem}."
 
 
 class NoFaceError(FaceError):

@@ -47,22 +47,22 @@ def load_image(path: str | Path) -> Image.Image:
                 image = _apply_exif_orientation(opened, name)
                 return to_rgb(image)
     except FileNotFoundError:
-        raise UnreadableImageError(f"{name}: the file does not exist ({path}); check the path.") from None
+        raise UnreadableImageError(name, f"the file does not exist ({path})", "check the path") from None
     except IsADirectoryError:
-        raise UnreadableImageError(f"{name}: is a folder, not an image; pass the folder itself to align it.") from None
+        raise UnreadableImageError(name, "is a folder, not an image", "pass the folder itself to align it") from None
     except PermissionError:
-        raise UnreadableImageError(f"{name}: permission denied; make the file readable.") from None
+        raise UnreadableImageError(name, "permission denied", "make the file readable") from None
     except UnidentifiedImageError:
         raise UnreadableImageError(
-            f"{name}: not an image file Pillow can read; give a {READABLE} photo or remove it."
+            name, "not an image file Pillow can read", f"give a {READABLE} photo or remove it"
         ) from None
     except Image.DecompressionBombError as exc:
         raise UnreadableImageError(
-            f"{name}: too many pixels to decode safely ({exc}); downscale it below 178 megapixels first."
+            name, f"too many pixels to decode safely ({exc})", "downscale it below 178 megapixels first"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UnreadableImageError(
-            f"{name}: the image data is truncated or corrupt ({exc}); re-copy or re-export the photo."
+            name, f"the image data is truncated or corrupt ({exc})", "re-copy or re-export the photo"
         ) from None
 
 
@@ -73,9 +73,9 @@ def load_bytes(data: bytes, name: str = "image") -> Image.Image:
             opened.load()
             return to_rgb(_apply_exif_orientation(opened, name))
     except UnidentifiedImageError:
-        raise UnreadableImageError(f"{name}: not an image Pillow can read; give a {READABLE} image.") from None
+        raise UnreadableImageError(name, "not an image Pillow can read", f"give a {READABLE} image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UnreadableImageError(f"{name}: the image data is truncated or corrupt ({exc}).") from None
+        raise UnreadableImageError(name, f"the image data is truncated or corrupt ({exc})") from None
 
 
 def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
@@ -124,7 +124,7 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
         data = _to_uint8(array)
         return Image.fromarray(np.ascontiguousarray(data))
     raise UnreadableImageError(
-        f"array of shape {array.shape}: expected H×W (grey), H×W×3 (RGB) or H×W×4 (RGBA) pixels."
+        f"array of shape {array.shape}", "expected H×W (grey), H×W×3 (RGB) or H×W×4 (RGBA) pixels"
     )
 
 
