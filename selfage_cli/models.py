@@ -69,6 +69,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+# ---- base-model names --------------------------------------------------------------------------
+def model_reference(name: str | os.PathLike[str]) -> str:
+    """How a base model is recorded: an existing local folder as its absolute path (so a run resumed,
+    or a LoRA used, from another folder finds it), anything else (a Hub id) unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name)
+
+
+def default_base_model(project: Any = None) -> str:
+    """The base model when no ``--base-model`` is given: the project's recorded one
+    (``config.base_model`` in its manifest), else SD 1.5 from the Hub."""
+    recorded = project.config("base_model") if project is not None and project.exists() else None
+    return model_reference(recorded) if recorded else DEFAULT_BASE_MODEL
+
+
 # ---- loading -------------------------------------------------------------------------------------
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}

@@ -240,6 +240,7 @@ def test_lora_default_run_and_cache_miss_when_the_lora_changes(
     tiny_pipe,
     astronaut_path: Path,
     stub_engine: dict,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from selfage_cli.models import model_fingerprint
 
@@ -283,6 +284,15 @@ def test_lora_default_run_and_cache_miss_when_the_lora_changes(
     code, output, _ = edit(project_dir, tiny_model_dir, *args, "--force")
     assert code == 0, output
     assert len(stub_engine["invert"]) == 1  # same LoRA: cache hit
+
+    # Without --base-model (and from another folder), the model the LoRA was trained on is used.
+    monkeypatch.chdir(tmp_path)
+    plain = [a for a in args if a != "--json"]
+    result = runner.invoke(app, ["edit", *plain, *FAST, "--force", "-p", str(project_dir)], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert f"base model: {tiny_model_dir}, the one the LoRA was trained on" in " ".join(result.output.split())
+    assert Project(project_dir).read()["edits"][0]["base_model"] == str(tiny_model_dir)
+    assert len(stub_engine["invert"]) == 1  # the same model under the same name: still a cache hit
 
     other = _make_lora(tiny_pipe, tmp_path / "theirs", seed=2, meta=None)  # e.g. the authors' LoRA: no JSON
     code, output, summary = edit(project_dir, tiny_model_dir, *args, "--force", "--lora", str(other))

@@ -111,14 +111,14 @@ def make_reg(
     dtype: str = "auto",
 ) -> StageSummary:
     """Generate, align and record an age-labelled regularisation set; see the module doc."""
-    from selfage_cli.models import resolve_device
+    from selfage_cli.models import default_base_model, model_reference, resolve_device
 
     low, high = _check_options(count, batch_size, steps, age_range)
     manifest = project.read()
     _refuse_existing_set(project, manifest, force)
     dex_model = _load_dex_model(project, verify, dex_weights)
     plan = _RegPlan(
-        base_model=_base_model(project, base_model),
+        base_model=model_reference(base_model) if base_model else default_base_model(project),
         low=low,
         high=high,
         ages=spread_ages(count, low, high),
@@ -192,13 +192,6 @@ def _load_dex_model(project: Project, verify: bool, dex_weights: Path | None) ->
         )
         return None
     return load_dex(dex_path, "cpu")  # moved to the device when estimating
-
-
-def _base_model(project: Project, base_model: str | None) -> str:
-    """--base-model, else the project's, else the default."""
-    from selfage_cli.models import DEFAULT_BASE_MODEL
-
-    return str(base_model) if base_model else str(project.config("base_model") or DEFAULT_BASE_MODEL)
 
 
 def _aligned_size(manifest: dict[str, Any]) -> int:

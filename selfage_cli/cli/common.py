@@ -41,6 +41,15 @@ BaseModelOpt = Annotated[
         show_default=False,
     ),
 ]
+EditBaseModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-model",
+        help="SD 1.x/2.x Hub id or local diffusers folder (default: the one the LoRA was trained on, "
+        "else the project's, else stable-diffusion-v1-5/stable-diffusion-v1-5).",
+        show_default=False,
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
@@ -64,16 +73,16 @@ class Common:
         return resolve_project(self.project)
 
     def resolved_base_model(self, project: Project | None = None) -> str:
-        """--base-model, else the project's recorded base model, else SD 1.5 from the Hub."""
-        from selfage_cli.models import DEFAULT_BASE_MODEL
+        """--base-model (a local folder made absolute), else the project's recorded base model, else SD 1.5."""
+        from selfage_cli.models import default_base_model, model_reference
 
-        if self.base_model:
-            return self.base_model
-        if project is not None and project.exists():
-            recorded = project.config("base_model")
-            if recorded:
-                return str(recorded)
-        return DEFAULT_BASE_MODEL
+        return model_reference(self.base_model) if self.base_model else default_base_model(project)
+
+    def given_base_model(self) -> str | None:
+        """--base-model as given (a local folder made absolute), or ``None`` when it was left out."""
+        from selfage_cli.models import model_reference
+
+        return model_reference(self.base_model) if self.base_model else None
 
 
 def run(common: Common, action: Callable[[], StageSummary | None]) -> None:

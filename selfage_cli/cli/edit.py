@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from selfage_cli.cli.common import (
-    BaseModelOpt,
     Common,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    EditBaseModelOpt,
     JsonOpt,
     ProjectOpt,
     QuietOpt,
@@ -111,7 +111,7 @@ def edit(
     ] = True,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     project: ProjectOpt = None,
-    base_model: BaseModelOpt = None,
+    base_model: EditBaseModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
@@ -168,7 +168,7 @@ def edit(
             proj,
             config,
             images=images or [],
-            base_model=common.resolved_base_model(proj),
+            base_model=common.given_base_model(),
             lora=lora,
             no_lora=no_lora,
             aligned=aligned,

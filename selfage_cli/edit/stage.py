@@ -34,7 +34,7 @@ def edit_project(
     config: EditConfig,
     *,
     images: list[Path],
-    base_model: str,
+    base_model: str | None,
     lora: Path | None,
     no_lora: bool,
     aligned: bool,
@@ -47,6 +47,7 @@ def edit_project(
     summary = StageSummary("edit")
     config.validate()
     chosen_lora = _choose_lora(project, lora, no_lora)
+    base_model = base_model or _base_model_for(project, chosen_lora)
     files = _expand_images(images, summary)
     if images and not files:
         return summary
@@ -96,6 +97,18 @@ def _choose_lora(project: Project, lora: Path | None, no_lora: bool) -> Resolved
     for message in chosen.warnings if chosen else []:
         console.warn(message)
     return chosen
+
+
+def _base_model_for(project: Project, lora: ResolvedLora | None) -> str:
+    """Without --base-model: the model the LoRA was trained on (its JSON or run record), else the
+    project's recorded base model, else SD 1.5."""
+    from selfage_cli.models import default_base_model, model_reference
+
+    trained_on = (lora.meta or {}).get("base_model") if lora is not None else None
+    if trained_on:
+        console.info(f"base model: {trained_on}, the one the LoRA was trained on (--base-model to choose another)")
+        return model_reference(str(trained_on))
+    return default_base_model(project)
 
 
 def _expand_images(images: list[Path], summary: StageSummary) -> list[Path]:

@@ -19,7 +19,7 @@ import datetime as _dt
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,8 +65,11 @@ def train_project(
     force: bool = False,
 ) -> StageSummary:
     """Train a personal LoRA in ``project`` (see the module docstring); returns the stage summary."""
+    from selfage_cli.models import model_reference
+
     summary = StageSummary("train")
     config.check()
+    config = replace(config, base_model=model_reference(config.base_model))  # a folder: absolute
     plan = _plan_run(project, config, run_name, resume=resume, force=force)
     if plan.already_finished:
         return _skip_finished(summary, plan)
