@@ -26,13 +26,14 @@ from rich.progress import (
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
-_state = {"quiet": False}
+_state: dict[str, bool | str] = {"quiet": False, "muted": False}
 WARNINGS: list[str] = []
 
 
 def configure(quiet: bool = False) -> None:
     """Set verbosity for this process and silence the libraries' own chatter."""
     _state["quiet"] = quiet
+    _state["muted"] = False
     WARNINGS.clear()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
@@ -52,22 +53,36 @@ def configure(quiet: bool = False) -> None:
 
 
 def quiet() -> bool:
-    return _state["quiet"]
+    return bool(_state["quiet"] or _state["muted"])
+
+
+def mute(label: str) -> None:
+    """Print no more messages, warnings, progress or summary from this process: one of several
+    processes of a command whose main process reports for all of them. Its errors still show,
+    prefixed with ``label`` (e.g. ``process 1``), unless the main process reports the same one."""
+    _state["muted"] = label
+
+
+def muted() -> bool:
+    return bool(_state["muted"])
 
 
 def info(message: str) -> None:
     """A progress message (suppressed by --quiet)."""
-    if not _state["quiet"]:
+    if not quiet():
         stderr.print(message)
 
 
 def warn(message: str) -> None:
     """A warning: always shown, and collected for the --json summary."""
     WARNINGS.append(message)
-    stderr.print(f"[yellow]warning:[/yellow] {message}")
+    if not _state["muted"]:
+        stderr.print(f"[yellow]warning:[/yellow] {message}")
 
 
 def error(message: str) -> None:
+    if _state["muted"]:
+        message = f"{_state['muted']}: {message}"
     stderr.print(f"[red]error:[/red] {message}")
 
 
@@ -84,7 +99,7 @@ def progress(transient: bool = False) -> Iterator[Progress]:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=stderr,
-        disable=_state["quiet"],
+        disable=quiet(),
         transient=transient,
     )
     with bar:

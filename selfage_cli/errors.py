@@ -18,6 +18,8 @@ class SelfageError(Exception):
     """A problem the user can fix: the message names the file or option and the fix."""
 
     exit_code = EXIT_USAGE
+    # Set on the other processes of a multi-process command when the main process reports the same error.
+    reported_by_main = False
 
 
 class ManifestError(SelfageError):

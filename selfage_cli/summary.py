@@ -37,6 +37,15 @@ class StageSummary:
     def fail(self, item: str, reason: str) -> None:
         self.failures.append(Failure(item, reason))
 
+    def merge(self, other: StageSummary) -> None:
+        """Add what ``other`` (the same command, run by another process) did."""
+        self.done += other.done
+        self.failures += other.failures
+        self.skipped += other.skipped
+        self.warnings = list(dict.fromkeys(self.warnings + other.warnings))
+        self.lines += other.lines
+        self.data = {**other.data, **self.data}
+
     @property
     def exit_code(self) -> int:
         return EXIT_PARTIAL if self.failures else EXIT_OK

@@ -13,8 +13,9 @@ from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, identifier_from_meta, resolve_lora
 from selfage_cli.edit.outputs import existing_outputs, make_strip, plan_outputs, write_outputs
-from selfage_cli.edit.stage import _oom_message, _split_for_process, merge_edit_entry
+from selfage_cli.edit.stage import _oom_message, merge_edit_entry
 from selfage_cli.errors import SelfageError
+from selfage_cli.processes import share
 from selfage_cli.project import Project
 
 
@@ -240,8 +241,8 @@ class _FakeState:
 
 def test_photos_are_split_across_processes() -> None:
     photos = ["a", "b", "c"]
-    assert _split_for_process(photos, None) == photos
-    shares = [_split_for_process(photos, _FakeState(i)) for i in range(2)]
+    assert share(photos, None) == photos
+    shares = [share(photos, _FakeState(i)) for i in range(2)]
     assert shares[0] + shares[1] == photos and all(shares)
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from selfage_cli import console
 from selfage_cli.errors import EXIT_INTERRUPTED, InterruptedRun, SelfageError
 from selfage_cli.project import Project, find
 from selfage_cli.train.config import TrainConfig
@@ -215,11 +216,19 @@ def test_interrupted_run_resumes_bit_identically(
     with pytest.raises(SelfageError, match="unfinished run; pass --resume"):
         run(project, config, "half")
 
+    # A checkpoint written by several processes (accelerate launch) and resumed by one: said, not refused.
+    state_file = folder / "checkpoints" / "step-000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    console.WARNINGS.clear()
+
     monkeypatch.undo()
     resumed_steps = []
     monkeypatch.setattr(Trainer, "on_step_end", lambda self, stats: resumed_steps.append(stats["step"]))
     summary = run(project, tiny_config(tiny_model_dir, steps=50, lr=1.0), "half", resume=True)  # recorded config wins
     assert resumed_steps == [2, 3] and summary.exit_code == 0
+    assert any("written by a run of 2 process(es) and continues with 1" in w for w in console.WARNINGS)
     assert find(project.read()["runs"], "half", key="name")["finished"] is True
     full = load_file(str(project.root / "runs" / "full" / "pytorch_lora_weights.safetensors"))
     half = load_file(str(folder / "pytorch_lora_weights.safetensors"))

@@ -109,8 +109,8 @@ def run(common: Common, action: Callable[[], StageSummary | None]) -> None:
             EXIT_INTERNAL,
             exc,
         )
-    if summary is None:
-        raise typer.Exit(0)
+    if summary is None or console.muted():  # a muted process: the main process reports
+        raise typer.Exit(0 if summary is None else summary.exit_code)
     summary.warnings = list(dict.fromkeys(summary.warnings + console.WARNINGS))
     if common.json:
         sys.stdout.write(json.dumps(summary.to_json(), default=str) + "\n")
@@ -120,6 +120,8 @@ def run(common: Common, action: Callable[[], StageSummary | None]) -> None:
 
 
 def _fail(common: Common, message: str, code: int, exc: BaseException) -> None:
+    if console.muted() and getattr(exc, "reported_by_main", False):  # the main process prints it
+        raise typer.Exit(code)
     if common.debug:
         traceback.print_exception(exc)
     if common.json:

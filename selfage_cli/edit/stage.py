@@ -12,7 +12,6 @@ split across the processes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, res
 from selfage_cli.edit.outputs import EditOutputs, existing_outputs, plan_outputs, write_outputs
 from selfage_cli.errors import SelfageError, is_out_of_memory
 from selfage_cli.faces.loading import load_image
+from selfage_cli.processes import decided_by_main, gathered, is_main, main_first, process_state, share
 from selfage_cli.project import Project, find, now_iso, sha256_file, upsert
 from selfage_cli.summary import StageSummary
 
@@ -42,22 +42,49 @@ def edit_project(
     force: bool,
     device: str,
     dtype: str,
-) -> StageSummary:
-    """Edit ``images`` (default: every registered input) to ``config.ages``; see the module doc."""
+) -> StageSummary | None:
+    """Edit ``images`` (default: every registered input) to ``config.ages``; see the module doc.
+
+    Under ``accelerate launch`` the main process checks the call and registers the photos, each
+    process edits its share, and the main process returns the summary of all (the others ``None``).
+    """
+    state = process_state(device)
+    if not is_main(state):
+        console.mute(f"process {state.process_index}")
     summary = StageSummary("edit")
     config.validate()
+    chosen_lora, base_model, files = decided_by_main(
+        state, lambda: _check_call(project, config, images, base_model, lora, no_lora, dex_weights, summary)
+    )
+    if images and not files:
+        return summary if is_main(state) else None
+    ctx = _load_context(project, config, base_model, chosen_lora, dex_weights, device=device, dtype=dtype, state=state)
+    photos = _register_inputs(project, files, aligned=aligned, resolution=ctx.resolution, summary=summary, state=state)
+    _edit_photos(ctx, share(photos, state), force, summary)
+    summary = gathered(summary, state)
+    if summary is not None:
+        summary.data.update(_call_data(ctx, summary.done))
+    return summary
+
+
+def _check_call(
+    project: Project,
+    config: EditConfig,
+    images: list[Path],
+    base_model: str | None,
+    lora: Path | None,
+    no_lora: bool,
+    dex_weights: Path | None,
+    summary: StageSummary,
+) -> tuple[ResolvedLora | None, str, list[Path]]:
+    """The LoRA, the base model and the photo files of the call (missing ones fail in ``summary``);
+    exit 2 before any model loads when a photo would have no source age."""
     chosen_lora = _choose_lora(project, lora, no_lora)
     base_model = base_model or _base_model_for(project, chosen_lora)
     files = _expand_images(images, summary)
-    if images and not files:
-        return summary
-    _check_source_age_available(project, config, files, dex_weights)
-    state = _distributed_state(device)
-    ctx = _load_context(project, config, base_model, chosen_lora, dex_weights, device=device, dtype=dtype, state=state)
-    photos = _register_inputs(project, files, aligned=aligned, resolution=ctx.resolution, summary=summary, state=state)
-    _edit_photos(ctx, _split_for_process(photos, state), force, summary)
-    summary.data.update(_call_data(ctx, summary.done))
-    return summary
+    if not images or files:
+        _check_source_age_available(project, config, files, dex_weights)
+    return chosen_lora, base_model, files
 
 
 # ---- the call ----------------------------------------------------------------------------------------
@@ -495,37 +522,12 @@ def _register_inputs(
             return input_photos.register_aligned(project, files, resolution, target)
         return input_photos.register_raw(project, files, resolution, target)
 
-    if state is None:
-        photos = register(summary)
-    else:
-        with state.main_process_first():
-            photos = register(summary if state.is_main_process else StageSummary("edit"))
+    with main_first(state):
+        photos = register(summary if is_main(state) else StageSummary("edit"))
     unique: dict[str, input_photos.InputPhoto] = {}
     for photo in photos:
         unique.setdefault(photo.id, photo)
     return list(unique.values())
-
-
-def _distributed_state(device: str) -> Any:
-    """accelerate's PartialState under ``accelerate launch``/``torchrun`` with several processes, else None.
-
-    Each process then uses its own GPU (``state.device``); without CUDA (or with ``--device cpu``) the
-    processes share the CPU (gloo), which only makes sense for testing.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-
-
-def _split_for_process(photos: list[Any], state: Any) -> list[Any]:
-    """This process's share of the photos (all of them without ``accelerate launch``)."""
-    if state is None or state.num_processes <= 1:
-        return photos
-    with state.split_between_processes(photos) as mine:
-        return list(mine)
 
 
 def _oom_message(config: EditConfig, item: str) -> str:

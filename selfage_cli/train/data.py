@@ -10,6 +10,8 @@ the latent-distribution cache.
   both sets are shuffled, and an epoch covers the larger set. Micro-batch m takes items
   m·B … m·B+B−1 of the endless sequence of epochs: a pure function of (seed, m), so a resumed run
   sees exactly the batches an uninterrupted one would.
+* Random draws (latent sample, noise, timesteps) of micro-batch m on process r come from a generator
+  seeded with :func:`draw_seed` (seed, r, m): also a pure function, whatever happened before.
 * Batch layout: B reference images, then B regularisation images; prompts
   ``"{instance_prompt} as {age}-year-old"`` and ``"{class_prompt} as {age}-year-old"``.
 * Latent cache: each image goes through the VAE encoder once; the latent distribution's mean and
@@ -18,6 +20,7 @@ the latent-distribution cache.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,13 @@ class BatchPlan:
             refs.append(a[pos])
             regs.append(b[pos])
         return refs, regs
+
+
+def draw_seed(seed: int, process: int, micro_batch: int) -> int:
+    """The generator seed of micro-batch ``micro_batch`` on process ``process`` of a run seeded with
+    ``seed``: distinct for every (process, micro-batch), and the same in a resumed run."""
+    digest = hashlib.blake2b(f"{seed}/{process}/{micro_batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def load_pixels(path: Path, resolution: int, notes: dict[str, list[str]]) -> torch.Tensor:

@@ -10,9 +10,13 @@ One step (per micro-batch; ``--gradient-accumulation`` micro-batches per step):
 5. loss = MSE_inst + w_c·C_inst + w_p·(MSE_prior + w_c·C_prior), all in fp32,
 6. AdamW on the fp32 LoRA weights after clipping their gradient norm to 1.0.
 
-Randomness comes from one ``torch.Generator`` on the device (seeded with ``--seed``), and the batch
-order is a pure function of (seed, step), so a run resumed from a checkpoint continues exactly as an
-uninterrupted one would.
+The random draws of a micro-batch come from a ``torch.Generator`` on the device seeded with
+``data.draw_seed(--seed, process, micro-batch)``, and the batch order is a pure function of (seed,
+micro-batch), so a run resumed from a checkpoint continues exactly as an uninterrupted one would.
+
+Under ``accelerate launch`` each process draws its own micro-batches (micro-batch m of process r is
+item group m·N + r of the batch order) and gradients are averaged (DDP); the loss log holds the mean
+over the processes, and only the main process writes (checkpoints, loss log).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.contrastive import nt_xent_per_channel
-from selfage_cli.train.data import BatchPlan, LatentSource, TrainImage
+from selfage_cli.train.data import BatchPlan, LatentSource, TrainImage, draw_seed
 from selfage_cli.train.graphs import GraphedStep, StepInputs
 from selfage_cli.train.lora import (
     add_lora,
@@ -156,7 +160,7 @@ class Trainer:
         )
         self._prepare_prompts(images)
 
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + acc.process_index)
+        self.generator = torch.Generator(device=self.device)  # seeded per micro-batch (draw_seed)
         self.step_done = 0
         self.last: dict[str, float] = {}
         self.graphed: GraphedStep | None = GraphedStep.for_trainer(self) if config.cuda_graph else None
@@ -224,7 +228,7 @@ class Trainer:
     def step_inputs(self, micro_batch: int) -> StepInputs:
         """The random draws and tensors of one micro-batch (everything before the models run)."""
         indices = self.batch_indices(micro_batch)
-        gen = self.generator
+        gen = self.generator.manual_seed(draw_seed(self.config.seed, self.accelerator.process_index, micro_batch))
         latents = self.latents.sample(indices, gen)
         noise = torch.randn(latents.shape, generator=gen, device=gen.device, dtype=torch.float32).to(latents.device)
         timesteps = torch.randint(0, self.num_timesteps, (latents.shape[0],), generator=gen, device=gen.device).to(
@@ -300,6 +304,8 @@ class Trainer:
         self.step_done += 1
         names = list(totals)
         values = torch.stack([totals[k].float() for k in names] + [grad_norm.float().to(self.device)])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")  # every process's micro-batches
         numbers = values.tolist()  # the step's only device sync
         self.last = {
             "step": self.step_done,
@@ -335,11 +341,12 @@ class Trainer:
                 str(tmp / "text_encoder.safetensors"),
             )
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state()}  # the training draws need none: draw_seed
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step_done, "config": self.config.to_json()}))
+        state = {"step": self.step_done, "processes": self.accelerator.num_processes, "config": self.config.to_json()}
+        (tmp / "state.json").write_text(json.dumps(state))
         for file in tmp.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -372,11 +379,17 @@ class Trainer:
         # load without unpickling arbitrary objects.
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
         rng = torch.load(folder / "rng.pt", weights_only=True)
-        self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step_done = int(json.loads((folder / "state.json").read_text())["step"])
+        state = json.loads((folder / "state.json").read_text())
+        self.step_done = int(state["step"])
+        before, now = int(state.get("processes", 1)), self.accelerator.num_processes
+        if before != now:
+            console.warn(
+                f"{folder.name} was written by a run of {before} process(es) and continues with {now}: each "
+                f"step now averages {now} micro-batch(es), so the rest of the run differs from an uninterrupted one."
+            )
 
     def save_lora(self, folder: Path) -> Path:
         return save_lora(folder, self.unet, self.text_encoder if self.train_text else None)

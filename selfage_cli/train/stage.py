@@ -30,6 +30,7 @@ from selfage_cli import console
 from selfage_cli.errors import InterruptedRun, SelfageError
 from selfage_cli.faces.loading import IMAGE_SUFFIXES
 from selfage_cli.files import atomic_write_json
+from selfage_cli.processes import decided_by_main, is_main, main_first, process_state
 from selfage_cli.project import Project, find, now_iso, upsert
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
@@ -63,24 +64,36 @@ def train_project(
     run_name: str | None = None,
     resume: bool = False,
     force: bool = False,
-) -> StageSummary:
-    """Train a personal LoRA in ``project`` (see the module docstring); returns the stage summary."""
+) -> StageSummary | None:
+    """Train a personal LoRA in ``project`` (see the module docstring); returns the stage summary.
+
+    Under ``accelerate launch`` the main process decides (run name, resume, images), prepares the
+    project and writes everything; the other processes train beside it, print nothing but their own
+    errors, and return ``None``.
+    """
     from selfage_cli.models import model_reference
 
     summary = StageSummary("train")
     config.check()
     config = replace(config, base_model=model_reference(config.base_model))  # a folder: absolute
-    plan = _plan_run(project, config, run_name, resume=resume, force=force)
+    state = process_state(config.device)
+    if not is_main(state):
+        console.mute(f"process {state.process_index}")
+    plan = decided_by_main(state, lambda: _plan_run(project, config, run_name, resume=resume, force=force))
     if plan.already_finished:
-        return _skip_finished(summary, plan)
-    _run_earlier_stages(project, plan.config, summary, refs=refs, reg=reg, birth_date=birth_date, ages_file=ages_file)
-    ref_images, reg_images = _training_images(project, plan.config)
+        return _skip_finished(summary, plan) if is_main(state) else None
+    with main_first(state):
+        if is_main(state):
+            _run_earlier_stages(
+                project, plan.config, summary, refs=refs, reg=reg, birth_date=birth_date, ages_file=ages_file
+            )
+    ref_images, reg_images = decided_by_main(state, lambda: _training_images(project, plan.config))
     pipe = _load_base_model(plan.config)
-    if plan.replace:
+    if plan.replace and is_main(state):
         _remove_run(project, plan)
-    trainer, entry = _train_in_run_dir(project, plan, pipe, ref_images, reg_images)
-    if not trainer.accelerator.is_main_process:
-        return summary
+    trainer, entry = _train_in_run_dir(project, plan, pipe, ref_images, reg_images, writer=is_main(state))
+    if not is_main(state):
+        return None
     grid, entry = _validation_grid(project, plan, pipe, trainer, entry)
     return _report_trained(summary, plan, trainer, entry, grid)
 
@@ -194,20 +207,23 @@ def _load_base_model(config: TrainConfig) -> Any:
 
 # ---- training and its results --------------------------------------------------------------------------
 def _train_in_run_dir(
-    project: Project, plan: _RunPlan, pipe: Any, refs: list[TrainImage], regs: list[TrainImage]
+    project: Project, plan: _RunPlan, pipe: Any, refs: list[TrainImage], regs: list[TrainImage], *, writer: bool
 ) -> tuple[Trainer, dict[str, Any]]:
-    """Train in the run folder; a run that fails before its first checkpoint leaves nothing behind."""
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    """Train in the run folder; a run that fails before its first checkpoint leaves nothing behind.
+
+    ``writer``: this process writes the run's files (the main one of several processes)."""
+    if writer:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _train(project, plan, pipe, refs, regs)
+        return _train(project, plan, pipe, refs, regs, writer=writer)
     except BaseException:
-        if plan.checkpoint is None and not list_checkpoints(plan.run_dir / "checkpoints"):
+        if writer and plan.checkpoint is None and not list_checkpoints(plan.run_dir / "checkpoints"):
             shutil.rmtree(plan.run_dir, ignore_errors=True)  # nothing resumable: leave nothing behind
         raise
 
 
 def _train(
-    project: Project, plan: _RunPlan, pipe: Any, refs: list[TrainImage], regs: list[TrainImage]
+    project: Project, plan: _RunPlan, pipe: Any, refs: list[TrainImage], regs: list[TrainImage], *, writer: bool
 ) -> tuple[Trainer, dict[str, Any]]:
     """Build the trainer, resume if asked, train, write the outputs; Ctrl-C → checkpoint + InterruptedRun."""
     name, run_dir, config = plan.name, plan.run_dir, plan.config
@@ -217,9 +233,10 @@ def _train(
         raise _oom(config) from exc
     if plan.checkpoint is not None:
         trainer.load_checkpoint(plan.checkpoint)
-        truncate_loss_log(run_dir / LOSS_LOG, trainer.step_done)
+        if writer:
+            truncate_loss_log(run_dir / LOSS_LOG, trainer.step_done)
         console.info(f"resuming run {name} at step {trainer.step_done}/{config.steps}.")
-    else:
+    elif writer:
         (run_dir / LOSS_LOG).write_text("")
     recorder = _Recorder(project, name, run_dir, config, trainer, refs, regs)
     try:
@@ -228,10 +245,12 @@ def _train(
         trainer.save_checkpoint()
         recorder.record(finished=False)
         resume_cmd = f"selfage train --resume --run {name} -p {project.root}"
-        raise InterruptedRun(
+        interrupted = InterruptedRun(
             f"training interrupted at step {trainer.step_done}/{config.steps}; a checkpoint was saved in "
             f"runs/{name}/checkpoints and the run is marked unfinished; continue with `{resume_cmd}`."
-        ) from None
+        )
+        interrupted.reported_by_main = not writer
+        raise interrupted from None
     except torch.OutOfMemoryError as exc:
         raise _oom(config) from exc
     if config.checkpoint_every:
@@ -419,6 +438,7 @@ class _Recorder:
             "steps_done": self.trainer.step_done,
             "steps_total": cfg.steps,
             "finished": finished,
+            "processes": self.trainer.accelerator.num_processes,
             "train_text_encoder": cfg.train_text_encoder,
             "resolution": cfg.resolution,
             "prediction_type": self.trainer.prediction_type,
@@ -456,6 +476,7 @@ class _Recorder:
             "steps_done": self.trainer.step_done,
             "steps_total": self.config.steps,
             "finished": finished,
+            "processes": self.trainer.accelerator.num_processes,
             "checkpoint_dir": rel(self.run_dir / "checkpoints"),
             "loss_log": rel(self.run_dir / LOSS_LOG),
             "references": [{"id": img.id, "age": img.age} for img in self.refs],
