@@ -36,6 +36,22 @@ def process_state(device: str | None) -> Any:
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
+def refuse_several(command: str) -> None:
+    """Exit 2 when ``command``, which runs in one process, was started as several (only ``train`` and
+    ``edit`` share their work); the other processes stay silent, so the sentence is printed once."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank != 0:
+        console.mute(f"process {rank}")
+    error = SelfageError(
+        f"`selfage {command}` runs in one process, but it was started as {os.environ['WORLD_SIZE']} "
+        "(accelerate launch / torchrun); run it without the launcher (only train and edit use several)."
+    )
+    error.reported_by_main = rank != 0
+    raise error
+
+
 def is_main(state: Any) -> bool:
     """Whether this is the process that decides and writes (always, for a single process)."""
     return state is None or bool(state.is_main_process)

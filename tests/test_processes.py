@@ -144,3 +144,21 @@ def test_editing_with_two_processes_splits_the_photos(
         assert sorted(entry["outputs"]) == ["20", "60"]
         for output in entry["outputs"].values():
             assert (tmp_path / "proj" / output).is_file()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_single_process_commands_refuse_a_launcher(rank: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from selfage_cli.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    result = CliRunner().invoke(app, ["make-reg", "-p", str(tmp_path / "proj")], terminal_width=400)
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    if rank == "0":
+        assert "`selfage make-reg` runs in one process, but it was started as 2" in said
+    else:
+        assert said == ""  # the main process says it
+    assert not (tmp_path / "proj").exists()

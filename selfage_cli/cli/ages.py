@@ -92,7 +92,7 @@ def label_ages(
 
       selfage label-ages --reg ./reg_faces --dex-weights dex_age_classifier.pth -p proj
     """
-    common = Common(project=project, device=device, json=json_out, quiet=quiet, debug=debug)
+    common = Common(command="label-ages", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
 
     def action():
         from selfage_cli.ages.stage import label_ages as label
@@ -147,7 +147,14 @@ def make_reg(
       selfage make-reg --count 40 --age-range 10-70 --base-model ./sd15 -p proj
     """
     common = Common(
-        project=project, base_model=base_model, device=device, dtype=dtype, json=json_out, quiet=quiet, debug=debug
+        command="make-reg",
+        project=project,
+        base_model=base_model,
+        device=device,
+        dtype=dtype,
+        json=json_out,
+        quiet=quiet,
+        debug=debug,
     )
 
     def action():

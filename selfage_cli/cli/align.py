@@ -61,7 +61,7 @@ def align(
 
       selfage align --check -p proj
     """
-    common = Common(project=project, json=json_out, quiet=quiet, debug=debug)
+    common = Common(command="align", project=project, json=json_out, quiet=quiet, debug=debug)
 
     def action():
         from selfage_cli.faces.stage import align_photos, check_identity

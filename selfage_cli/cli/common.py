@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -61,6 +61,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on erro
 class Common:
     """The shared options of one command invocation."""
 
+    command: str  # its name, e.g. "train"
     project: Path | None = None
     base_model: str | None = None
     device: str = "auto"
@@ -85,10 +86,18 @@ class Common:
         return model_reference(self.base_model) if self.base_model else None
 
 
-def run(common: Common, action: Callable[[], StageSummary | None]) -> None:
-    """Run a library call, print its summary, and exit with 0, 1, 2 or 130."""
+def run(common: Common, action: Callable[[], StageSummary | None], *, several_processes: bool = False) -> None:
+    """Run a library call, print its summary, and exit with 0, 1, 2 or 130.
+
+    ``several_processes``: the call shares its work when started as several processes (accelerate
+    launch); other commands refuse to be started that way.
+    """
+    from selfage_cli.processes import refuse_several
+
     console.configure(quiet=common.quiet or common.json)
     try:
+        if not several_processes:
+            refuse_several(common.command)
         summary = action()
     except SelfageError as exc:
         _fail(common, str(exc), exc.exit_code, exc)
@@ -155,7 +164,3 @@ def parse_int_list(value: str, option: str) -> list[int]:
                 f"{option}: {part!r} is not an integer; give integers such as {option} 0,20,80."
             ) from None
     return check_age_list(numbers, option)
-
-
-def common_options(**kwargs: Any) -> Common:
-    return Common(**kwargs)

@@ -135,7 +135,14 @@ def edit(
       accelerate launch -m selfage_cli edit --ages 0,40,80 -p proj   # photos split across GPUs
     """
     common = Common(
-        project=project, base_model=base_model, device=device, dtype=dtype, json=json_out, quiet=quiet, debug=debug
+        command="edit",
+        project=project,
+        base_model=base_model,
+        device=device,
+        dtype=dtype,
+        json=json_out,
+        quiet=quiet,
+        debug=debug,
     )
 
     def action():
@@ -178,7 +185,7 @@ def edit(
             dtype=dtype,
         )
 
-    run(common, action)
+    run(common, action, several_processes=True)
 
 
 def register(app: typer.Typer) -> None:

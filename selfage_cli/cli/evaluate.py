@@ -48,7 +48,7 @@ def evaluate(
 
       selfage eval photo --report ./report --json -p proj
     """
-    common = Common(project=project, device=device, json=json_out, quiet=quiet, debug=debug)
+    common = Common(command="eval", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
 
     def action():
         from selfage_cli.eval.stage import evaluate_project

@@ -35,7 +35,7 @@ def demo(
 
       selfage demo ./demo-project
     """
-    common = Common(json=json_out, quiet=quiet, debug=debug)
+    common = Common(command="demo", json=json_out, quiet=quiet, debug=debug)
 
     def action():
         from selfage_cli.demo import run_demo
@@ -65,7 +65,9 @@ def doctor(
 
       selfage doctor --base-model ./sd15 --dex-weights dex_age_classifier.pth
     """
-    common = Common(project=project, base_model=base_model, device=device, json=json_out, quiet=quiet, debug=debug)
+    common = Common(
+        command="doctor", project=project, base_model=base_model, device=device, json=json_out, quiet=quiet, debug=debug
+    )
 
     def action():
         from selfage_cli.doctor import diagnose
@@ -99,7 +101,7 @@ def random_model(
 
       selfage random-model ./sd15-random --arch sd15 --device cuda
     """
-    common = Common(json=json_out, quiet=quiet, debug=debug)
+    common = Common(command="random-model", json=json_out, quiet=quiet, debug=debug)
 
     def action():
         from selfage_cli.models import save_random_model

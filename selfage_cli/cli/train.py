@@ -158,7 +158,14 @@ def train(
       selfage train --resume --run my-run -p proj
     """
     common = Common(
-        project=project, base_model=base_model, device=device, dtype=dtype, json=json_out, quiet=quiet, debug=debug
+        command="train",
+        project=project,
+        base_model=base_model,
+        device=device,
+        dtype=dtype,
+        json=json_out,
+        quiet=quiet,
+        debug=debug,
     )
 
     def action():
@@ -205,7 +212,7 @@ def train(
             force=force,
         )
 
-    run(common, action)
+    run(common, action, several_processes=True)
 
 
 def register(app: typer.Typer) -> None:
