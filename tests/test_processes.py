@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from test_train_run import make_train_project
+from test_train_run import make_train_project, tiny_config
 
 from selfage_cli.project import Project, find
 
@@ -46,7 +46,6 @@ def first_step_loss(model: Path, project: Project, process: int) -> float:
     from accelerate.state import AcceleratorState
 
     from selfage_cli.models import load_pipeline
-    from selfage_cli.train.config import TrainConfig
     from selfage_cli.train.data import select_references, select_regularisation
     from selfage_cli.train.loop import Trainer
 
@@ -55,17 +54,7 @@ def first_step_loss(model: Path, project: Project, process: int) -> float:
         num_processes = 2
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    config = TrainConfig(
-        base_model=str(model),
-        steps=3,
-        batch_size=1,
-        rank=4,
-        lr=1e-2,
-        resolution=128,
-        seed=3,
-        device="cpu",
-        dtype="fp32",
-    )
+    config = tiny_config(model, batch_size=1)  # what TRAIN_ARGS say
     manifest = project.read()
     refs = select_references(project, manifest, config.num_refs, config.instance_prompt)
     regs = select_regularisation(project, manifest, config.class_prompt)
