@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-ARCHITECTURES = ("tiny", "sd15")
+ARCHITECTURES = ("tiny", "sd15", "tiny-sd2")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -216,11 +216,14 @@ def check_resolution(pipe: Any, resolution: int, option: str = "--resolution") -
 # ---- random model factory --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Architecture:
-    """The configs of a pipeline's three networks (diffusers/transformers config kwargs)."""
+    """The configs of a pipeline's three networks (diffusers/transformers config kwargs), what its
+    scheduler predicts and the tokenizer's padding token."""
 
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
+    prediction_type: str = "epsilon"
+    pad_token: str = "<|endoftext|>"  # SD 1.x; SD 2.x pads with "!"
 
 
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -238,8 +241,16 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def _unet_config(
-    widths: tuple[int, ...], layers: int, heads: int, cross_dim: int, sample_size: int, groups: int
+    widths: tuple[int, ...],
+    layers: int,
+    heads: int | tuple[int, ...],
+    cross_dim: int,
+    sample_size: int,
+    groups: int,
+    sd2: bool = False,
 ) -> dict[str, Any]:
+    """SD 1.x's UNet layout; ``sd2``: SD 2.x's traits (linear projections, upcast attention; ``heads``
+    then counts heads per level, as SD 2.x's ``attention_head_dim`` list does)."""
     return {
         "sample_size": sample_size,
         "in_channels": 4,
@@ -257,7 +268,9 @@ def _unet_config(
         "norm_num_groups": groups,
         "norm_eps": 1e-5,
         "cross_attention_dim": cross_dim,
-        "attention_head_dim": heads,
+        "attention_head_dim": list(heads) if isinstance(heads, tuple) else heads,
+        "use_linear_projection": sd2,
+        "upcast_attention": sd2,
     }
 
 
@@ -277,7 +290,10 @@ def _vae_config(widths: tuple[int, ...], layers: int, sample_size: int, groups: 
     }
 
 
-def _text_config(hidden: int, layers: int, heads: int, intermediate: int, projection: int) -> dict[str, Any]:
+def _text_config(
+    hidden: int, layers: int, heads: int, intermediate: int, projection: int, act: str = "quick_gelu"
+) -> dict[str, Any]:
+    """CLIP's text encoder (SD 1.x: quick GELU; SD 2.x's OpenCLIP encoder: GELU)."""
     return {
         "vocab_size": 49408,
         "hidden_size": hidden,
@@ -285,7 +301,7 @@ def _text_config(hidden: int, layers: int, heads: int, intermediate: int, projec
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "max_position_embeddings": 77,
-        "hidden_act": "quick_gelu",
+        "hidden_act": act,
         "layer_norm_eps": 1e-5,
         "projection_dim": projection,
         "bos_token_id": 0,
@@ -295,7 +311,7 @@ def _text_config(hidden: int, layers: int, heads: int, intermediate: int, projec
 
 
 def architecture(arch: str) -> Architecture:
-    """The network configs of ``tiny`` or ``sd15``."""
+    """The network configs of ``tiny``, ``sd15`` or ``tiny-sd2``."""
     if arch == "sd15":
         return Architecture(
             unet=_unet_config((320, 640, 1280, 1280), layers=2, heads=8, cross_dim=768, sample_size=64, groups=32),
@@ -310,6 +326,19 @@ def architecture(arch: str) -> Architecture:
             vae=_vae_config((16, 32, 32, 32), layers=1, sample_size=128, groups=8),
             text_encoder=_text_config(hidden=32, layers=2, heads=4, intermediate=64, projection=32),
         )
+    if arch == "tiny-sd2":
+        # SD 2.x's traits at tiny size: heads per level, linear projections and upcast attention in the
+        # UNet, a GELU text encoder wider than the UNet's first level, "!" padding, v-prediction; and a
+        # 24² latent (192 px), so that no layer choice can lean on the tiny model's 16².
+        return Architecture(
+            unet=_unet_config(
+                (32, 64, 64, 64), layers=1, heads=(2, 4, 4, 4), cross_dim=48, sample_size=24, groups=8, sd2=True
+            ),
+            vae=_vae_config((16, 32, 32, 32), layers=1, sample_size=192, groups=8),
+            text_encoder=_text_config(hidden=48, layers=2, heads=4, intermediate=96, projection=48, act="gelu"),
+            prediction_type="v_prediction",
+            pad_token="!",
+        )
     raise SelfageError(f"--arch {arch!r} is not known; use one of: {', '.join(ARCHITECTURES)}.")
 
 
@@ -318,8 +347,9 @@ def tokenizer_folder() -> Path:
     return Path(str(resources.files("selfage_cli") / "data" / "clip_tokenizer"))
 
 
-def load_clip_tokenizer() -> Any:
-    """SD 1.5's tokenizer (CLIP ViT-L/14 BPE, 77 tokens, padded with the end token)."""
+def load_clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+    """SD 1.5's tokenizer (CLIP ViT-L/14 BPE, 77 tokens, padded with the end token); SD 2.x's is the
+    same vocabulary padded with ``"!"``."""
     from transformers import CLIPTokenizer
 
     folder = tokenizer_folder()
@@ -328,7 +358,7 @@ def load_clip_tokenizer() -> Any:
         str(folder / "vocab.json"),
         str(folder / "merges.txt"),
         model_max_length=77,
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     )
 
 
@@ -358,9 +388,9 @@ def build_random_pipeline(
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=load_clip_tokenizer(),
+        tokenizer=load_clip_tokenizer(spec.pad_token),
         unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": spec.prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -84,7 +84,11 @@ def random_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline into.")],
     arch: Annotated[
         str,
-        typer.Option("--arch", help="tiny (128 px, seconds on a CPU) or sd15 (the exact SD 1.5 architecture, ~4 GB)."),
+        typer.Option(
+            "--arch",
+            help="tiny (128 px, seconds on a CPU), sd15 (the exact SD 1.5 architecture, ~4 GB) or tiny-sd2 "
+            "(SD 2.x's traits at tiny size: v-prediction, 192 px).",
+        ),
     ] = "tiny",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "cpu",
