@@ -125,7 +125,9 @@ def make_reg(
     dex_weights: DexWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated per batch.")] = 4,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps per image.")] = 50,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the generation: image i uses seed + i, so a set is reproducible.")
+    ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing generated set.")] = False,
     project: ProjectOpt = None,
     base_model: BaseModelOpt = None,

@@ -92,7 +92,14 @@ def edit(
             "--dex-weights", envvar="SELFAGE_DEX_WEIGHTS", help="DEX checkpoint for the source age.", show_default=False
         ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="torch seed set before each photo, as the reference does (the outputs do not depend on it: "
+            "DDIM inversion and editing are deterministic).",
+        ),
+    ] = 0,
     compile_unet: Annotated[
         bool,
         typer.Option(

@@ -90,7 +90,7 @@ def random_model(
             "(SD 2.x's traits at tiny size: v-prediction, 192 px).",
         ),
     ] = "tiny",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights (same seed, same model).")] = 0,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite a model already in OUT_DIR.")] = False,
     json_out: JsonOpt = False,

@@ -72,7 +72,12 @@ def train(
             "Images of another size are resized with a warning.",
         ),
     ] = 512,
-    seed: Annotated[int, typer.Option("--seed")] = 42,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed of the LoRA initialisation, the batch order and every micro-batch's noise (draw_seed)."
+        ),
+    ] = 42,
     gradient_accumulation: Annotated[
         int, typer.Option("--gradient-accumulation", help="Steps to accumulate gradients over.")
     ] = 1,
