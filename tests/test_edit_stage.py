@@ -330,6 +330,15 @@ def test_lora_problems_exit_2(project_dir: Path, tmp_path: Path, tiny_model_dir:
     code, output, _ = edit(project_dir, tiny_model_dir, *base, "--lora", str(foreign))
     assert code == 2 and "someone/other-model" in output and "--base-model" in output
 
+    # Without --base-model, a LoRA whose (local) base model has since moved says so.
+    moved = {"base_model": str(tmp_path / "moved-model"), "base_model_fingerprint": "0123456789abcdef"}
+    (foreign / "pytorch_lora_weights.json").write_text(json.dumps({**moved, "finished": True, "rank": 4}))
+    result = runner.invoke(app, ["edit", *base, *FAST, "-p", str(project_dir), "--lora", str(foreign)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert f"the base model it was trained on, {tmp_path / 'moved-model'}, is no longer there" in said
+    assert "pass --base-model" in said
+
 
 def test_no_dex_weights_and_no_source_age_exit_2(
     project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, monkeypatch: pytest.MonkeyPatch

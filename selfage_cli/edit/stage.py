@@ -132,6 +132,11 @@ def _base_model_for(project: Project, lora: ResolvedLora | None) -> str:
     from selfage_cli.models import default_base_model, model_reference
 
     trained_on = (lora.meta or {}).get("base_model") if lora is not None else None
+    if trained_on and Path(str(trained_on)).is_absolute() and not Path(str(trained_on)).is_dir():
+        raise SelfageError(
+            f"{lora.path}: the base model it was trained on, {trained_on}, is no longer there (moved or deleted); "
+            "pass --base-model with the model's folder (or Hub id)."
+        )
     if trained_on:
         console.info(f"base model: {trained_on}, the one the LoRA was trained on (--base-model to choose another)")
         return model_reference(str(trained_on))
