@@ -244,6 +244,27 @@ def test_interrupted_run_resumes_bit_identically(
     assert again.skipped and "already finished" in again.lines[0]
 
 
+def test_a_run_resumes_after_its_base_model_folder_moved(
+    tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    project = make_train_project(tmp_path / "proj", [astronaut_path, hopper_path])
+    first = shutil.copytree(tiny_model_dir, tmp_path / "models" / "sd")
+    monkeypatch.setattr(Trainer, "on_step_end", lambda self, stats: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(InterruptedRun):
+        run(project, tiny_config(first), "moving")
+    monkeypatch.undo()
+    moved = first.rename(tmp_path / "models" / "sd-moved")
+
+    with pytest.raises(SelfageError, match=f"the base model it was trained on, {first}, is no longer there"):
+        run(project, tiny_config(Path("someone/another-model")), "moving", resume=True)
+    summary = run(project, tiny_config(moved), "moving", resume=True)  # the same weights, elsewhere
+    assert summary.exit_code == 0
+    entry = find(project.read()["runs"], "moving", key="name")
+    assert entry["finished"] is True and entry["base_model"] == str(moved)
+
+
 def test_latent_cache_draws_what_re_encoding_draws(trained: dict[str, Any], tiny_pipe: Any, tmp_path: Path) -> None:
     """Sampling the cached latent distribution gives the same step as re-encoding (same generator)."""
     refs, regs = trained["trainer"].refs, trained["trainer"].regs

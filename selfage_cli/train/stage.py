@@ -123,7 +123,27 @@ def _resume_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, conf
         raise SelfageError(f"--resume --run {name}: runs/{name} has no checkpoint yet; start it again with --force.")
     checkpoint = found[-1]
     recorded = json.loads((checkpoint / "state.json").read_text()).get("config") or (existing or {}).get("config")
-    return _RunPlan(name, run_dir, config.with_method_of(recorded) if recorded else config, checkpoint=checkpoint)
+    resumed = config.with_method_of(recorded) if recorded else config
+    fingerprint = (existing or {}).get("base_model_fingerprint")
+    resumed = _base_model_found(name, resumed, offered=config.base_model, fingerprint=fingerprint)
+    return _RunPlan(name, run_dir, resumed, checkpoint=checkpoint)
+
+
+def _base_model_found(name: str, config: TrainConfig, *, offered: str, fingerprint: str | None) -> TrainConfig:
+    """--resume of a run whose base-model folder is gone (moved): go on with the model offered now
+    (--base-model, else the project's) when it holds the same weights (same fingerprint), else exit 2."""
+    from selfage_cli.models import model_fingerprint
+
+    recorded = Path(config.base_model)
+    if not recorded.is_absolute() or recorded.is_dir():
+        return config  # a Hub id, or still in its place
+    if fingerprint and offered != config.base_model and model_fingerprint(offered) == fingerprint:
+        console.info(f"run {name}: its base model {recorded} is gone; resuming with {offered} (the same weights).")
+        return replace(config, base_model=offered)
+    raise SelfageError(
+        f"--resume --run {name}: the base model it was trained on, {recorded}, is no longer there (moved or "
+        "deleted); pass --base-model with its new place (the same weights)."
+    )
 
 
 def _fresh_plan(
