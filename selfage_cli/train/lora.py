@@ -23,7 +23,7 @@ from selfage_cli.files import atomic_save
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the LoRA weights (diffusers format)
-META_NAME = "pytorch_lora_weights.json"  # our metadata beside them (written by train/stage.py)
+META_NAME = "pytorch_lora_weights.json"  # our metadata beside them (written by train/record.py)
 
 
 def present_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:

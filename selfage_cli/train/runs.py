@@ -1,0 +1,131 @@
+"""Which run ``selfage train`` trains: the ``--run`` / ``--resume`` / ``--force`` policy.
+
+:func:`plan_run` names the run (``--run``, the last unfinished one for ``--resume``, else a timestamp),
+refuses to overwrite a run without ``--force``, and for ``--resume`` finds the latest checkpoint and
+the method options (and base model) the run was started with.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from selfage_cli import console
+from selfage_cli.errors import SelfageError
+from selfage_cli.project import Project, find
+from selfage_cli.train.config import TrainConfig
+from selfage_cli.train.loop import list_checkpoints
+from selfage_cli.train.lora import META_NAME
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The run to train: its name and folder, the config to use, and how it starts."""
+
+    name: str
+    run_dir: Path
+    config: TrainConfig
+    checkpoint: Path | None = None  # --resume: continue from this checkpoint
+    replace: bool = False  # --force: an earlier run of this name goes once training can start
+    already_finished: bool = False  # --resume of a finished run: nothing to do
+
+
+def plan_run(project: Project, config: TrainConfig, run_name: str | None, *, resume: bool, force: bool) -> RunPlan:
+    """Apply the --run/--resume/--force policy: which run to train and how it starts (exit 2 when refused)."""
+    if resume and force:
+        raise SelfageError("--resume and --force contradict each other; pass one of them.")
+    manifest = project.read()
+    name = _run_name(manifest, run_name, resume)
+    run_dir = project.root / "runs" / name
+    existing = find(manifest.get("runs", []), name, key="name")
+    if resume:
+        return _resume_plan(name, run_dir, existing, config)
+    return _fresh_plan(name, run_dir, existing, config, force)
+
+
+def _resume_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig) -> RunPlan:
+    """Continue the run from its latest checkpoint, with the method options it was started with."""
+    if existing is None and not run_dir.is_dir():
+        raise SelfageError(f"--resume --run {name}: the project has no such run; leave out --resume to start it.")
+    if _is_finished(existing, run_dir):
+        return RunPlan(name, run_dir, config, already_finished=True)
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise SelfageError(f"--resume --run {name}: runs/{name} has no checkpoint yet; start it again with --force.")
+    checkpoint = found[-1]
+    recorded = json.loads((checkpoint / "state.json").read_text()).get("config") or (existing or {}).get("config")
+    resumed = config.with_method_of(recorded) if recorded else config
+    fingerprint = (existing or {}).get("base_model_fingerprint")
+    resumed = _base_model_found(name, resumed, offered=config.base_model, fingerprint=fingerprint)
+    return RunPlan(name, run_dir, resumed, checkpoint=checkpoint)
+
+
+def _base_model_found(name: str, config: TrainConfig, *, offered: str, fingerprint: str | None) -> TrainConfig:
+    """--resume of a run whose base-model folder is gone (moved): go on with the model offered now
+    (--base-model, else the project's) when it holds the same weights (same fingerprint), else exit 2."""
+    from selfage_cli.models import model_fingerprint
+
+    recorded = Path(config.base_model)
+    if not recorded.is_absolute() or recorded.is_dir():
+        return config  # a Hub id, or still in its place
+    if fingerprint and offered != config.base_model and model_fingerprint(offered) == fingerprint:
+        console.info(f"run {name}: its base model {recorded} is gone; resuming with {offered} (the same weights).")
+        return replace(config, base_model=offered)
+    raise SelfageError(
+        f"--resume --run {name}: the base model it was trained on, {recorded}, is no longer there (moved or "
+        "deleted); pass --base-model with its new place (the same weights)."
+    )
+
+
+def _fresh_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig, force: bool) -> RunPlan:
+    """Start the run from scratch; a run that already holds that name is replaced only with --force."""
+    taken = existing is not None or (run_dir.exists() and any(run_dir.iterdir()))
+    if taken and not force:
+        if _is_finished(existing, run_dir):
+            state, fix = "a finished", "pass --force to replace it or choose another --run name"
+        else:
+            state = "an unfinished"
+            fix = "pass --resume to continue it, --force to start it again, or choose another --run name"
+        raise SelfageError(f"--run {name}: runs/{name} already holds {state} run; {fix}.")
+    return RunPlan(name, run_dir, config, replace=taken)
+
+
+def remove_run(project: Project, plan: RunPlan) -> None:
+    """--force: delete the old run's files and manifest entry (only once the new run can start)."""
+    shutil.rmtree(plan.run_dir, ignore_errors=True)
+    with project.update() as manifest:
+        manifest["runs"] = [r for r in manifest.get("runs", []) if r.get("name") != plan.name]
+
+
+def _run_name(manifest: dict[str, Any], run_name: str | None, resume: bool) -> str:
+    """The run's name: --run (checked), the last unfinished run for --resume, else a timestamp."""
+    if run_name:
+        if not _RUN_NAME.match(run_name):
+            raise SelfageError(f"--run {run_name!r}: use letters, digits, '.', '_' and '-' only.")
+        return run_name
+    if resume:
+        unfinished = [r for r in manifest.get("runs", []) if not r.get("finished")]
+        if not unfinished:
+            raise SelfageError("--resume: the project has no unfinished run; name one with --run NAME.")
+        return str(unfinished[-1]["name"])
+    return "run-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _is_finished(entry: dict[str, Any] | None, run_dir: Path) -> bool:
+    """Whether the run is finished, from its manifest entry or else its LoRA JSON."""
+    if entry is not None:
+        return bool(entry.get("finished"))
+    meta = run_dir / META_NAME
+    if meta.is_file():
+        try:
+            return bool(json.loads(meta.read_text()).get("finished"))
+        except (ValueError, OSError):
+            return False
+    return False
