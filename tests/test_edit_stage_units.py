@@ -13,7 +13,8 @@ from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, identifier_from_meta, resolve_lora
 from selfage_cli.edit.outputs import existing_outputs, make_strip, plan_outputs, write_outputs
-from selfage_cli.edit.stage import _oom_message, merge_edit_entry
+from selfage_cli.edit.record import merge_edit_entry
+from selfage_cli.edit.stage import _oom_message
 from selfage_cli.errors import SelfageError
 from selfage_cli.processes import share
 from selfage_cli.project import Project
