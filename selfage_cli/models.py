@@ -126,8 +126,27 @@ def load_pipeline(
         )
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(_explain_load_failure(name, exc)) from exc
+    _check_text_to_image(pipe, name)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _check_text_to_image(pipe: Any, name: str) -> None:
+    """Exit 2 for pipelines that load as Stable Diffusion but are not SD 1.x/2.x text-to-image models
+    (inpainting and depth models, SD-XL-style extra conditioning, x₀-predicting schedulers)."""
+    unet = pipe.unet.config
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    problem = None
+    if int(unet.in_channels) != 4:
+        problem = f"its UNet takes {unet.in_channels} input channels (an inpainting or depth model), not 4"
+    elif unet.get("addition_embed_type"):
+        problem = f"its UNet needs extra conditioning ({unet.addition_embed_type}, as SD-XL does)"
+    elif prediction not in ("epsilon", "v_prediction"):
+        problem = f"its scheduler predicts {prediction!r}, not the noise or the velocity"
+    if problem:
+        raise ModelNotFoundError(
+            f"--base-model {name}: {problem}; pass an SD 1.x/2.x text-to-image model such as {DEFAULT_BASE_MODEL}."
+        )
 
 
 def _explain_load_failure(name: str, exc: Exception) -> str:

@@ -128,6 +128,25 @@ def test_save_refuses_to_overwrite(tiny_model_dir: Path, tmp_path: Path) -> None
         save_random_model(tmp_path, arch="tiny")
 
 
+def test_models_that_are_not_sd_text_to_image_are_refused_by_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    inpainting = shutil.copytree(tiny_model_dir, tmp_path / "inpainting")
+    config = {k: v for k, v in UNet2DConditionModel.load_config(inpainting / "unet").items() if not k.startswith("_")}
+    UNet2DConditionModel(**{**config, "in_channels": 9}).save_pretrained(inpainting / "unet")
+    with pytest.raises(ModelNotFoundError, match="its UNet takes 9 input channels .an inpainting or depth model"):
+        load_pipeline(inpainting, device="cpu")
+
+    x0 = shutil.copytree(tiny_model_dir, tmp_path / "x0")
+    scheduler_file = x0 / "scheduler" / "scheduler_config.json"
+    scheduler_file.write_text(json.dumps({**json.loads(scheduler_file.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ModelNotFoundError, match="its scheduler predicts 'sample'.*pass an SD 1.x/2.x text-to-image"):
+        load_pipeline(x0, device="cpu")
+
+
 def test_missing_models_say_how_to_pass_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="--base-model ./sd15"):
