@@ -99,3 +99,25 @@ def test_age_lists_are_validated(value: str, message: str) -> None:
     with pytest.raises(SelfageError, match=message):
         parse_int_list(value, "--ages")
     assert parse_int_list("0, 20,80", "--ages") == [0, 20, 80]
+
+
+def test_help_prose_is_one_line_per_paragraph_and_examples_stay_indented() -> None:
+    from selfage_cli.cli import help_text
+
+    doc = """First line.
+
+    A paragraph written
+    over two lines.
+
+    Examples:
+
+      selfage edit a.png --ages 20
+      selfage edit b.png
+    """
+    assert help_text(doc) == (
+        "First line.\n\nA paragraph written over two lines.\n\nExamples:\n\n"
+        "  selfage edit a.png --ages 20\n  selfage edit b.png"
+    )
+    for command in app.registered_commands:
+        assert command.help == help_text(command.callback.__doc__), command.name
+        assert "\n" not in command.help.split("\n\n")[1], command.name  # the prose paragraph is one line

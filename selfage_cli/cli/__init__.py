@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from selfage_cli import __version__
@@ -34,11 +36,25 @@ def _root(
     """selfage: personalised facial age transformation."""
 
 
+def help_text(doc: str) -> str:
+    """A command's docstring as its help: each prose paragraph on one line, for the terminal to wrap
+    at its width (Typer keeps the source's line breaks, which breaks every line twice on an 80-column
+    terminal); indented paragraphs (the examples) kept line by line."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(
+        paragraph if paragraph.startswith(" ") else " ".join(line.strip() for line in paragraph.splitlines())
+        for paragraph in paragraphs
+    )
+
+
 def _register() -> None:
     from selfage_cli.cli import ages, align, edit, evaluate, tools, train
 
     for module in (align, ages, train, edit, evaluate, tools):
         module.register(app)
+    for command in app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = help_text(command.callback.__doc__)
 
 
 _register()

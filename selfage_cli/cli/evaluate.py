@@ -42,6 +42,10 @@ def evaluate(
 ) -> None:
     """Score edits: DEX age error per target age, dlib identity distance, reconstruction PSNR/SSIM.
 
+    Scores every recorded edit (or the EDITs named: input ids or photo names) and writes report.json,
+    report.md and contact_sheet.png to eval/ (or --report DIR), replacing an earlier report. Without
+    DEX weights the ages are not measured and the report says so. See docs/eval.md.
+
     Examples:
 
       selfage eval -p proj

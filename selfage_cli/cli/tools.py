@@ -61,6 +61,10 @@ def doctor(
 ) -> None:
     """Check the installation: versions, device, base model, DEX weights and dlib models.
 
+    Lists the installed versions and checks the device, the base model (a local diffusers folder, or a
+    Hub id already in the Hugging Face cache), the DEX weights and dlib's model files; each missing
+    piece comes with its fix. Nothing is downloaded or loaded; the exit code is 0 either way.
+
     Example:
 
       selfage doctor --base-model ./sd15 --dex-weights dex_age_classifier.pth
@@ -98,6 +102,10 @@ def random_model(
     debug: DebugOpt = False,
 ) -> None:
     """Write a randomly initialised SD-1.x pipeline (for tests, benchmarks and offline install checks).
+
+    The folder is an ordinary diffusers pipeline (model_index.json, unet/, vae/, text_encoder/,
+    tokenizer/ with SD 1.5's CLIP vocabulary, scheduler/) that every command takes as --base-model.
+    Its pictures are meaningless; its shapes and costs are those of the real architecture.
 
     Examples:
 
