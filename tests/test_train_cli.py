@@ -95,6 +95,10 @@ def test_finished_run_needs_force(from_raw_photos: dict[str, Any]) -> None:
     result = invoke(project, "--base-model", model, "--run", "raw", *FAST)
     assert result.exit_code == 2
     assert "already holds a finished run; pass --force" in result.output
+    from_env = runner.invoke(  # SELFAGE_RUN names the run where --run cannot be passed (torchrun)
+        app, ["train", "-p", str(project), "--base-model", model, *FAST], env={"SELFAGE_RUN": "raw"}, terminal_width=200
+    )
+    assert from_env.exit_code == 2 and "--run raw: runs/raw already holds a finished run" in from_env.output
     missing = invoke(project, "--base-model", str(project / "no-such-model"), "--run", "other", *FAST)
     assert missing.exit_code == 2 and "no-such-model" in missing.output
 

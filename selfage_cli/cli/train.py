@@ -90,7 +90,13 @@ def train(
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Checkpoints kept.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
     run_name: Annotated[
-        str | None, typer.Option("--run", help="Run name (folder runs/NAME; default: a timestamp).", show_default=False)
+        str | None,
+        typer.Option(
+            "--run",
+            envvar="SELFAGE_RUN",
+            help="Run name (folder runs/NAME; default: a timestamp).",
+            show_default=False,
+        ),
     ] = None,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Less memory, ~30% slower.")
