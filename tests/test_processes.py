@@ -31,13 +31,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def launch_command(args: list[str]) -> list[str]:
     """``accelerate launch`` with two processes on the CPU, running ``selfage ARGS``."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(_free_port()), "-m", "selfage_cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return command + ["--main_process_port", str(_free_port()), "-m", "selfage_cli", *args]
+
+
+def launch_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+
+
+def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(launch_command(args), cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=600)
 
 
 def first_step_loss(model: Path, project: Project, process: int) -> float:
@@ -151,3 +157,41 @@ def test_single_process_commands_refuse_a_launcher(rank: str, tmp_path: Path, mo
     else:
         assert said == ""  # the main process says it
     assert not (tmp_path / "proj").exists()
+
+
+def test_ctrl_c_stops_every_process_after_the_same_step(
+    tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
+) -> None:
+    """Ctrl-C in a terminal reaches the launcher and both processes (and the launcher passes it on):
+    they agree at the end of a step, the main process checkpoints that step and says so once."""
+    import signal
+    import time
+
+    project = make_train_project(tmp_path / "proj", [astronaut_path, hopper_path])
+    args = ["train", "--run", "cut", *TRAIN_ARGS, "--base-model", str(tiny_model_dir), "-p", "proj"]
+    args[args.index("--steps") + 1] = "5000"
+    args[args.index("--checkpoint-every") + 1] = "0"
+    process = subprocess.Popen(
+        launch_command(args),
+        cwd=tmp_path,
+        env=launch_env(),
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    log = project.root / "runs" / "cut" / "loss.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what the terminal does
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode != 0  # the launcher's code for a failed process (130 here)
+    run = find(project.read()["runs"], "cut", key="name")
+    steps = run["steps_done"]
+    assert run["finished"] is False and 2 <= steps < 5000
+    said = " ".join(stderr.split())
+    assert said.count(f"training interrupted at step {steps}/5000") == 1, stderr[-3000:]
+    assert "process 1:" not in said
+    assert (project.root / "runs" / "cut" / "checkpoints" / f"step-{steps:06d}").is_dir()
+    assert len(log.read_text().splitlines()) == steps

@@ -189,3 +189,19 @@ def test_resolution_multiple_comes_from_the_loaded_model(tiny_pipe: object) -> N
     )
     assert resolution_multiple(shallow) == 16
     check_resolution(shallow, 80)
+
+
+def test_a_stop_request_waits_for_the_step_unless_ctrl_c_comes_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from selfage_cli.train import loop
+
+    clock = iter([100.0, 100.2, 101.5])
+    monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))
+    stop = loop.StopRequest()
+    assert not stop.requested
+    stop._on_signal(signal.SIGTERM, None)  # the first signal only asks
+    assert stop.requested
+    stop._on_signal(signal.SIGINT, None)  # 0.2 s later: a launcher's echo of the same Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        stop._on_signal(signal.SIGINT, None)  # 1.5 s later: the user means it

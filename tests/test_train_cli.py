@@ -161,3 +161,36 @@ def test_force_replaces_a_finished_run(from_raw_photos: dict[str, Any]) -> None:
     assert (project / "runs" / "raw" / "loss.jsonl").stat().st_mtime_ns != before
     runs = [r for r in Project(project).read()["runs"] if r["name"] == "raw"]
     assert len(runs) == 1 and runs[0]["finished"] is True
+
+
+def test_sigterm_stops_after_the_current_step_and_saves_it(
+    tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
+) -> None:
+    """A job scheduler's (or `timeout`'s) SIGTERM is a Ctrl-C that waits for the step to end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train_run import make_train_project
+
+    project = make_train_project(tmp_path / "proj", [astronaut_path, hopper_path])
+    args = ["--base-model", str(tiny_model_dir), "--run", "long", *FAST]
+    args[args.index("--steps") + 1] = "5000"
+    command = [sys.executable, "-m", "selfage_cli", "train", "-p", str(project.root), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = project.root / "runs" / "long" / "loss.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    run = find(Project(project.root).read()["runs"], "long", key="name")
+    steps = run["steps_done"]
+    assert run["finished"] is False and 2 <= steps < 5000
+    assert f"training interrupted at step {steps}/5000" in " ".join(stderr.split())
+    assert (project.root / "runs" / "long" / "checkpoints" / f"step-{steps:06d}").is_dir()
+    assert len(log.read_text().splitlines()) == steps  # whole steps: the log and the checkpoint agree
+    assert os.path.isfile(project.root / "runs" / "long" / "pytorch_lora_weights.safetensors")

@@ -157,8 +157,9 @@ def train(
     With --refs, photos the project does not hold yet are aligned and labelled first (ages from file
     names like 34_beach.jpg, --ages-file, or EXIF with --birth-date). The first --num-refs labelled
     references by file name are used. Writes runs/NAME/pytorch_lora_weights.safetensors (diffusers
-    LoRA format) and its JSON, and records the run in selfage.json. Ctrl-C saves a checkpoint and
-    exits 130; --resume continues bit-identically. Multi-GPU: accelerate launch -m selfage_cli train ...
+    LoRA format) and its JSON, and records the run in selfage.json. Ctrl-C (or SIGTERM) ends the step,
+    saves a checkpoint and exits 130; --resume continues bit-identically. Multi-GPU: accelerate launch
+    -m selfage_cli train ...
 
     Examples:
 

@@ -25,8 +25,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,40 @@ from selfage_cli.train.lora import (
 
 CHECKPOINT_PREFIX = "step-"
 LOSS_LOG = "loss.jsonl"
+AT_ONCE_AFTER = 1.0  # seconds: a second Ctrl-C this long after the first stops mid-step
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (a job scheduler, ``timeout``, a launcher) while training: stop after
+    the current step, so that the checkpoint written then holds whole steps. A second Ctrl-C at least
+    :data:`AT_ONCE_AFTER` seconds later stops at once (a launcher's echo of the first one does not)."""
+
+    def __init__(self) -> None:
+        self.requested_at: float | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+        elif signum == signal.SIGINT and now - self.requested_at >= AT_ONCE_AFTER:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[None]:
+        """Catch SIGINT and SIGTERM for the duration (main thread only; elsewhere Python's defaults)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def resolve_precision(config: TrainConfig) -> tuple[torch.device, torch.dtype, str]:
@@ -164,6 +200,8 @@ class Trainer:
         self.step_done = 0
         self.last: dict[str, float] = {}
         self.graphed: GraphedStep | None = GraphedStep.for_trainer(self) if config.cuda_graph else None
+        self.stop = StopRequest()
+        self.stopping = False  # some process was asked to stop: every process stops after this step
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -304,9 +342,12 @@ class Trainer:
         self.step_done += 1
         names = list(totals)
         values = torch.stack([totals[k].float() for k in names] + [grad_norm.float().to(self.device)])
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values, reduction="mean")  # every process's micro-batches
+        several = self.accelerator.num_processes > 1
+        if several:  # the mean over every process's micro-batches, and whether any process must stop
+            asked = torch.tensor([float(self.stop.requested)], device=values.device)
+            values = self.accelerator.reduce(torch.cat([values, asked]), reduction="mean")
         numbers = values.tolist()  # the step's only device sync
+        self.stopping = numbers.pop() > 0 if several else self.stop.requested
         self.last = {
             "step": self.step_done,
             **dict(zip(names, numbers[:-1], strict=True)),
@@ -401,7 +442,9 @@ class Trainer:
     def fit(self, on_checkpoint: Callable[[Path | None], None] | None = None) -> None:
         """Train to ``config.steps`` with a progress bar, the loss log and periodic checkpoints.
 
-        KeyboardInterrupt propagates to the caller, which writes the interrupt checkpoint.
+        Ctrl-C or SIGTERM ends the loop after the current step (:class:`StopRequest`; with several
+        processes, after the step at which any of them was asked, the same step for all) with a
+        KeyboardInterrupt, which propagates to the caller, which writes the interrupt checkpoint.
         """
         cfg = self.config
         rate = None
@@ -409,6 +452,7 @@ class Trainer:
             log = None
             if self.run_dir is not None and self.accelerator.is_main_process:
                 log = stack.enter_context(open(self.run_dir / LOSS_LOG, "a", encoding="utf-8"))
+            stack.enter_context(self.stop.listening())
             bar = stack.enter_context(console.progress())
             task = console.new_task(bar, "train", total=cfg.steps)
             bar.update(task, completed=self.step_done)
@@ -423,6 +467,8 @@ class Trainer:
                     task, completed=self.step_done, status=f"loss {stats['loss']:.4f} lr {cfg.lr:.1e} {rate:.2f} it/s"
                 )
                 self.on_step_end(stats)
+                if self.stopping and self.step_done < cfg.steps:
+                    raise KeyboardInterrupt
                 if cfg.checkpoint_every and self.step_done % cfg.checkpoint_every == 0 and self.step_done < cfg.steps:
                     path = self.save_checkpoint()
                     if on_checkpoint is not None:
