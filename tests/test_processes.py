@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 from test_train_run import make_train_project, tiny_config
 
@@ -159,20 +160,24 @@ def test_single_process_commands_refuse_a_launcher(rank: str, tmp_path: Path, mo
     assert not (tmp_path / "proj").exists()
 
 
-def test_ctrl_c_stops_every_process_after_the_same_step(
+def test_ctrl_c_stops_every_process_after_the_same_step_and_the_run_resumes_bit_identically(
     tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:
     """Ctrl-C in a terminal reaches the launcher and both processes (and the launcher passes it on):
-    they agree at the end of a step, the main process checkpoints that step and says so once."""
+    they agree at the end of a step, the main process checkpoints that step and says so once. Resumed
+    with two processes, the run ends with the weights of an uninterrupted two-process run."""
     import signal
     import time
 
+    from safetensors.torch import load_file
+
     project = make_train_project(tmp_path / "proj", [astronaut_path, hopper_path])
-    args = ["train", "--run", "cut", *TRAIN_ARGS, "--base-model", str(tiny_model_dir), "-p", "proj"]
-    args[args.index("--steps") + 1] = "5000"
+    steps_total = 40
+    args = [*TRAIN_ARGS, "--base-model", str(tiny_model_dir), "-p", "proj"]
+    args[args.index("--steps") + 1] = str(steps_total)
     args[args.index("--checkpoint-every") + 1] = "0"
     process = subprocess.Popen(
-        launch_command(args),
+        launch_command(["train", "--run", "cut", *args]),
         cwd=tmp_path,
         env=launch_env(),
         text=True,
@@ -189,9 +194,19 @@ def test_ctrl_c_stops_every_process_after_the_same_step(
     assert process.returncode != 0  # the launcher's code for a failed process (130 here)
     run = find(project.read()["runs"], "cut", key="name")
     steps = run["steps_done"]
-    assert run["finished"] is False and 2 <= steps < 5000
+    assert run["finished"] is False and 2 <= steps < steps_total, stderr[-3000:]
     said = " ".join(stderr.split())
-    assert said.count(f"training interrupted at step {steps}/5000") == 1, stderr[-3000:]
+    assert said.count(f"training interrupted at step {steps}/{steps_total}") == 1, stderr[-3000:]
     assert "process 1:" not in said
     assert (project.root / "runs" / "cut" / "checkpoints" / f"step-{steps:06d}").is_dir()
     assert len(log.read_text().splitlines()) == steps
+
+    resumed = launch(["train", "--run", "cut", "--resume", *args], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = launch(["train", "--run", "whole", *args], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = load_file(str(project.root / "runs" / "cut" / "pytorch_lora_weights.safetensors"))
+    uninterrupted = load_file(str(project.root / "runs" / "whole" / "pytorch_lora_weights.safetensors"))
+    assert cut.keys() == uninterrupted.keys()
+    assert all(torch.equal(cut[key], uninterrupted[key]) for key in cut)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, steps_total + 1))

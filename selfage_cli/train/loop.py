@@ -417,8 +417,10 @@ class Trainer:
         if self.train_text:
             restore(self.text_encoder, folder / "text_encoder.safetensors")
         # weights_only=True: optimiser state dicts (tensors, numbers, tuples) and RNG byte tensors
-        # load without unpickling arbitrary objects.
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        # load without unpickling arbitrary objects. Read to the CPU: load_state_dict moves the state to
+        # each parameter's device (a process's device name, e.g. "cpu:0" under accelerate, is no
+        # storage location torch.load knows).
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         rng = torch.load(folder / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
