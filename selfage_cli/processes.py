@@ -5,7 +5,7 @@ does the plain thing. With several processes the main one decides and writes (ru
 files), the others follow: :func:`decided_by_main` hands the main process's decision (or its error) to
 all, :func:`main_first` lets the main process do shared work before the others look at it, and
 :func:`share` gives each process its part of a list and :func:`gathered` brings their summaries
-together on the main process, which reports for all.
+together on the main process, which reports for all (:func:`speak_only_from_main` mutes the others).
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ from selfage_cli.summary import StageSummary
 T = TypeVar("T")
 
 
+def _launched() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def process_state(device: str | None) -> Any:
     """accelerate's ``PartialState`` when this command runs as several processes, else ``None``.
 
     Each process then uses its own GPU (``state.device``, ``cuda:LOCAL_RANK``); without CUDA (or with
     ``--device cpu``) the processes share the CPU through gloo, which only makes sense for testing.
     """
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if _launched() <= 1:
         return None
     import torch
     from accelerate import PartialState
@@ -39,22 +44,35 @@ def process_state(device: str | None) -> Any:
 def refuse_several(command: str) -> None:
     """Exit 2 when ``command``, which runs in one process, was started as several (only ``train`` and
     ``edit`` share their work); the other processes stay silent, so the sentence is printed once."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if _launched() <= 1:
         return
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank != 0:
         console.mute(f"process {rank}")
-    error = SelfageError(
-        f"`selfage {command}` runs in one process, but it was started as {os.environ['WORLD_SIZE']} "
-        "(accelerate launch / torchrun); run it without the launcher (only train and edit use several)."
+    raise met_by_all(
+        SelfageError(
+            f"`selfage {command}` runs in one process, but it was started as {_launched()} (accelerate "
+            "launch / torchrun); run it without the launcher (only train and edit use several)."
+        ),
+        main=rank == 0,
     )
-    error.reported_by_main = rank != 0
-    raise error
 
 
 def is_main(state: Any) -> bool:
     """Whether this is the process that decides and writes (always, for a single process)."""
     return state is None or bool(state.is_main_process)
+
+
+def speak_only_from_main(state: Any) -> None:
+    """Mute every process but the main one (which reports for all); their own errors still show."""
+    if not is_main(state):
+        console.mute(f"process {state.process_index}")
+
+
+def met_by_all(error: SelfageError, *, main: bool) -> SelfageError:
+    """``error``, which every process meets alike, marked so that only the main process prints it."""
+    error.reported_by_main = not main
+    return error
 
 
 @contextlib.contextmanager
@@ -85,9 +103,7 @@ def decided_by_main(state: Any, decide: Callable[[], T]) -> T:
     if kind == "error":
         state.wait_for_everyone()  # every process has it before the main one leaves
         error_type, message = value
-        error = error_type(message)
-        error.reported_by_main = not state.is_main_process  # the CLI prints it once, from the main process
-        raise error
+        raise met_by_all(error_type(message), main=state.is_main_process)
     return value
 
 

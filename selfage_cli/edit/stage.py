@@ -25,7 +25,15 @@ from selfage_cli.edit.outputs import EditOutputs, existing_outputs, plan_outputs
 from selfage_cli.edit.record import record_edit
 from selfage_cli.errors import SelfageError, is_out_of_memory
 from selfage_cli.faces.loading import load_image
-from selfage_cli.processes import decided_by_main, gathered, is_main, main_first, process_state, share
+from selfage_cli.processes import (
+    decided_by_main,
+    gathered,
+    is_main,
+    main_first,
+    process_state,
+    share,
+    speak_only_from_main,
+)
 from selfage_cli.project import Project, find, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
@@ -50,8 +58,7 @@ def edit_project(
     process edits its share, and the main process returns the summary of all (the others ``None``).
     """
     state = process_state(device)
-    if not is_main(state):
-        console.mute(f"process {state.process_index}")
+    speak_only_from_main(state)
     summary = StageSummary("edit")
     config.validate()
     chosen_lora, base_model, files = decided_by_main(

@@ -26,7 +26,7 @@ import torch
 
 from selfage_cli import console
 from selfage_cli.errors import InterruptedRun, SelfageError
-from selfage_cli.processes import decided_by_main, is_main, main_first, process_state
+from selfage_cli.processes import decided_by_main, is_main, met_by_all, process_state, speak_only_from_main
 from selfage_cli.project import Project, find
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
@@ -62,16 +62,16 @@ def train_project(
     config.check()
     config = replace(config, base_model=model_reference(config.base_model))  # a folder: absolute
     state = process_state(config.device)
-    if not is_main(state):
-        console.mute(f"process {state.process_index}")
+    speak_only_from_main(state)
     plan = decided_by_main(state, lambda: plan_run(project, config, run_name, resume=resume, force=force))
     if plan.already_finished:
         return _skip_finished(summary, plan) if is_main(state) else None
-    with main_first(state):
-        if is_main(state):
-            prepare_project(
-                project, plan.config, summary, refs=refs, reg=reg, birth_date=birth_date, ages_file=ages_file
-            )
+    decided_by_main(  # the main process aligns and labels; the others wait, and share its errors
+        state,
+        lambda: prepare_project(
+            project, plan.config, summary, refs=refs, reg=reg, birth_date=birth_date, ages_file=ages_file
+        ),
+    )
     ref_images, reg_images = decided_by_main(state, lambda: _training_images(project, plan.config))
     pipe = _load_base_model(plan.config)
     if plan.replace and is_main(state):
@@ -168,8 +168,7 @@ def _train(
             f"training interrupted at step {trainer.step_done}/{config.steps}; a checkpoint was saved in "
             f"runs/{name}/checkpoints and the run is marked unfinished; continue with `{resume_cmd}`."
         )
-        interrupted.reported_by_main = not writer
-        raise interrupted from None
+        raise met_by_all(interrupted, main=writer) from None
     except torch.OutOfMemoryError as exc:
         raise _oom(config) from exc
     if config.checkpoint_every:
