@@ -158,6 +158,7 @@ def bench_edit(
                 engine_seconds=inversion.seconds,
                 unet_runner=inversion.unet_runner,
                 graph_differences=inversion.graph_differences,
+                graph_eager_noise=inversion.graph_eager_noise,
                 reference=REFERENCE,
             )
         )
@@ -275,6 +276,7 @@ def graph_check(
                 {"mode": mode, "ddim_steps": steps, "inner_steps": inner_steps if mode == "null-text" else 0},
                 unet_runner=graphed.unet_runner,
                 graph_differences=graphed.graph_differences,
+                graph_eager_noise=graphed.graph_eager_noise,
                 eager_seconds=eager.seconds,
                 graph_seconds=graphed.seconds,
                 inner_steps_run=[sum(eager.inner_steps_run), sum(graphed.inner_steps_run)],

@@ -70,6 +70,7 @@ def _extra(record: dict[str, Any]) -> str:
     keys = (
         "unet_runner",
         "graph_differences",
+        "graph_eager_noise",
         "step_runner",
         "graph_loss_difference",
         "graph_failure",

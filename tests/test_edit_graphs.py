@@ -176,6 +176,62 @@ def test_the_first_replay_of_each_kind_is_checked_against_eager(tiny_pipe, tiny_
     assert unet.replays == 2 and unet.runner == "cuda-graph"
 
 
+class _NoisyUNet(torch.nn.Module):
+    """A frozen stand-in UNet whose every call is off by up to ``noise`` (relative), like rounding
+    in a nondeterministic kernel."""
+
+    def __init__(self, dtype: torch.dtype, noise: float = 0.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones((), dtype=dtype), requires_grad=False)
+        self.noise = noise
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=False):
+        out = sample * encoder_hidden_states.float().mean() * self.weight.float()
+        return (out * (1 + self.noise * torch.rand_like(out)),)
+
+
+def _first_replay(monkeypatch, unet: torch.nn.Module, replay_offset: float) -> graphs.GraphedUNet:
+    """One forward call through a GraphedUNet whose 'replay' is off from eager by ``replay_offset``."""
+    _pretend_gpu(monkeypatch, lambda fn, samples, num_warmup_iters=3: lambda *a: fn(*a) * (1 + replay_offset))
+    graphed = graphs.GraphedUNet(unet, context_grad=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        graphed(torch.randn(1, 4, 8, 8), torch.tensor(10), encoder_hidden_states=torch.rand(1, 77, 32) + 0.5)
+    return graphed
+
+
+@pytest.mark.parametrize(
+    ("dtype", "noise", "offset", "kept"),
+    [
+        (torch.float32, 0.0, 0.01, True),
+        (torch.float32, 0.0, 0.05, False),  # fp32 rounding is far below 2 %
+        (torch.bfloat16, 0.0, 0.05, True),  # bf16: a few per cent is rounding (0.025 seen on an H100)
+        (torch.float16, 0.0, 0.05, True),
+        (torch.float32, 0.03, 0.05, True),  # within 4× what two eager calls differ by
+        (torch.bfloat16, 0.0, 0.5, False),  # O(1): a replay that read the wrong inputs
+        (torch.bfloat16, 0.01, 0.5, False),
+    ],
+)
+def test_a_replay_is_trusted_when_it_differs_from_eager_by_rounding_only(monkeypatch, dtype, noise, offset, kept):
+    graphed = _first_replay(monkeypatch, _NoisyUNet(dtype, noise), offset)
+    assert graphed.checked[graphs.FORWARD] > 0
+    assert (graphed.eager_noise[graphs.FORWARD] > 0) == (noise > 0)
+    assert (graphed.runner == "cuda-graph") == kept
+    assert (graphed.failure is None) == kept
+
+
+def test_a_rejected_replay_says_how_far_it_was_and_how_far_eager_calls_are_apart(monkeypatch, capsys):
+    graphed = _first_replay(monkeypatch, _NoisyUNet(torch.float32), 0.5)
+    assert graphed.runner == "eager"
+    err = capsys.readouterr().err
+    assert "(forward: relative difference 0.5 > 0.02; two eager calls differ by 0)" in err
+
+
+def test_agreement_tolerance_by_weight_dtype():
+    assert graphs.agreement_tolerance(torch.float32) == graphs.AGREEMENT_TOLERANCE == 0.02
+    assert graphs.agreement_tolerance(torch.bfloat16) == graphs.agreement_tolerance(torch.float16) == 0.1
+
+
 def test_relative_difference_flags_non_finite_values():
     reference = torch.tensor([1.0, -2.0])
     assert graphs.relative_difference(reference, reference) == 0.0

@@ -66,6 +66,8 @@ class Inversion:
     unet_runner: str = "eager"  # how the UNet ran: eager, cuda-graph or compiled (not cached)
     # CUDA-graph runs: relative difference from eager execution found at the first replay of each kind
     graph_differences: dict[str, float] = field(default_factory=dict)
+    # ... and how far two eager calls on the same inputs were from each other (rounding noise)
+    graph_eager_noise: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_inner_steps(self) -> int:
@@ -244,6 +246,7 @@ def invert_latent(
         learning_rates=lrs,
         unet_runner=runner_name(unet),
         graph_differences=dict(unet.checked) if isinstance(unet, GraphedUNet) else {},
+        graph_eager_noise=dict(unet.eager_noise) if isinstance(unet, GraphedUNet) else {},
     )
 
 
