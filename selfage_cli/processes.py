@@ -22,7 +22,7 @@ from selfage_cli.summary import StageSummary
 T = TypeVar("T")
 
 
-def _launched() -> int:
+def launched_processes() -> int:
     """How many processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
@@ -33,7 +33,7 @@ def process_state(device: str | None) -> Any:
     Each process then uses its own GPU (``state.device``, ``cuda:LOCAL_RANK``); without CUDA (or with
     ``--device cpu``) the processes share the CPU through gloo, which only makes sense for testing.
     """
-    if _launched() <= 1:
+    if launched_processes() <= 1:
         return None
     import torch
     from accelerate import PartialState
@@ -44,14 +44,14 @@ def process_state(device: str | None) -> Any:
 def refuse_several(command: str) -> None:
     """Exit 2 when ``command``, which runs in one process, was started as several (only ``train`` and
     ``edit`` share their work); the other processes stay silent, so the sentence is printed once."""
-    if _launched() <= 1:
+    if launched_processes() <= 1:
         return
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank != 0:
         console.mute(f"process {rank}")
     raise met_by_all(
         SelfageError(
-            f"`selfage {command}` runs in one process, but it was started as {_launched()} (accelerate "
+            f"`selfage {command}` runs in one process, but it was started as {launched_processes()} (accelerate "
             "launch / torchrun); run it without the launcher (only train and edit use several)."
         ),
         main=rank == 0,

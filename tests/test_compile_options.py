@@ -1,4 +1,4 @@
-"""The engineering switches ``train --compile/--compile-mode`` and ``edit --compile`` reach the library.
+"""The engineering switches ``train --compile/--compile-mode/--cuda-graph`` and ``edit --compile`` reach the library.
 
 Compiling itself is not run here (minutes on a CPU); ``benchmarks/gpu.sh`` measures it on a GPU and the
 torch.compile plumbing of the inversion is checked with the eager backend in test_edit_engine.py.
@@ -46,6 +46,14 @@ def test_train_compile_defaults_to_reduce_overhead_and_takes_a_mode(project_dir:
     assert captured["train"].compile and captured["train"].compile_mode == "max-autotune"  # the mode implies it
     runner.invoke(app, ["train", "-p", str(project_dir), "--base-model", "x"])
     assert not captured["train"].compile
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], None), (["--cuda-graph"], True), (["--no-cuda-graph"], False)])
+def test_train_cuda_graph_is_automatic_unless_asked_for_or_turned_off(
+    project_dir: Path, captured, flags: list[str], expected: bool | None
+) -> None:
+    result = runner.invoke(app, ["train", "-p", str(project_dir), "--base-model", "x", *flags])
+    assert result.exit_code == 2 and captured["train"].cuda_graph is expected
 
 
 def test_unknown_compile_mode_is_refused_naming_the_choices() -> None:

@@ -446,19 +446,75 @@ def test_cuda_graph_is_refused_with_a_reason_where_it_cannot_work(
     refs, regs = trained["trainer"].refs, trained["trainer"].regs
     config = tiny_config(Path(trained["trainer"].config.base_model), cuda_graph=True)
     trainer = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=None)
-    assert trainer.graphed is None
+    assert trainer.graphed is None and not trainer.use_graph
     assert "--cuda-graph does not work off a CUDA GPU; training runs without it." in capsys.readouterr().err
     assert torch.isfinite(torch.tensor(trainer.step()["loss"]))
-    trainer.device = torch.device("cuda")  # what the reasons look at, one by one
-    assert why_not_graphed(trainer) is None
+    base = tiny_config(Path(config.base_model))
+    assert why_not_graphed(base, "cuda", torch.bfloat16, 1) is None
+    assert why_not_graphed(base, "cuda", torch.float32, 1) is None
     for field, value, reason in [
         ("gradient_accumulation", 2, "--gradient-accumulation above 1"),
         ("gradient_checkpointing", True, "--gradient-checkpointing"),
         ("compile", True, "--compile"),
         ("use_8bit_adam", True, "--use-8bit-adam"),
     ]:
-        trainer.config = tiny_config(Path(config.base_model), **{field: value})
-        assert reason in why_not_graphed(trainer)
+        assert reason in why_not_graphed(
+            tiny_config(Path(config.base_model), **{field: value}), "cuda", torch.float32, 1
+        )
+    assert "fp16" in why_not_graphed(base, "cuda", torch.float16, 1)
+    assert why_not_graphed(base, "cuda", torch.bfloat16, 2) == "several processes"
+    assert why_not_graphed(base, "mps", torch.float32, 1) == "off a CUDA GPU"
+
+
+@pytest.mark.parametrize(
+    ("asked", "device", "wanted", "warned"),
+    [
+        (None, "cuda", True, False),  # the default: on where it works
+        (None, "cpu", False, False),  # ... and silently off where it does not
+        (True, "cuda", True, False),
+        (True, "cpu", False, True),  # asked for: says why not
+        (False, "cuda", False, False),  # --no-cuda-graph
+    ],
+)
+def test_cuda_graph_is_used_wherever_it_works_unless_turned_off(
+    capsys: pytest.CaptureFixture[str], asked: bool | None, device: str, wanted: bool, warned: bool
+) -> None:
+    from selfage_cli.train.graphs import graph_wanted
+
+    config = TrainConfig(cuda_graph=asked)
+    assert graph_wanted(config, device, torch.bfloat16, 1) is wanted
+    assert ("--cuda-graph does not work off a CUDA GPU" in capsys.readouterr().err) is warned
+
+
+def test_default_training_on_a_cpu_runs_eagerly_without_a_word(
+    trained: dict[str, Any], tiny_pipe: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    config = tiny_config(Path(trained["trainer"].config.base_model))
+    assert config.cuda_graph is None
+    trainer = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=None)
+    assert trainer.graphed is None and not trainer.use_graph
+    assert "cuda-graph" not in capsys.readouterr().err
+
+
+def test_resuming_sets_the_optimiser_capturable_as_this_run_needs(
+    trained: dict[str, Any], tiny_pipe: Any, tmp_path
+) -> None:
+    """A checkpoint of a run that replayed CUDA graphs (capturable AdamW) resumed eagerly, and the other
+    way round: the optimiser follows this run, not the checkpoint (else recording would fail)."""
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    config = tiny_config(Path(trained["trainer"].config.base_model))
+    trainer = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=tmp_path / "run")
+    trainer.step()
+    folder = trainer.save_checkpoint()
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    for group in state["param_groups"]:
+        group["capturable"] = True
+    torch.save(state, folder / "optimizer.pt")
+    resumed = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=tmp_path / "run")
+    resumed.load_checkpoint(folder)
+    assert all(group["capturable"] is False for group in resumed.optimizer.param_groups)
+    assert torch.isfinite(torch.tensor(resumed.step()["loss"]))
 
 
 def test_the_recorded_step_body_makes_no_host_sync(trained: dict[str, Any], tiny_pipe: Any) -> None:

@@ -122,13 +122,16 @@ def train(
         ),
     ] = None,
     cuda_graph: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--cuda-graph",
-            help="Experimental (GPU): replay each step from one CUDA graph, no compile; checked against "
-            "eager execution at its first replay, which it falls back to.",
+            "--cuda-graph/--no-cuda-graph",
+            help="Replay each step from one CUDA graph (same operations, about 2x faster on an H100; no "
+            "compile), checked against eager execution at its first replay, which it falls back to. "
+            "Default: on wherever it works (a CUDA GPU, one process, no --compile, --gradient-accumulation, "
+            "--gradient-checkpointing, --use-8bit-adam or fp16); --cuda-graph warns where it cannot.",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     no_latent_cache: Annotated[
         bool,
         typer.Option(

@@ -60,7 +60,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     compile: bool = False
     compile_mode: str = "reduce-overhead"  # torch.compile mode when compile is on (the fastest measured)
-    cuda_graph: bool = False  # replay the whole step from one CUDA graph (experimental; train/graphs.py)
+    cuda_graph: bool | None = None  # replay each step from one CUDA graph: None wherever it works (train/graphs.py)
     latent_cache: bool = True
     validate_ages: str | None = None
     device: str = "auto"

@@ -1,8 +1,9 @@
-"""The whole training step as one CUDA graph (``train --cuda-graph``; experimental, off by default).
+"""The whole training step as one CUDA graph (on by default on a GPU; ``train --no-cuda-graph`` turns it off).
 
-On an H100 the eager step of the paper configuration takes 0.19–0.22 s, of which only ~0.1 s is GPU
-work: the rest is Python and the CUDA driver launching ~20,000 small kernels (LoRA, autocast casts,
-diffusers' blocks). Recording forward, loss, backward, gradient clipping and AdamW once and replaying
+On an H100 the eager step of the paper configuration takes 0.18–0.29 s (depending on the host CPU),
+of which only ~0.1 s is GPU work: the rest is Python and the CUDA driver launching ~20,000 small
+kernels (LoRA, autocast casts, diffusers' blocks). Replayed from the graph it takes 0.098 s (H100,
+2026-11-27: first replay's loss equal to eager execution's, peak 10.8 GiB; docs/benchmarks.md). Recording forward, loss, backward, gradient clipping and AdamW once and replaying
 them removes that cost without changing an operation; the random draws (latent posterior samples,
 noise, timesteps, prompt choice) stay outside the graph, eager and in the same order, so the run
 draws the same numbers as an eager one.
@@ -16,11 +17,10 @@ later step copies its inputs before the replay. AdamW keeps its step count on th
 Checked before it is trusted: the recording is made on zero inputs, and the first replay's loss (on
 the copied-in real inputs) is compared with an eager forward pass on those inputs; on a disagreement, or if recording or replaying fails, the LoRA weights and optimiser
 state are restored from a snapshot taken before that replay, a warning names the cause and training
-continues eagerly. Not used (with a warning) where it cannot work: off a CUDA GPU, with
+continues eagerly. Not used where it cannot work (:func:`why_not_graphed`): off a CUDA GPU, with
 ``--compile``, gradient accumulation, gradient checkpointing, 8-bit Adam, fp16 (loss scaling
-syncs with the CPU) or several processes.
-
-Not yet run on a GPU: ``benchmarks/gpu.sh`` times it (``train_step`` with ``settings.cuda_graph``).
+syncs with the CPU) or several processes; by default silently, with a warning when ``--cuda-graph``
+asked for it. ``benchmarks/gpu.sh`` times it (``train_step`` with ``settings.cuda_graph``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch import Tensor
 from selfage_cli import console
 
 if TYPE_CHECKING:
+    from selfage_cli.train.config import TrainConfig
     from selfage_cli.train.loop import Trainer
 
 WARMUP_STEPS = 2  # eager steps on a side stream before recording (cuBLAS/cuDNN set-up, optimiser state)
@@ -62,19 +63,30 @@ class StepInputs:
             target.copy_(value)
 
 
-def why_not_graphed(trainer: Trainer) -> str | None:
-    """Why a whole-step graph cannot be used for this trainer (``None``: it can)."""
-    config = trainer.config
+def why_not_graphed(config: TrainConfig, device_type: str, weight_dtype: torch.dtype, processes: int) -> str | None:
+    """Why a whole-step graph cannot be used for this set-up (``None``: it can)."""
     reasons = [
-        (trainer.device.type != "cuda", "off a CUDA GPU"),
+        (device_type != "cuda", "off a CUDA GPU"),
         (config.compile, "--compile (it brings its own CUDA graphs)"),
         (config.gradient_accumulation != 1, "--gradient-accumulation above 1"),
         (config.gradient_checkpointing, "--gradient-checkpointing"),
         (config.use_8bit_adam, "--use-8bit-adam"),
-        (trainer.weight_dtype == torch.float16, "fp16 (its loss scaling syncs with the CPU)"),
-        (trainer.accelerator.num_processes > 1, "several processes"),
+        (weight_dtype == torch.float16, "fp16 (its loss scaling syncs with the CPU)"),
+        (processes > 1, "several processes"),
     ]
     return next((why for applies, why in reasons if applies), None)
+
+
+def graph_wanted(config: TrainConfig, device_type: str, weight_dtype: torch.dtype, processes: int) -> bool:
+    """Whether training replays its steps from a CUDA graph: by default (``cuda_graph=None``) wherever
+    it works, silently; asked for (``True``) where it cannot, with a warning saying why; never with
+    ``False``."""
+    if config.cuda_graph is False:
+        return False
+    reason = why_not_graphed(config, device_type, weight_dtype, processes)
+    if reason is not None and config.cuda_graph:
+        console.warn(f"--cuda-graph does not work {reason}; training runs without it.")
+    return reason is None
 
 
 class CudaGraphs:
@@ -115,15 +127,6 @@ class GraphedStep:
         self.eager_steps = 0
         self.replays = 0
         self.loss_difference: float | None = None  # found at the first replay
-
-    @classmethod
-    def for_trainer(cls, trainer: Trainer) -> GraphedStep | None:
-        """A graphed step for this trainer, or ``None`` with a warning where it cannot work."""
-        reason = why_not_graphed(trainer)
-        if reason is not None:
-            console.warn(f"--cuda-graph does not work {reason}; training runs without it.")
-            return None
-        return cls(trainer)
 
     @property
     def runner(self) -> str:

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
+from selfage_cli.processes import launched_processes
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.contrastive import nt_xent_per_channel
 from selfage_cli.train.data import BatchPlan, LatentSource, TrainImage, draw_seed
-from selfage_cli.train.graphs import GraphedStep, StepInputs
+from selfage_cli.train.graphs import GraphedStep, StepInputs, graph_wanted
 from selfage_cli.train.lora import (
     add_lora,
     cast_lora_fp32,
@@ -140,7 +141,9 @@ class Trainer:
 
         self.config, self.refs, self.regs, self.run_dir = config, refs, regs, run_dir
         device, self.weight_dtype, mixed = resolve_precision(config)
-        self.accelerator = accelerator or make_accelerator(device, mixed, autocast_cache=not config.cuda_graph)
+        processes = accelerator.num_processes if accelerator is not None else launched_processes()
+        self.use_graph = graph_wanted(config, device.type, self.weight_dtype, processes)
+        self.accelerator = accelerator or make_accelerator(device, mixed, autocast_cache=not self.use_graph)
         self.device = self.accelerator.device
         acc = self.accelerator
         if self.device.type == "cuda":
@@ -199,7 +202,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)  # seeded per micro-batch (draw_seed)
         self.step_done = 0
         self.last: dict[str, float] = {}
-        self.graphed: GraphedStep | None = GraphedStep.for_trainer(self) if config.cuda_graph else None
+        self.graphed: GraphedStep | None = GraphedStep(self) if self.use_graph else None
         self.stop = StopRequest()
         self.stopping = False  # some process was asked to stop: every process stops after this step
 
@@ -216,7 +219,7 @@ class Trainer:
             return bnb.optim.AdamW8bit(self.params, **kwargs)
         if self.device.type == "cuda":
             kwargs["fused"] = True  # one kernel for all LoRA tensors
-            kwargs["capturable"] = bool(self.config.cuda_graph)  # step count on the GPU: recordable
+            kwargs["capturable"] = self.use_graph  # step count on the GPU: recordable
         return torch.optim.AdamW(self.params, **kwargs)
 
     def _prepare_prompts(self, images: list[TrainImage]) -> None:
@@ -330,7 +333,7 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One optimisation step; returns its loss terms, gradient norm and seconds.
 
-        Replayed from a CUDA graph when ``config.cuda_graph`` holds and the set-up allows it
+        Replayed from a CUDA graph where the set-up allows it, unless ``config.cuda_graph`` is False
         (:mod:`selfage_cli.train.graphs`), else run eagerly.
         """
         start = time.perf_counter()
@@ -421,6 +424,9 @@ class Trainer:
         # each parameter's device (a process's device name, e.g. "cpu:0" under accelerate, is no
         # storage location torch.load knows).
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        for group in self.optimizer.param_groups:  # as this run needs it, not as the checkpoint's run had it
+            if "capturable" in group:
+                group["capturable"] = self.use_graph
         rng = torch.load(folder / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
