@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-graph",
         choices=("on", "off"),
         default="off",
-        help="the trainer's --cuda-graph: each step replayed from one CUDA graph (experimental; default off)",
+        help="on: the trainer's --cuda-graph (each step replayed from one CUDA graph, its default on a GPU); off: --no-cuda-graph, the eager step (default off: the baseline)",
     )
     edit = parser.add_argument_group("edit")
     edit.add_argument("--ages", default=DEFAULT_AGES, help=f"target ages (default {DEFAULT_AGES})")

@@ -10,7 +10,7 @@
 # 2. builds the random sd15 pipeline on the GPU (nothing is downloaded or written to disk);
 # 3. train benchmark: paper configuration (4 + 4 images at 512², LoRA rank 16 on UNet and text encoder),
 #    per-step seconds with and without the latent cache (2 warm-up + 20 timed steps each, ~44 steps),
-#    then with the step replayed from one CUDA graph (train --cuda-graph, experimental; latent cache on);
+#    then with the step replayed from one CUDA graph (train's default on a GPU; latent cache on);
 # 4. edit benchmark: 1 photo → 9 ages (0, 10, …, 80), null-text and negative-prompt inversion (the
 #    inversion's UNet replayed from CUDA graphs, the default on a GPU), batched editing and the naive
 #    per-age loop (null-text mode) with their ratio;
