@@ -130,6 +130,7 @@ def test_few_steps_train_and_record_the_run(trained: dict[str, Any]) -> None:
     assert meta["base_model_fingerprint"]
     entry = find(project.read()["runs"], "full", key="name")
     assert entry["finished"] is True and entry["steps_done"] == entry["steps_total"] == 3
+    assert entry["step_runner"] == "eager"  # on a CPU; the CUDA-graph step needs a GPU
     assert entry["lora"] == "runs/full/pytorch_lora_weights.safetensors"
     assert entry["validation_grid"] == "runs/full/validation.png"
     with Image.open(project.path(entry["validation_grid"])) as grid:
@@ -414,6 +415,47 @@ def test_graphed_training_steps_are_the_eager_steps(trained: dict[str, Any], tin
     graphed.release_graph()  # what fit() does at the end: the graph and its gradients go
     assert graphed.graphed is None and all(p.grad is None for p in graphed.params)
     assert torch.isfinite(torch.tensor(graphed.step()["loss"]))  # and later steps run eagerly
+
+
+def test_graphed_fit_checkpoints_and_resumes_to_the_eager_run(
+    trained: dict[str, Any], tiny_pipe: Any, tmp_path: Path
+) -> None:
+    """fit() with the graphed step: checkpoints taken between replays, a resume that warms up and records
+    again, and the end of training (the graph released) give the weights and losses of an eager run."""
+    from selfage_cli.train.graphs import GraphedStep
+
+    refs, regs = trained["trainer"].refs, trained["trainer"].regs
+    config = tiny_config(Path(trained["trainer"].config.base_model), steps=6, checkpoint_every=2)
+
+    def trainer(name: str, graphed: bool) -> Trainer:
+        (tmp_path / name).mkdir(exist_ok=True)
+        made = Trainer(copy.deepcopy(tiny_pipe), config, refs, regs, run_dir=tmp_path / name)
+        if graphed:
+            backend = StandInGraphs()
+            backend.params = made.params
+            made.graphed = GraphedStep(made, backend=backend)
+        return made
+
+    def losses(name: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+
+    eager = trainer("eager", graphed=False)
+    eager.fit()
+    graphed = trainer("graphed", graphed=True)
+    step = graphed.graphed
+    graphed.fit()
+    assert step.replays == 4 and step.eager_steps == 2 and graphed.graphed is None  # released at the end
+    assert graphed.step_runner == "cuda-graph" and eager.step_runner == "eager"
+    assert losses("graphed") == pytest.approx(losses("eager"), rel=1e-6)
+    for a, b in zip(_lora(eager), _lora(graphed), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
+
+    resumed = trainer("graphed", graphed=True)
+    resumed.load_checkpoint(tmp_path / "graphed" / "checkpoints" / "step-000002")
+    resumed.fit()
+    assert resumed.step_done == 6
+    for a, b in zip(_lora(eager), _lora(resumed), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,7 @@ class Trainer:
         self.step_done = 0
         self.last: dict[str, float] = {}
         self.graphed: GraphedStep | None = GraphedStep(self) if self.use_graph else None
+        self.released_runner = "eager"  # how the steps ran, kept when the graph is released
         self.stop = StopRequest()
         self.stopping = False  # some process was asked to stop: every process stops after this step
 
@@ -483,10 +484,16 @@ class Trainer:
                         on_checkpoint(path)
         self.release_graph()
 
+    @property
+    def step_runner(self) -> str:
+        """How this session's steps ran: ``cuda-graph`` (replayed from the recorded step, no fallback) or ``eager``."""
+        return self.graphed.runner if self.graphed is not None else self.released_runner
+
     def release_graph(self) -> None:
         """Drop the recorded step (``--cuda-graph``) and its gradients: their GPU memory is freed for
         what follows training (validation renders); a later ``step()`` runs eagerly."""
         if self.graphed is not None:
+            self.released_runner = self.graphed.runner
             self.graphed = None
             self.optimizer.zero_grad(set_to_none=True)
 

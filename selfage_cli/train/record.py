@@ -89,6 +89,7 @@ class RunRecorder:
             "steps_total": self.config.steps,
             "finished": finished,
             "processes": self.trainer.accelerator.num_processes,
+            "step_runner": self.trainer.step_runner,
             "checkpoint_dir": rel(self.run_dir / "checkpoints"),
             "loss_log": rel(self.run_dir / LOSS_LOG),
             "references": [{"id": img.id, "age": img.age} for img in self.refs],
