@@ -60,9 +60,12 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def _graph_step(record: dict[str, Any]) -> str:
-    """How a train_step line asked for and got ``--cuda-graph`` (refused off a GPU: no runner)."""
-    if not record.get("settings", {}).get("cuda_graph"):
-        return ""
+    """How a train_step line asked for and got ``--cuda-graph`` (refused off a GPU: no runner); on a
+    GPU, a line measured with ``--no-cuda-graph`` (the trainer's default there is the graph) says so."""
+    settings = record.get("settings", {})
+    if not settings.get("cuda_graph"):
+        eager_on_gpu = settings.get("cuda_graph") is False and record.get("device_type") == "cuda"
+        return ", eager step (--no-cuda-graph)" if eager_on_gpu else ""
     return ", CUDA-graph step" if record.get("step_runner") else ", --cuda-graph refused"
 
 

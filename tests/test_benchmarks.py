@@ -135,6 +135,9 @@ def test_table_names_the_cuda_graph_switches_as_they_ran() -> None:
     assert "latent cache on, CUDA-graph step, 20 timed steps" in ran
     assert "step runner cuda-graph; graph loss difference 1.20e-03" in ran
     assert "--cuda-graph refused" in line("train_step", "cpu", train, step_runner=None)
+    eager = {**train, "cuda_graph": False}
+    assert "latent cache on, eager step (--no-cuda-graph), 20 timed steps" in line("train_step", "cuda", eager)
+    assert "eager step" not in line("train_step", "cpu", eager)  # a CPU has no other
 
 
 def _run_gpu_sh(args: list[str], out: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
