@@ -2,11 +2,12 @@
 
 On an H100 the eager step of the paper configuration takes 0.18–0.29 s (depending on the host CPU),
 of which only ~0.1 s is GPU work: the rest is Python and the CUDA driver launching ~20,000 small
-kernels (LoRA, autocast casts, diffusers' blocks). Replayed from the graph it takes 0.098 s (H100,
-2026-11-27: first replay's loss equal to eager execution's, peak 10.8 GiB; docs/benchmarks.md). Recording forward, loss, backward, gradient clipping and AdamW once and replaying
-them removes that cost without changing an operation; the random draws (latent posterior samples,
-noise, timesteps, prompt choice) stay outside the graph, eager and in the same order, so the run
-draws the same numbers as an eager one.
+kernels (LoRA, autocast casts, diffusers' blocks). Recording forward, loss, backward, gradient
+clipping and AdamW once and replaying them removes that cost without changing an operation: 0.098 s
+per step (H100, 2026-11-27; the first replay's loss equalled eager execution's; peak 10.8 GiB; see
+docs/benchmarks.md). The random draws (latent posterior samples, noise, timesteps, prompt choice)
+stay outside the graph, eager and in the same order, so the run draws the same numbers as an eager
+one.
 
 The recipe is PyTorch's whole-network capture: the first :data:`WARMUP_STEPS` steps run eagerly on a
 side stream (they are real steps), then the step body (:meth:`Trainer.optimise
@@ -15,12 +16,14 @@ later step copies its inputs before the replay. AdamW keeps its step count on th
 (``capturable=True``), autocast's weight cache is off (the docs' rule for graphs).
 
 Checked before it is trusted: the recording is made on zero inputs, and the first replay's loss (on
-the copied-in real inputs) is compared with an eager forward pass on those inputs; on a disagreement, or if recording or replaying fails, the LoRA weights and optimiser
-state are restored from a snapshot taken before that replay, a warning names the cause and training
-continues eagerly. Not used where it cannot work (:func:`why_not_graphed`): off a CUDA GPU, with
-``--compile``, gradient accumulation, gradient checkpointing, 8-bit Adam, fp16 (loss scaling
-syncs with the CPU) or several processes; by default silently, with a warning when ``--cuda-graph``
-asked for it. ``benchmarks/gpu.sh`` times it (``train_step`` with ``settings.cuda_graph``).
+the copied-in real inputs) is compared with an eager forward pass on those inputs; on a
+disagreement, or if recording or replaying fails, the LoRA weights and optimiser state are restored
+from a snapshot taken before that replay, a warning names the cause and training continues eagerly.
+
+Not used where it cannot work (:func:`why_not_graphed`): off a CUDA GPU, with ``--compile``,
+gradient accumulation, gradient checkpointing, 8-bit Adam, fp16 (loss scaling syncs with the CPU) or
+several processes; by default silently, with a warning when ``--cuda-graph`` asked for it.
+``benchmarks/gpu.sh`` times it (``train_step`` with ``settings.cuda_graph``).
 """
 
 from __future__ import annotations
