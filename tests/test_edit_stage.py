@@ -180,6 +180,7 @@ def test_edit_writes_outputs_records_them_and_reuses_the_inversion(
         "targets": ["photo of child as 10-year-old", "photo of elderly as 70-year-old"],
     }
     assert record["inversion"]["cached"] is False and record["inversion"]["inner_steps_run"] >= 1
+    assert record["inversion"]["unet_runner"] == "eager"  # a CPU has no CUDA graphs
 
     # Same call again: the outputs exist, so the photo fails before any work and nothing is touched.
     stamp = (folder / "10.png").stat().st_mtime_ns
@@ -195,6 +196,7 @@ def test_edit_writes_outputs_records_them_and_reuses_the_inversion(
     assert code == 0, output
     assert calls == {"invert": 1, "edit_ages": 2}
     assert summary["inversions_cached"] == 1 and summary["done"][0]["inversion"]["cached"] is True
+    assert summary["done"][0]["inversion"]["unet_runner"] == "eager"  # as the cache recorded it
     assert np.array_equal(np.asarray(Image.open(folder / "70.png")), first)
 
     # Other prompt-to-prompt settings reuse it too (from here on the editing itself is a stand-in).

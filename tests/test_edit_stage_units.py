@@ -108,6 +108,7 @@ def test_cache_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
         guidance=7.5,
         inner_steps_run=[2, 1, 2],
         seconds=1.25,
+        unet_runner="cuda-graph",
     )
     path = cache.save(key, inversion)
     assert path.parent == tmp_path / "cache" / "inversions"
@@ -115,6 +116,7 @@ def test_cache_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
     loaded = cache.load(key)
     assert torch.equal(loaded.x_t, inversion.x_t) and torch.equal(loaded.null_embeddings, inversion.null_embeddings)
     assert loaded.inner_steps_run == [2, 1, 2] and loaded.steps == 3 and loaded.prompt == key.prompt
+    assert loaded.unet_runner == "cuda-graph"
     path.write_bytes(b"garbage")  # a torn or edited file is recomputed, never fatal
     assert cache.load(key) is None
 

@@ -110,6 +110,7 @@ class InversionCache:
             "guidance": repr(float(inversion.guidance)),
             "inner_steps_run": json.dumps([int(n) for n in (inversion.inner_steps_run or [])]),
             "seconds": repr(float(inversion.seconds)),
+            "unet_runner": str(inversion.unet_runner),
             "learning_rates": json.dumps([float(x) for x in (getattr(inversion, "learning_rates", None) or [])]),
         }
         return atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -136,5 +137,6 @@ def _read(path: Path, key: InversionKey) -> Inversion:
         guidance=float(metadata["guidance"]),
         inner_steps_run=[int(n) for n in json.loads(metadata.get("inner_steps_run", "[]"))],
         seconds=float(metadata.get("seconds", "0")),
+        unet_runner=metadata.get("unet_runner", "unknown"),  # caches written before it was stored
         learning_rates=[float(x) for x in json.loads(metadata.get("learning_rates", "[]"))],
     )

@@ -63,7 +63,7 @@ class Inversion:
     seconds: float
     trajectory: list[Tensor] | None = None
     learning_rates: list[float] = field(default_factory=list)
-    unet_runner: str = "eager"  # how the UNet ran: eager, cuda-graph or compiled (not cached)
+    unet_runner: str = "eager"  # how the UNet ran: eager, cuda-graph or compiled (kept in the cache)
     # CUDA-graph runs: relative difference from eager execution found at the first replay of each kind
     graph_differences: dict[str, float] = field(default_factory=dict)
     # ... and how far two eager calls on the same inputs were from each other (rounding noise)

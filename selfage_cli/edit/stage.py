@@ -378,6 +378,7 @@ def _edit_entry(
             "mode": inversion.mode,
             "seconds": round(float(inversion.seconds), 3),
             "inner_steps_run": int(sum(inversion.inner_steps_run or [])),
+            "unet_runner": inversion.unet_runner,
         },
         "edit_seconds": round(float(result.seconds), 3),
         "unet_calls": int(result.unet_calls),
