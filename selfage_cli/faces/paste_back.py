@@ -30,7 +30,7 @@ from selfage_cli.faces.ffhq import ffhq_geometry
 
 FEATHER = 0.1  # width of the mask's soft border, as a fraction of the crop's side
 INSET = 0.01  # the crop's outermost pixels (resampling edge effects) are not pasted at all
-BAND_ROWS = 512  # photo rows blended at once
+BAND_ROWS = 256  # photo rows blended at once
 
 
 @dataclass(frozen=True)
@@ -126,35 +126,29 @@ def paste_into(
     if box is None:
         return None
     source, matrix = _prepared_crop(crop, placement)
+    ratio = source.shape[0] / placement.side  # the crop's reduction, if any (mask in original crop pixels)
     left, top, right, bottom = box
-    width = right - left
+    columns = np.arange(left, right, dtype=np.float64)
+    # Per column and per row parts of the photo → crop map (float64, then float32 planes per band).
+    u_cols, v_cols = matrix[0, 0] * columns + matrix[0, 2], matrix[1, 0] * columns + matrix[1, 2]
     for band_top in range(top, bottom, BAND_ROWS):
         band_bottom = min(band_top + BAND_ROWS, bottom)
-        rows = band_bottom - band_top
-        # photo (x, y) = (left + i, band_top + j): shift the matrix into the band's frame.
-        band_matrix = matrix.copy()
-        band_matrix[:, 2] += matrix[:, 0] * left + matrix[:, 1] * band_top
-        band_matrix = band_matrix.astype(np.float32)
-        jj, ii = np.mgrid[0:rows, 0:width].astype(np.float32)
-        u = band_matrix[0, 0] * ii + band_matrix[0, 1] * jj + band_matrix[0, 2]
-        v = band_matrix[1, 0] * ii + band_matrix[1, 1] * jj + band_matrix[1, 2]
-        del ii, jj
-        # The mask in the crop's original coordinates (scale back if the crop was reduced).
-        ratio = source.shape[0] / placement.side
+        rows = np.arange(band_top, band_bottom, dtype=np.float64)[:, None]
+        u = (u_cols[None, :] + matrix[0, 1] * rows).astype(np.float32)
+        v = (v_cols[None, :] + matrix[1, 1] * rows).astype(np.float32)
         mask = crop_mask((u + 0.5) / ratio - 0.5, (v + 0.5) / ratio - 0.5, placement.side, feather)
         if not mask.any():
             continue
-        warped = cv2.remap(
-            source, u, v, interpolation=cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REPLICATE
-        )  # float32, rows × width × 3
+        warped = cv2.remap(source, u, v, interpolation=cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REPLICATE)
         del u, v
         region_box = (left, band_top, right, band_bottom)
-        original = np.asarray(photo.crop(region_box), dtype=np.float32)
+        original = np.asarray(photo.crop(region_box))
         warped -= original
         warped *= mask[..., None]
         warped += original
-        blended = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
-        blended[mask <= 0] = original[mask <= 0].astype(np.uint8)
+        blended = np.clip(np.rint(warped, out=warped), 0, 255, out=warped).astype(np.uint8)
+        del warped
+        np.copyto(blended, original, where=(mask <= 0)[..., None])  # exactly the photo where nothing is pasted
         photo.paste(Image.fromarray(blended, "RGB"), region_box[:2])
     return box
 
