@@ -184,6 +184,7 @@ def test_png_photo_gives_png_and_only_the_face_changes(
         "--paste-back",
     )
     assert code == 0, output
+    assert "full photos 70_full.png" in output  # the report line names the file
     full = project_dir / "edits" / "astro" / "70_full.png"
     with Image.open(full) as image:
         assert image.format == "PNG"

@@ -43,8 +43,8 @@ def edit(
         bool,
         typer.Option(
             "--paste-back-only",
-            help="Edit nothing: paste the recorded edits of IMAGES (default: every edit) back into their "
-            "photos, as --paste-back does. No model is loaded.",
+            help="Edit nothing: paste every recorded age of the edits of IMAGES (default: every edit) back "
+            "into their photos, as --paste-back does. No model is loaded.",
         ),
     ] = False,
     source_age: Annotated[

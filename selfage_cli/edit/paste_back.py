@@ -292,7 +292,7 @@ def _recorded_jobs(
     edits: list[dict[str, Any]],
     inputs: list[dict[str, Any]],
     summary: StageSummary,
-) -> list[tuple[dict[str, Any], dict[str, Any], Path | None]]:
+) -> list[tuple[dict[str, Any], dict[str, Any] | None, Path | None]]:
     """(Edit entry, input entry, photo given on the command line) for each edit to paste back."""
     if not edits:
         raise SelfageError(
@@ -300,7 +300,7 @@ def _recorded_jobs(
             "(selfage edit PHOTO --ages 0,40,80 --paste-back)."
         )
     if not images:
-        return [(e, find(inputs, e["id"]) or {"id": e["id"]}, None) for e in edits]
+        return [(e, find(inputs, e["id"]), None) for e in edits]
     from selfage_cli.edit.inputs import expand_images
 
     files, missing = expand_images(list(images))
@@ -328,7 +328,7 @@ def _recorded_jobs(
 def _paste_back_one(
     project: Project,
     edit_entry: dict[str, Any],
-    input_entry: dict[str, Any],
+    input_entry: dict[str, Any] | None,
     given: Path | None,
     side_by_side: bool,
     gif: bool,
@@ -337,6 +337,11 @@ def _paste_back_one(
 ) -> dict[str, Any] | None:
     """Paste back one recorded edit and record it; None when it failed (recorded in ``summary``)."""
     item = str(edit_entry["id"])
+    if input_entry is None:
+        summary.fail(
+            item, f"input {item} is no longer registered in the project, so its photo is unknown; edit the photo again"
+        )
+        return None
     source = source_photo(project, input_entry, given)
     if isinstance(source, str):
         summary.fail(item, source)
@@ -385,3 +390,12 @@ def plan_for_edit(project: Project, entry: dict[str, Any], config: Any) -> Paste
         project, str(entry["id"]), config.ages, source.suffix, side_by_side=config.side_by_side, gif=config.gif
     )
     return PastePlan(source=source, outputs=outputs)
+
+
+def report_suffix(record: dict[str, Any]) -> str:
+    """The human report line's mention of the full-frame files this call wrote (empty when none)."""
+    full = record.get("full_outputs") or {}
+    ages = [str(a) for a in (record.get("settings") or {}).get("ages") or [] if str(a) in full]
+    if not ages or not (record.get("settings") or {}).get("paste_back"):
+        return ""
+    return ", full photos " + ", ".join(Path(full[a]).name for a in ages)

@@ -498,6 +498,7 @@ def _report_line(record: dict[str, Any]) -> str:
     inv = record["inversion"]
     how = "cached inversion" if inv["cached"] else f"inverted in {inv['seconds']:.1f} s"
     extras = "".join(f", {k} {record[k]}" for k in ("strip", "gif") if record.get(k))
+    extras += paste_back.report_suffix(record)
     return (
         f"{record['id']}: age {record['source_age']:g} ({record['source_age_source']}) → {ages}: "
         f"{folder}/ ({how}, edited in {record['edit_seconds']:.1f} s{extras})"
