@@ -269,3 +269,15 @@ def test_profile_of_another_colour_space_is_not_copied(tmp_path: Path) -> None:
     Image.new("L", (8, 8)).save(grey, icc_profile=profile)
     options = _save_options(grey, ".jpg")
     assert "icc_profile" not in options and options["quality"] >= 90
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{"full_outputs": {"20": "/abs/20_full.jpg"}}, {"strip_full": "../../strip_full.jpg"}, {"gif_full": "/x.gif"}],
+)
+def test_manifest_refuses_full_frame_paths_outside_the_project(project_dir: Path, record: dict) -> None:
+    from selfage_cli.project import MANIFEST_NAME, ManifestError
+
+    (project_dir / MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "edits": [{"id": "a", **record}]}))
+    with pytest.raises(ManifestError):
+        Project(project_dir).read()
