@@ -281,3 +281,38 @@ def test_manifest_refuses_full_frame_paths_outside_the_project(project_dir: Path
     (project_dir / MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "edits": [{"id": "a", **record}]}))
     with pytest.raises(ManifestError):
         Project(project_dir).read()
+
+
+@pytest.mark.parametrize(("mode", "suffix"), [("L", ".png"), ("RGBA", ".png"), ("CMYK", ".jpg"), ("RGB", ".webp")])
+def test_any_pixel_mode_and_format(project_dir: Path, tmp_path: Path, astronaut_path: Path, mode: str, suffix: str):
+    from selfage_cli.edit.paste_back import plan_full_outputs, source_photo, write_full_outputs
+    from selfage_cli.faces.align import align_image
+    from selfage_cli.project import sha256_file
+
+    upright = load_image(astronaut_path)
+    face = align_image(upright, name="astronaut")[0]
+    photo = tmp_path / f"photo{suffix}"
+    upright.convert(mode).save(photo)
+    entry = {
+        "id": "photo",
+        "source": str(photo),
+        "sha256": sha256_file(photo),
+        "landmarks": face.landmarks.tolist(),
+        "size": 512,
+    }
+    source = source_photo(Project(project_dir), entry)
+    assert not isinstance(source, str), source
+    outputs = plan_full_outputs(Project(project_dir), "photo", [30], source.suffix, side_by_side=True, gif=True)
+    keys = write_full_outputs(Project(project_dir), source, outputs, {30: Image.new("RGB", (128, 128), (9, 9, 9))}, 40)
+    expected = ".jpg" if suffix == ".jpg" else ".png"
+    assert keys["full_outputs"] == {"30": f"edits/photo/30_full{expected}"}
+    with Image.open(project_dir / keys["full_outputs"]["30"]) as full:
+        assert full.format == ("JPEG" if expected == ".jpg" else "PNG") and full.size == upright.size
+        out = np.asarray(full.convert("RGB"), dtype=int)
+    original = np.asarray(load_image(photo), dtype=int)
+    corner = np.abs(out[:20, :20] - original[:20, :20])
+    if expected == ".jpg":  # re-encoded at quality 95
+        assert corner.mean() <= 1.5
+    else:
+        assert corner.max() == 0
+    assert (project_dir / keys["strip_full"]).is_file() and (project_dir / keys["gif_full"]).is_file()
