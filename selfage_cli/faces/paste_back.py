@@ -13,7 +13,8 @@ from source pixels to crop pixels. Pasting back inverts it:
   Only photo pixels are written: the reflect-padded surround that the alignment invented beyond the
   photo's edge is never pasted, and every pixel the mask leaves at 0 keeps its exact value.
 * **Memory.** Only the footprint's bounding box is touched, in bands of :data:`BAND_ROWS` rows
-  (float32), so a 48 MP photo costs its own 8-bit copy and a few MB more.
+  (float32 planes of one band, never of the whole photo), so memory grows with the face's width, not
+  with the photo's size.
 
 :func:`paste_into` modifies a photo in place (the caller owns the copy) and returns the box it wrote;
 :func:`paste_back` returns a new image.
