@@ -45,6 +45,8 @@ PATH_KEYS = frozenset(
         "inversion_cache",
         "folder_copy",
         "validation_grid",
+        "strip_full",
+        "gif_full",
     }
 )
 # Keys that may hold absolute paths outside the project (the user's own files).
@@ -178,7 +180,7 @@ class Project:
             for key, value in node.items():
                 if key in PATH_KEYS and isinstance(value, str):
                     self.path(value)
-                elif key == "outputs" and isinstance(value, dict):
+                elif key in ("outputs", "full_outputs") and isinstance(value, dict):
                     for out in value.values():
                         if isinstance(out, str):
                             self.path(out)

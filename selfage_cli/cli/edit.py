@@ -31,6 +31,22 @@ def edit(
         bool, typer.Option("--side-by-side", help="Also write a labelled strip: source then every age.")
     ] = False,
     gif: Annotated[bool, typer.Option("--gif", help="Also write an animation, one frame per age.")] = False,
+    paste_back: Annotated[
+        bool,
+        typer.Option(
+            "--paste-back",
+            help="Also write each age pasted back into the original photo, at its full size and format "
+            "(AGE_full.jpg/.png; with --side-by-side/--gif also strip_full and ages_full.gif).",
+        ),
+    ] = False,
+    paste_back_only: Annotated[
+        bool,
+        typer.Option(
+            "--paste-back-only",
+            help="Edit nothing: paste every recorded age of the edits of IMAGES (default: every edit) back "
+            "into their photos, as --paste-back does. No model is loaded.",
+        ),
+    ] = False,
     source_age: Annotated[
         float | None,
         typer.Option(
@@ -127,7 +143,8 @@ def edit(
 ) -> None:
     """Edit photos of the person to target ages (null-text inversion + prompt-to-prompt).
 
-    Writes edits/STEM/AGE.png for each age, plus a strip and a GIF on request, all recorded in
+    Writes edits/STEM/AGE.png for each age, plus a strip, a GIF and the photo with the aged face
+    pasted back (--paste-back) on request, all recorded in
     selfage.json; existing outputs are kept unless --force. The inversion is cached: editing the
     same photo again skips it. Out of GPU memory: use --max-batch. See docs/editing.md.
 
@@ -138,6 +155,10 @@ def edit(
       selfage edit --ages 10,30,50,70 --gif -p proj          # every input in the project
 
       selfage edit face.png --aligned --source-age 34 --inversion negative-prompt -p proj
+
+      selfage edit photo.jpg --ages 10,70 --paste-back -p proj   # also edits/photo/70_full.jpg
+
+      selfage edit --paste-back-only --side-by-side -p proj   # earlier edits, back into their photos
 
       accelerate launch -m selfage_cli edit --ages 0,40,80 -p proj   # photos split across GPUs
     """
@@ -157,6 +178,11 @@ def edit(
         from selfage_cli.edit.stage import edit_project
 
         proj = common.open_project()
+        if paste_back_only:
+            from selfage_cli.edit.paste_back import check_call, paste_back_recorded
+
+            check_call(aligned, True)
+            return paste_back_recorded(proj, images or [], side_by_side=side_by_side, gif=gif, force=force)
         config = EditConfig(
             ages=parse_int_list(ages, "--ages"),
             side_by_side=side_by_side,
@@ -177,6 +203,7 @@ def edit(
             seed=seed,
             compile=compile_unet,
             cuda_graph=cuda_graph,
+            paste_back=paste_back,
         )
         return edit_project(
             proj,

@@ -41,6 +41,7 @@ class EditConfig:
     seed: int = 0
     compile: bool = False  # torch.compile the inversion's UNet (engineering only: same method)
     cuda_graph: bool = True  # replay the inversion's UNet from CUDA graphs on a GPU (same kernels, checked)
+    paste_back: bool = False  # also write each age pasted back into the source photo (edit/paste_back.py)
 
     def __post_init__(self) -> None:
         self.validate()

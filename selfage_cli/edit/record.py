@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from selfage_cli.edit.paste_back import merge_full_outputs
 from selfage_cli.project import Project, find, upsert
 
 
@@ -57,7 +58,13 @@ def merge_edit_entry(previous: dict[str, Any] | None, latest: dict[str, Any]) ->
     outputs = {**(previous.get("outputs") or {}), **latest["outputs"]}
     ages = [int(a) for a in previous.get("target_ages") or [] if str(a) in outputs]
     ages += [a for a in new_ages if a not in ages]
-    return {**latest, "target_ages": ages, "outputs": {str(a): outputs[str(a)] for a in ages}, "history": kept}
+    return {
+        **latest,
+        "target_ages": ages,
+        "outputs": {str(a): outputs[str(a)] for a in ages},
+        "history": kept,
+        **merge_full_outputs(previous, latest),  # edit --paste-back's full frames
+    }
 
 
 def _call_record(entry: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from selfage_cli import console
 from selfage_cli.edit import inputs as input_photos
+from selfage_cli.edit import paste_back
 from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, resolve_lora
@@ -61,6 +62,7 @@ def edit_project(
     speak_only_from_main(state)
     summary = StageSummary("edit")
     config.validate()
+    paste_back.check_call(aligned, config.paste_back)
     chosen_lora, base_model, files = decided_by_main(
         state, lambda: _check_call(project, config, images, base_model, lora, no_lora, dex_weights, summary)
     )
@@ -221,7 +223,11 @@ def _edit_or_fail(
     outputs = plan_outputs(
         ctx.project, photo.id, ctx.config.ages, side_by_side=ctx.config.side_by_side, gif=ctx.config.gif
     )
-    clash = existing_outputs(outputs)
+    pasting = paste_back.plan_for_edit(ctx.project, photo.entry, ctx.config) if ctx.config.paste_back else None
+    if isinstance(pasting, str):
+        summary.fail(photo.id, pasting)
+        return None
+    clash = existing_outputs(outputs) + (pasting.outputs.existing() if pasting is not None else [])
     if clash and not force:
         more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
         summary.fail(
@@ -231,7 +237,7 @@ def _edit_or_fail(
         )
         return None
     try:
-        return _edit_one(ctx, photo, outputs, bar)
+        return _edit_one(ctx, photo, outputs, bar, pasting)
     except SelfageError:
         raise
     except Exception as exc:  # noqa: BLE001 - one photo failing must not stop the others
@@ -254,7 +260,13 @@ def _call_data(ctx: _EditContext, records: list[dict[str, Any]]) -> dict[str, An
 
 
 # ---- one photo ---------------------------------------------------------------------------------------
-def _edit_one(ctx: _EditContext, photo: input_photos.InputPhoto, outputs: EditOutputs, bar: Any) -> dict[str, Any]:
+def _edit_one(
+    ctx: _EditContext,
+    photo: input_photos.InputPhoto,
+    outputs: EditOutputs,
+    bar: Any,
+    pasting: paste_back.PastePlan | None = None,
+) -> dict[str, Any]:
     """Invert one photo (or reuse its cached inversion), edit it to every age, write the files, record it."""
     from selfage_cli.edit.prompts import build_prompts
 
@@ -278,6 +290,8 @@ def _edit_one(ctx: _EditContext, photo: input_photos.InputPhoto, outputs: EditOu
     edited = dict(zip(config.ages, result.images[1:], strict=True))
     write_outputs(outputs, image, prompt_age, edited, tile=ctx.resolution)
     entry = _edit_entry(ctx, photo, outputs, (prompt_age, age_source), prompts, key, inversion, cached, result)
+    if pasting is not None:
+        entry.update(paste_back.write_full_outputs(ctx.project, pasting.source, pasting.outputs, edited, prompt_age))
     return record_edit(ctx.project, entry)
 
 
@@ -484,6 +498,7 @@ def _report_line(record: dict[str, Any]) -> str:
     inv = record["inversion"]
     how = "cached inversion" if inv["cached"] else f"inverted in {inv['seconds']:.1f} s"
     extras = "".join(f", {k} {record[k]}" for k in ("strip", "gif") if record.get(k))
+    extras += paste_back.report_suffix(record)
     return (
         f"{record['id']}: age {record['source_age']:g} ({record['source_age_source']}) → {ages}: "
         f"{folder}/ ({how}, edited in {record['edit_seconds']:.1f} s{extras})"

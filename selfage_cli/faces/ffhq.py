@@ -102,24 +102,73 @@ def _gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(array, (ksize, ksize), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
-def ffhq_align(
-    image: Image.Image, landmarks: np.ndarray, size: int = 512, *, enable_padding: bool = True
-) -> tuple[Image.Image, FFHQQuad]:
-    """The FFHQ-aligned ``size``² RGB crop of ``image`` for one face's landmarks, and its quad."""
-    spec = ffhq_quad(landmarks)
+@dataclass(frozen=True)
+class FFHQGeometry:
+    """The recipe's steps for one face in one photo, as numbers (what :func:`ffhq_align` does to the pixels).
+
+    ``shrink`` (1: none), the shrunk photo's ``work_size``, the ``crop`` box in that frame, the ``pad``
+    added on each side (left, top, right, bottom; zeros without padding) and ``quad`` in the padded
+    frame (pixel centres at integers), which the warp maps onto the ``size``² output.
+    :meth:`matrix` composes them into the affine map from source pixels to output pixels.
+    """
+
+    image_size: tuple[int, int]
+    size: int
+    shrink: int
+    work_size: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    pad: tuple[int, int, int, int]
+    padded: bool
+    quad: np.ndarray  # (4, 2) in the padded frame: top-left, bottom-left, bottom-right, top-right
+    border: int
+
+    def matrix(self, output_size: int | None = None) -> np.ndarray:
+        """The 2×3 affine map from source pixel positions to output pixel positions (centres at integers).
+
+        Exact for the recipe: the shrink's actual per-axis factors (``width / work_width``, Pillow's
+        resize maps pixel edges), the crop and pad offsets, Pillow's QUAD warp of ``quad + 0.5`` (the
+        quad's top-left corner lands on the output's top-left pixel edge) and the Lanczos reduction
+        (edges scale). ``output_size`` (default ``size``) gives the map into the same square resized
+        to another side, e.g. the model's resolution.
+        """
+        out = float(output_size or self.size)
+        # source → work frame (pixel centres): (x + 0.5) / factor − 0.5 per axis.
+        fx = self.image_size[0] / self.work_size[0]
+        fy = self.image_size[1] / self.work_size[1]
+        to_work = np.array([[1.0 / fx, 0.0, 0.5 / fx - 0.5], [0.0, 1.0 / fy, 0.5 / fy - 0.5], [0.0, 0.0, 1.0]])
+        # work → padded frame: a translation.
+        shift = np.array([[1.0, 0.0, self.pad[0] - self.crop[0]], [0.0, 1.0, self.pad[1] - self.crop[1]], [0, 0, 1.0]])
+        # padded frame → output: the quad's sides as the unit square (edges), then pixel centres.
+        origin = self.quad[0]
+        side_x = self.quad[3] - self.quad[0]
+        side_y = self.quad[1] - self.quad[0]
+        basis = np.linalg.inv(np.stack([side_x, side_y], axis=1))  # (padded − origin) → (a, b) in [0, 1]²
+        to_unit = np.eye(3)
+        to_unit[:2, :2] = basis
+        to_unit[:2, 2] = -basis @ origin
+        to_output = np.array([[out, 0.0, -0.5], [0.0, out, -0.5], [0.0, 0.0, 1.0]])
+        return (to_output @ to_unit @ shift @ to_work)[:2]
+
+
+def ffhq_geometry(
+    landmarks_or_quad: np.ndarray | FFHQQuad,
+    image_size: tuple[int, int],
+    size: int = 512,
+    *,
+    enable_padding: bool = True,
+) -> FFHQGeometry:
+    """The recipe's shrink, crop, pad and warp quad for a face in a photo of ``image_size`` (width, height)."""
+    spec = landmarks_or_quad if isinstance(landmarks_or_quad, FFHQQuad) else ffhq_quad(landmarks_or_quad)
     quad = spec.quad.copy()
     qsize = spec.qsize
     output_size = int(size)
-    transform_size = SUPERSAMPLE * output_size
-    width, height = image.size
+    width, height = (int(v) for v in image_size)
 
     # Shrink (computed for the whole photo as in the original; applied to the crop's region only).
     shrink = int(np.floor(qsize / output_size * 0.5))
-    factor_x = factor_y = 1.0
     work_size = (width, height)
     if shrink > 1:
         work_size = (int(np.rint(float(width) / shrink)), int(np.rint(float(height) / shrink)))
-        factor_x, factor_y = width / work_size[0], height / work_size[1]
         quad /= shrink
         qsize /= shrink
 
@@ -139,17 +188,10 @@ def ffhq_align(
     )
     if crop[2] <= crop[0] or crop[3] <= crop[1]:
         raise ValueError("the face's crop square lies outside the image")
-    if shrink > 1:
-        region = (crop[0] * factor_x, crop[1] * factor_y, crop[2] * factor_x, crop[3] * factor_y)
-        img = image.resize((crop[2] - crop[0], crop[3] - crop[1]), Image.Resampling.LANCZOS, box=region)
-        quad -= crop[0:2]
-    elif crop[2] - crop[0] < work_size[0] or crop[3] - crop[1] < work_size[1]:
-        img = image.crop(crop)
-        quad -= crop[0:2]
-    else:
-        img = image
+    quad -= crop[0:2]
 
     # Pad.
+    crop_w, crop_h = crop[2] - crop[0], crop[3] - crop[1]
     pad = (
         int(np.floor(min(quad[:, 0]))),
         int(np.floor(min(quad[:, 1]))),
@@ -159,11 +201,51 @@ def ffhq_align(
     pad = (
         max(-pad[0] + border, 0),
         max(-pad[1] + border, 0),
-        max(pad[2] - img.size[0] + border, 0),
-        max(pad[3] - img.size[1] + border, 0),
+        max(pad[2] - crop_w + border, 0),
+        max(pad[3] - crop_h + border, 0),
     )
-    if enable_padding and max(pad) > border - 4:
-        pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
+    padded = bool(enable_padding and max(pad) > border - 4)
+    if padded:
+        pad = tuple(int(v) for v in np.maximum(pad, int(np.rint(qsize * 0.3))))
+        quad += pad[:2]
+    else:
+        pad = (0, 0, 0, 0)
+    return FFHQGeometry(
+        image_size=(width, height),
+        size=output_size,
+        shrink=max(shrink, 1),
+        work_size=work_size,
+        crop=crop,
+        pad=pad,
+        padded=padded,
+        quad=quad,
+        border=border,
+    )
+
+
+def ffhq_align(
+    image: Image.Image, landmarks: np.ndarray, size: int = 512, *, enable_padding: bool = True
+) -> tuple[Image.Image, FFHQQuad]:
+    """The FFHQ-aligned ``size``² RGB crop of ``image`` for one face's landmarks, and its quad."""
+    spec = ffhq_quad(landmarks)
+    geometry = ffhq_geometry(spec, image.size, size, enable_padding=enable_padding)
+    output_size = geometry.size
+    transform_size = SUPERSAMPLE * output_size
+    work_size, crop, pad, quad = geometry.work_size, geometry.crop, geometry.pad, geometry.quad
+    qsize = spec.qsize / geometry.shrink if geometry.shrink > 1 else spec.qsize
+
+    # Shrink and crop.
+    if geometry.shrink > 1:
+        factor_x, factor_y = image.width / work_size[0], image.height / work_size[1]
+        region = (crop[0] * factor_x, crop[1] * factor_y, crop[2] * factor_x, crop[3] * factor_y)
+        img = image.resize((crop[2] - crop[0], crop[3] - crop[1]), Image.Resampling.LANCZOS, box=region)
+    elif crop[2] - crop[0] < work_size[0] or crop[3] - crop[1] < work_size[1]:
+        img = image.crop(crop)
+    else:
+        img = image
+
+    # Pad.
+    if geometry.padded:
         arr = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
         h, w, _ = arr.shape
         yy, xx, _ = np.ogrid[:h, :w, :1]
@@ -184,7 +266,6 @@ def ffhq_align(
         arr += step
         del step
         img = Image.fromarray(np.uint8(np.clip(np.rint(arr), 0, 255)), "RGB")
-        quad += pad[:2]
 
     # Transform.
     img = img.transform(
