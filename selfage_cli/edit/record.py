@@ -30,6 +30,7 @@ _PROVENANCE_KEYS = (
     "base_model",
     "settings",
     "inversion_cache",
+    "reconstruction",
     "created",
 )
 
