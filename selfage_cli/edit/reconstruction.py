@@ -95,15 +95,15 @@ def reconstruction_warning(photo: str, scores: dict[str, Any], mode: str) -> str
     if not problems:
         return None
     if mode == "null-text":
-        tries = ["more --inner-steps"]
+        step = "more --inner-steps"
     elif mode == "direct":  # the source branch is exact in latent space: only the VAE and the model are left
-        tries = ["a clearer, larger photo"]
+        step = "a clearer, larger photo"
     else:
-        tries = ["--inversion null-text (or direct) instead of a fast mode"]
-    tries += ["checking that the LoRA was trained on this base model"]
+        step = "--inversion null-text (or direct) instead of a fast mode"
     return (
         f"{photo}: the inversion did not hold ({', '.join(problems)} for the source branch against the input), "
-        f"so the edits may not look like this person; try {', '.join(tries[:-1])} or {tries[-1]}."
+        f"so the edits may not look like this person; try {step}, and check that the LoRA was trained on this "
+        "base model."
     )
 
 
