@@ -79,6 +79,7 @@ def _extra(record: dict[str, Any]) -> str:
         "graph_failure",
         "inner_steps_run",
         "unet_calls",
+        "reconstruction_psnr",
         "ratio",
         "speedup",
         "warmup_seconds",
