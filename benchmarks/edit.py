@@ -11,7 +11,9 @@ For each inversion mode (``null-text``, ``negative-prompt``, ``direct``):
   with ``ratio`` = naive seconds / batched seconds;
 - ``edit_whole``: inversion + batched editing seconds, and the peak memory of that span, with the
   reconstruction the edit records (its source branch against the photo at the model's resolution:
-  ``reconstruction_psnr`` in dB, ``reconstruction_ssim``; selfage_cli/edit/reconstruction.py).
+  ``reconstruction_psnr`` in dB, ``reconstruction_ssim``; selfage_cli/edit/reconstruction.py) and, in
+  latent space, ``reconstruction_latent_rmse`` against the encoded photo (what the inversion itself
+  keeps, without the VAE's loss).
 
 A short warm-up (2 DDIM steps, 2 inner steps, batched and naive) runs first so one-off start-up costs
 (CUDA context, cuBLAS/cuDNN autotuning) are not timed.
@@ -65,7 +67,7 @@ def bench_edit(
     graph_check_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
-    from selfage_cli.edit.engine import P2PSettings, edit_ages, invert
+    from selfage_cli.edit.engine import P2PSettings, edit_ages, encode_image, invert
     from selfage_cli.edit.prompts import build_prompts
 
     prompts = build_prompts(source_age, list(ages), gender=None, identifier="sks")
@@ -178,6 +180,9 @@ def bench_edit(
         records.append(batched)
         whole = [i + e for i, e in zip(inv_samples, edit_samples, strict=True)]
         rebuilt = reconstruction(image, result.images[0])
+        # In latent space too: the VAE alone limits the PSNR (with random weights to ~9 dB in every mode).
+        encoded = encode_image(pipe, image).to(result.latents.device)
+        latent_rmse = float(((result.latents[:1] - encoded) ** 2).mean().sqrt())
         records.append(
             recorder.emit(
                 "edit_whole",
@@ -188,6 +193,7 @@ def bench_edit(
                 editing_seconds=batched["seconds"],
                 reconstruction_psnr=rebuilt["psnr"],
                 reconstruction_ssim=rebuilt["ssim"],
+                reconstruction_latent_rmse=latent_rmse,
                 reference=REFERENCE,
             )
         )

@@ -80,6 +80,7 @@ def _extra(record: dict[str, Any]) -> str:
         "inner_steps_run",
         "unet_calls",
         "reconstruction_psnr",
+        "reconstruction_latent_rmse",
         "ratio",
         "speedup",
         "warmup_seconds",

@@ -177,6 +177,9 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     # Each mode's reconstruction (its source branch against the photo); random weights rebuild little.
     wholes = {r["settings"]["mode"]: r for r in records if r["what"] == "edit_whole"}
     assert all(0 < r["reconstruction_psnr"] < 40 and -1 <= r["reconstruction_ssim"] <= 1 for r in wholes.values())
+    assert (
+        wholes["direct"]["reconstruction_latent_rmse"] < 1e-4 < wholes["negative-prompt"]["reconstruction_latent_rmse"]
+    )
     assert batched[0]["unet_calls"] == 3 and naive[0]["unet_calls"] == 3 * 3  # 3 steps × 3 ages one by one
     assert naive[0]["ratio"] == pytest.approx(naive[0]["seconds"] / batched[0]["seconds"])
     ratio = next(r for r in records if r["what"] == "edit_batching_ratio")
