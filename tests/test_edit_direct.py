@@ -119,3 +119,33 @@ def test_cache_keeps_the_trajectory_of_a_direct_inversion(tmp_path: Path, tiny_p
     prompts = build_prompts(SOURCE_AGE, [SOURCE_AGE], GENDER)
     again = edit_ages(tiny_pipe, loaded, prompts, decode=False)
     assert float((again.latents[0] - tiny_source_latent).abs().max()) <= 1e-4
+
+
+def test_edit_command_with_direct_inversion_reports_it_like_the_other_modes(
+    project_dir: Path, tiny_model_dir: Path, astronaut_path: Path
+) -> None:
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from selfage_cli.cli import app
+
+    args = ["edit", str(astronaut_path), "--aligned", "--source-age", "40", "--no-lora", "--ages", "10,70"]
+    args += ["--inversion", "direct", "--ddim-steps", "3", "--max-batch", "1", "--device", "cpu", "--dtype", "fp32"]
+    args += ["-p", str(project_dir), "--base-model", str(tiny_model_dir), "--json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    record = json.loads(first.stdout.strip().splitlines()[-1])["done"][0]
+    assert record["inversion"]["mode"] == "direct" and record["inversion"]["inner_steps_run"] == 0
+    assert record["inversion"]["cached"] is False and record["unet_calls"] == 3 * 2  # --max-batch 1: a pass per age
+    assert set(record["reconstruction"]) == {"psnr", "ssim", "identity_distance"}
+    entry = Project(project_dir).read()["edits"][0]
+    assert entry["settings"]["inversion"] == "direct" and entry["reconstruction"] == record["reconstruction"]
+    picture = Image.open(project_dir / "edits" / "astronaut" / "70.png").copy()
+    # Again: the cached inversion (with its trajectory) gives the very same pictures and scores.
+    again = CliRunner().invoke(app, [*args, "--force"])
+    assert again.exit_code == 0, again.output
+    record = json.loads(again.stdout.strip().splitlines()[-1])["done"][0]
+    assert record["inversion"]["cached"] is True and record["reconstruction"] == entry["reconstruction"]
+    assert list(Image.open(project_dir / "edits" / "astronaut" / "70.png").getdata()) == list(picture.getdata())
