@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     edit.add_argument("--ddim-steps", type=int, default=50)
     edit.add_argument("--inner-steps", type=int, default=10, help="null-text inner steps per timestep")
     edit.add_argument("--guidance", type=float, default=7.5)
-    edit.add_argument("--modes", default="null-text,negative-prompt", help="inversion modes to measure")
+    edit.add_argument("--modes", default="null-text,negative-prompt,direct", help="inversion modes to measure")
     edit.add_argument(
         "--naive-modes",
         default=None,

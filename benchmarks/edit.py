@@ -1,6 +1,6 @@
 """Edit benchmark: 1 photo → K ages (default 9: 0, 10, …, 80), inversion and editing timed apart.
 
-For each inversion mode (``null-text``, ``negative-prompt``):
+For each inversion mode (``null-text``, ``negative-prompt``, ``direct``):
 
 - ``edit_inversion``: seconds of ``invert`` (VAE encode + DDIM inversion + null-text optimisation),
   with the number of inner steps actually run (random weights change how often early stopping fires);
@@ -9,7 +9,11 @@ For each inversion mode (``null-text``, ``negative-prompt``):
 - ``edit_naive_loop`` (in the modes of ``naive_modes``): the same editing with ``max_batch=1`` — the
   reference's per-age loop of two-prompt runs — on the same inversion, dtype and attention backend,
   with ``ratio`` = naive seconds / batched seconds;
-- ``edit_whole``: inversion + batched editing seconds, and the peak memory of that span.
+- ``edit_whole``: inversion + batched editing seconds, and the peak memory of that span, with the
+  reconstruction the edit records (its source branch against the photo at the model's resolution:
+  ``reconstruction_psnr`` in dB, ``reconstruction_ssim``; selfage_cli/edit/reconstruction.py) and, in
+  latent space, ``reconstruction_latent_rmse`` against the encoded photo (what the inversion itself
+  keeps, without the VAE's loss).
 
 A short warm-up (2 DDIM steps, 2 inner steps, batched and naive) runs first so one-off start-up costs
 (CUDA context, cuBLAS/cuDNN autotuning) are not timed.
@@ -53,7 +57,7 @@ def bench_edit(
     steps: int = 50,
     inner_steps: int = 10,
     guidance: float = 7.5,
-    modes: list[str] | tuple[str, ...] = ("null-text", "negative-prompt"),
+    modes: list[str] | tuple[str, ...] = ("null-text", "negative-prompt", "direct"),
     naive_modes: list[str] | tuple[str, ...] = ("null-text",),
     repeats: int = 1,
     max_batch: int | None = None,
@@ -63,7 +67,7 @@ def bench_edit(
     graph_check_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
-    from selfage_cli.edit.engine import P2PSettings, edit_ages, invert
+    from selfage_cli.edit.engine import P2PSettings, edit_ages, encode_image, invert
     from selfage_cli.edit.prompts import build_prompts
 
     prompts = build_prompts(source_age, list(ages), gender=None, identifier="sks")
@@ -175,6 +179,10 @@ def bench_edit(
         )
         records.append(batched)
         whole = [i + e for i, e in zip(inv_samples, edit_samples, strict=True)]
+        rebuilt = reconstruction(image, result.images[0])
+        # In latent space too: the VAE alone limits the PSNR (with random weights to ~9 dB in every mode).
+        encoded = encode_image(pipe, image).to(result.latents.device)
+        latent_rmse = float(((result.latents[:1] - encoded) ** 2).mean().sqrt())
         records.append(
             recorder.emit(
                 "edit_whole",
@@ -183,6 +191,9 @@ def bench_edit(
                 memory,
                 inversion_seconds=records[-2]["seconds"],
                 editing_seconds=batched["seconds"],
+                reconstruction_psnr=rebuilt["psnr"],
+                reconstruction_ssim=rebuilt["ssim"],
+                reconstruction_latent_rmse=latent_rmse,
                 reference=REFERENCE,
             )
         )
@@ -233,6 +244,13 @@ def bench_edit(
             )
         )
     return records
+
+
+def reconstruction(photo: Image.Image, rebuilt: Image.Image) -> dict[str, Any]:
+    """The edit's own reconstruction scores (PSNR, SSIM; no identity: random weights draw no face)."""
+    from selfage_cli.edit.reconstruction import score_reconstruction
+
+    return score_reconstruction(photo, rebuilt, identity=False)
 
 
 def graph_check(

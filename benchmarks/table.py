@@ -79,6 +79,8 @@ def _extra(record: dict[str, Any]) -> str:
         "graph_failure",
         "inner_steps_run",
         "unet_calls",
+        "reconstruction_psnr",
+        "reconstruction_latent_rmse",
         "ratio",
         "speedup",
         "warmup_seconds",

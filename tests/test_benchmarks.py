@@ -1,7 +1,7 @@
 """Benchmark suite: the harness's JSON lines, and ``benchmarks/gpu.sh --dry-run`` end to end.
 
 The dry run is the smoke test of the tiny benchmark run: it runs ``python -m benchmarks --model
-tiny`` (train with and without the latent cache, edit in both inversion modes, batched and naive)
+tiny`` (train with and without the latent cache, edit in the three inversion modes, batched and naive)
 with tiny settings on the CPU. Timings are not asserted, only that every measurement is there.
 """
 
@@ -168,12 +168,18 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert all(r["seconds"] > 0 and r["peak_memory_bytes"] > 0 and r["loss_finite"] for r in steps)
     assert "train_latent_cache_speedup" in whats
     inversions = {r["settings"]["mode"]: r for r in records if r["what"] == "edit_inversion"}
-    assert set(inversions) == {"null-text", "negative-prompt"}
+    assert set(inversions) == {"null-text", "negative-prompt", "direct"}
     assert 1 <= inversions["null-text"]["inner_steps_run"] <= 3 * 2
-    assert inversions["negative-prompt"]["inner_steps_run"] == 0
+    assert inversions["negative-prompt"]["inner_steps_run"] == 0 == inversions["direct"]["inner_steps_run"]
     batched = [r for r in records if r["what"] == "edit_batched"]
     naive = [r for r in records if r["what"] == "edit_naive_loop"]
-    assert len(batched) == 2 and len(naive) == 1 and whats.count("edit_whole") == 2
+    assert len(batched) == 3 and len(naive) == 1 and whats.count("edit_whole") == 3
+    # Each mode's reconstruction (its source branch against the photo); random weights rebuild little.
+    wholes = {r["settings"]["mode"]: r for r in records if r["what"] == "edit_whole"}
+    assert all(0 < r["reconstruction_psnr"] < 40 and -1 <= r["reconstruction_ssim"] <= 1 for r in wholes.values())
+    assert (
+        wholes["direct"]["reconstruction_latent_rmse"] < 1e-4 < wholes["negative-prompt"]["reconstruction_latent_rmse"]
+    )
     assert batched[0]["unet_calls"] == 3 and naive[0]["unet_calls"] == 3 * 3  # 3 steps × 3 ages one by one
     assert naive[0]["ratio"] == pytest.approx(naive[0]["seconds"] / batched[0]["seconds"])
     ratio = next(r for r in records if r["what"] == "edit_batching_ratio")
@@ -190,7 +196,7 @@ def test_gpu_script_variants_dry_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     checks = [r for r in records if r["what"] == "edit_graph_check"]
-    assert [c["settings"]["mode"] for c in checks] == ["null-text", "negative-prompt"]
+    assert [c["settings"]["mode"] for c in checks] == ["null-text", "negative-prompt", "direct"]
     assert all(c["max_abs_null_embedding_difference"] == 0 and c["max_abs_x_t_difference"] == 0 for c in checks)
     assert all(r["settings"]["cuda_graph"] for r in records if r["what"] == "edit_inversion")
     assert all(r["unet_runner"] == "eager" for r in records if r["what"] == "edit_inversion")  # no GPU here

@@ -18,6 +18,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ok"] and "meaningless" in summary["note"]
+    # Every edit scores its reconstruction; on random weights it warns, and the demo says why.
+    assert any("astronaut_to_edit: the inversion did not hold" in w for w in summary["warnings"])
+    assert "random VAE" in summary["reconstruction_note"]
     manifest = Project(folder).read()
     assert len(manifest["references"]) == 3 and all(r["age"] in (30, 35, 40) for r in manifest["references"])
     assert len(manifest["regularisation"]["images"]) == 4

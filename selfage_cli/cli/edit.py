@@ -70,7 +70,12 @@ def edit(
         bool, typer.Option("--no-lora", help="Edit with the base model alone (no personalisation).")
     ] = False,
     inversion: Annotated[
-        str, typer.Option("--inversion", help="null-text (paper) or negative-prompt (no optimisation, much faster).")
+        str,
+        typer.Option(
+            "--inversion",
+            help="null-text (paper), negative-prompt or direct (no optimisation, much faster; direct keeps the "
+            "source exactly, PnP Inversion).",
+        ),
     ] = "null-text",
     ddim_steps: Annotated[int, typer.Option("--ddim-steps", help="DDIM steps of inversion and editing.")] = 50,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,

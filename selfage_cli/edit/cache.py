@@ -6,6 +6,8 @@ the inversion settings — not on the target ages. Each inversion is stored unde
 the image's sha256, the base model's fingerprint, the LoRA file's sha256 (or ``none``), the
 inversion prompt, guidance, number of DDIM steps, inversion mode, inner steps, dtype and
 resolution. Editing the same photo again (other ages, other prompt-to-prompt settings) reuses it.
+A direct inversion (``--inversion direct``) also stores its T + 1 DDIM-inversion latents
+(``trajectory``, (T + 1, C, h, w)), which its editing follows; the mode is part of the key.
 Files are written atomically (temporary file + ``os.replace``), so a crash never leaves a torn entry.
 """
 
@@ -94,6 +96,7 @@ class InversionCache:
 
     def save(self, key: InversionKey, inversion: Inversion) -> Path:
         """Write ``inversion`` for ``key`` atomically; returns the file."""
+        import torch
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,8 @@ class InversionCache:
             "x_t": inversion.x_t.detach().to("cpu").float().contiguous(),
             "null_embeddings": inversion.null_embeddings.detach().to("cpu").float().contiguous(),
         }
+        if inversion.mode == "direct" and inversion.trajectory is not None:
+            tensors["trajectory"] = torch.cat([x.detach().to("cpu").float() for x in inversion.trajectory]).contiguous()
         metadata = {
             "key": json.dumps(key.to_json(), sort_keys=True),
             "mode": str(inversion.mode),
@@ -128,6 +133,10 @@ def _read(path: Path, key: InversionKey) -> Inversion:
             raise ValueError("its key does not match the file name (hash collision or edited file)")
         x_t = handle.get_tensor("x_t")
         null_embeddings = handle.get_tensor("null_embeddings")
+        names = set(handle.keys())
+        trajectory = handle.get_tensor("trajectory") if "trajectory" in names else None
+    if key.mode == "direct" and trajectory is None:
+        raise ValueError("a direct inversion entry has no trajectory")
     return Inversion(
         x_t=x_t,
         null_embeddings=null_embeddings,
@@ -139,4 +148,5 @@ def _read(path: Path, key: InversionKey) -> Inversion:
         seconds=float(metadata.get("seconds", "0")),
         unet_runner=metadata.get("unet_runner", "unknown"),  # caches written before it was stored
         learning_rates=[float(x) for x in json.loads(metadata.get("learning_rates", "[]"))],
+        trajectory=list(trajectory.split(1)) if trajectory is not None else None,
     )

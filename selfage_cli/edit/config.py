@@ -15,7 +15,7 @@ from selfage_cli.ages.sources import MAX_AGE, MIN_AGE, check_age_list
 from selfage_cli.edit.prompts import GENDERS
 from selfage_cli.errors import SelfageError
 
-INVERSION_MODES = ("null-text", "negative-prompt")
+INVERSION_MODES = ("null-text", "negative-prompt", "direct")
 
 
 @dataclass
@@ -69,7 +69,8 @@ class EditConfig:
             self.gender = gender
         if self.inversion not in INVERSION_MODES:
             raise SelfageError(
-                f"--inversion {self.inversion!r} is not known; use null-text (the paper's) or negative-prompt (faster)."
+                f"--inversion {self.inversion!r} is not known; use null-text (the paper's), negative-prompt or direct "
+                "(both faster)."
             )
         _check_int("--ddim-steps", self.ddim_steps, 1, 1000)
         _check_int("--inner-steps", self.inner_steps, 0, 1000)

@@ -83,7 +83,8 @@ def invert(
 ) -> Inversion:
     """Invert a photo (PIL image, or an already encoded latent) with ``prompt``.
 
-    ``mode``: ``null-text`` (the paper's) or ``negative-prompt`` (no optimisation). ``progress`` is
+    ``mode``: ``null-text`` (the paper's), ``negative-prompt`` or ``direct`` (no optimisation; direct
+    keeps the DDIM-inversion latents, which its editing's source branch follows). ``progress`` is
     called as ``progress(done, total)`` after each DDIM step (inversion, then optimisation).
     ``keep_trajectory`` keeps the T + 1 DDIM-inversion latents; ``compile_unet`` (off by default)
     runs the inversion's UNet through ``torch.compile`` (``True``: ``mode="reduce-overhead"``);

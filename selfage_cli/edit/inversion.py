@@ -10,6 +10,9 @@
   falls under 1e-5 + i·2e-5.
 * :func:`negative_prompt_inversion` (Miyake et al. 2023) skips the optimisation: the conditional
   embedding is the null embedding of every step.
+* ``direct`` (PnP Inversion / Direct Inversion, Ju et al. 2024) skips it too: the null embedding stays
+  ``""`` and the DDIM-inversion latents x_0 … x_T are kept (``trajectory``), so that editing can put the
+  source branch back on them at every step (:func:`selfage_cli.edit.p2p.correct_source`).
 
 The optimisation runs in fp32 on the embedding, the latents and the loss whatever the UNet's weight
 dtype (fp16/bf16 weights only change the UNet's internal arithmetic; the test suite checks that a
@@ -41,7 +44,7 @@ Progress = Callable[[int, int], None] | None
 NULL_TEXT_LR = 1e-2
 NULL_TEXT_EPSILON = 1e-5
 NULL_TEXT_EPSILON_SLOPE = 2e-5
-MODES = ("null-text", "negative-prompt")
+MODES = ("null-text", "negative-prompt", "direct")
 
 
 @dataclass
@@ -50,7 +53,8 @@ class Inversion:
 
     ``null_embeddings[i]`` is used at sampling step i (timestep ``timesteps[i]``, high → low noise).
     ``inner_steps_run[i]`` counts the Adam steps taken at step i (0 for negative-prompt inversion).
-    ``trajectory`` holds the T + 1 DDIM-inversion latents (x_0 … x_T) when kept.
+    ``trajectory`` holds the T + 1 DDIM-inversion latents (x_0 … x_T) when kept (always for ``direct``,
+    whose editing follows them).
     """
 
     x_t: Tensor  # (1, C, h, w) fp32
@@ -231,7 +235,9 @@ def invert_latent(
                 unet=unet,
             )
         else:
-            embeddings = cond.expand(steps, *cond.shape[1:]).clone()
+            # negative-prompt: the prompt is the null embedding; direct: the plain "" embedding
+            kept = null if mode == "direct" else cond
+            embeddings = kept.expand(steps, *kept.shape[1:]).clone()
             runs = [0] * steps
     return Inversion(
         x_t=trajectory[-1].detach().clone(),
@@ -242,7 +248,7 @@ def invert_latent(
         guidance=float(guidance),
         inner_steps_run=runs,
         seconds=time.perf_counter() - start,
-        trajectory=[x.detach().clone() for x in trajectory] if keep_trajectory else None,
+        trajectory=[x.detach().clone() for x in trajectory] if keep_trajectory or mode == "direct" else None,
         learning_rates=lrs,
         unet_runner=runner_name(unet),
         graph_differences=dict(unet.checked) if isinstance(unet, GraphedUNet) else {},

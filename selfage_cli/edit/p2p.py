@@ -7,6 +7,14 @@ DDIM step, the local blend pulls each edit back to the source outside its mask. 
 than ``max_batch`` the targets are split into chunks, each re-running the source branch (the
 source branch never depends on the edits, so every chunk's source is the same);
 ``max_batch=1`` is the reference's per-age loop of two-prompt runs.
+
+Direct inversion (``inversion.mode == "direct"``; PnP Inversion, Ju et al., ICLR 2024): the
+unconditional half uses the plain ``""`` embedding, and after each guided DDIM step — before the local
+blend, as in the authors' ``direct_inversion_p2p_guidance_diffusion_step`` — the source branch alone
+gets the correction :func:`correct_source`: the difference between the stored DDIM-inversion latent for
+that step and its own latent, so it follows the inversion trajectory exactly and ends on x_0. The
+target branches step with the usual attention control and are never corrected; they take the
+corrected source's attention maps and, through the local blend, its latents outside the mask.
 """
 
 from __future__ import annotations
@@ -114,6 +122,28 @@ def build_controller(
     )
 
 
+def correct_source(latents: Tensor, target: Tensor) -> Tensor:
+    """Direct inversion's per-step correction: the source branch (row 0) plus (target − itself).
+
+    ``target`` is the DDIM-inversion latent the step should reach (x_{t−Δ}, shape (1, C, h, w)). The
+    authors add the offset ``x*_{t−Δ} − DDIM_step(x*_t)`` computed in a separate pass over the
+    inversion trajectory (``offset_calculate``, their ``noise_loss``); the source branch enters every
+    step at x*_t here too, so the difference taken from its own latent is that same offset without
+    the extra T UNet calls. The target rows are returned untouched.
+    """
+    return torch.cat([latents[:1] + (target - latents[:1]), latents[1:]])
+
+
+def direct_targets(inversion: Inversion, steps: int, device: torch.device) -> list[Tensor] | None:
+    """The latents the source branch must reach after each sampling step (x_{T−1}, …, x_0), or None
+    when the inversion is not a direct inversion."""
+    if inversion.mode != "direct":
+        return None
+    if inversion.trajectory is None or len(inversion.trajectory) != steps + 1:
+        raise ValueError("a direct inversion needs its T + 1 DDIM-inversion latents (the trajectory)")
+    return [inversion.trajectory[steps - 1 - i].to(device, torch.float32) for i in range(steps)]
+
+
 @torch.no_grad()
 def sample_pass(
     pipe: Any,
@@ -132,6 +162,7 @@ def sample_pass(
     null = inversion.null_embeddings.to(device)
     cond = context.to(device, dtype)
     controller.to(device)
+    targets = direct_targets(inversion, schedule.steps, device)
     with installed(pipe.unet, controller):
         for i, t in enumerate(schedule.timesteps):
             controller.begin_step(i)
@@ -146,6 +177,8 @@ def sample_pass(
             eps = schedule.to_epsilon(out, t, torch.cat([latents, latents]))
             eps_uncond, eps_cond = eps.chunk(2)
             latents = schedule.prev_step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents)
+            if targets is not None:
+                latents = correct_source(latents, targets[i])
             if controller.blend is not None:
                 latents = controller.blend(latents, i)
             if on_step:

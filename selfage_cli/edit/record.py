@@ -31,6 +31,7 @@ _PROVENANCE_KEYS = (
     "base_model",
     "settings",
     "inversion_cache",
+    "reconstruction",
     "created",
 )
 

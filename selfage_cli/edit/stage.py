@@ -292,7 +292,20 @@ def _edit_one(
     entry = _edit_entry(ctx, photo, outputs, (prompt_age, age_source), prompts, key, inversion, cached, result)
     if pasting is not None:
         entry.update(paste_back.write_full_outputs(ctx.project, pasting.source, pasting.outputs, edited, prompt_age))
+    entry["reconstruction"] = _reconstruction(photo.id, image, result.images[0], inversion.mode)
     return record_edit(ctx.project, entry)
+
+
+def _reconstruction(photo_id: str, image: Any, rebuilt: Any, mode: str) -> dict[str, Any]:
+    """The source branch's picture scored against the aligned input (edit/reconstruction.py); warns
+    when the inversion did not hold."""
+    from selfage_cli.edit.reconstruction import reconstruction_warning, score_reconstruction
+
+    scores = score_reconstruction(image, rebuilt)
+    message = reconstruction_warning(photo_id, scores, mode)
+    if message:
+        console.warn(message)
+    return scores
 
 
 def _inversion_key(ctx: _EditContext, photo: input_photos.InputPhoto, source_prompt: str) -> InversionKey:
@@ -499,6 +512,10 @@ def _report_line(record: dict[str, Any]) -> str:
     how = "cached inversion" if inv["cached"] else f"inverted in {inv['seconds']:.1f} s"
     extras = "".join(f", {k} {record[k]}" for k in ("strip", "gif") if record.get(k))
     extras += paste_back.report_suffix(record)
+    if record.get("reconstruction"):
+        from selfage_cli.edit.reconstruction import summary_text
+
+        extras += f", {summary_text(record['reconstruction'])}"
     return (
         f"{record['id']}: age {record['source_age']:g} ({record['source_age_source']}) → {ages}: "
         f"{folder}/ ({how}, edited in {record['edit_seconds']:.1f} s{extras})"
