@@ -41,6 +41,8 @@ class EditConfig:
     seed: int = 0
     compile: bool = False  # torch.compile the inversion's UNet (engineering only: same method)
     cuda_graph: bool = True  # replay the inversion's UNet from CUDA graphs on a GPU (same kernels, checked)
+    age_estimator: str = "auto"  # who estimates a missing source age: dex, builtin or auto (ages/estimator.py)
+    dex_preprocess: str = "antialias"  # DEX's resize, as in label-ages (ages/dex.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,9 +65,17 @@ class EditConfig:
                 )
         if self.gender is not None:
             gender = str(self.gender).strip().lower()
-            if gender not in GENDERS:
-                raise SelfageError(f"--gender {self.gender!r} is not known; use female or male (or leave it out).")
+            if gender not in (*GENDERS, "none"):
+                raise SelfageError(
+                    f"--gender {self.gender!r} is not known; use female, male or none (neutral words), or leave it "
+                    "out (estimated)."
+                )
             self.gender = gender
+        from selfage_cli.ages.dex import check_preprocess
+        from selfage_cli.ages.estimator import check_choice
+
+        self.age_estimator = check_choice(self.age_estimator)
+        check_preprocess(self.dex_preprocess)
         if self.inversion not in INVERSION_MODES:
             raise SelfageError(
                 f"--inversion {self.inversion!r} is not known; use null-text (the paper's) or negative-prompt (faster)."
