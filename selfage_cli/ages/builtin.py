@@ -102,10 +102,13 @@ def _version() -> str:
         return "unknown"
 
 
-@functools.cache
 def load_bundle(folder: Path | None = None) -> Bundle:
-    """Read and check the bundle: every model file present with the sha256 its manifest records."""
-    folder = Path(folder) if folder is not None else bundle_folder()
+    """Read and check the bundle (once per folder): every model file present with the sha256 its manifest records."""
+    return _load_bundle(Path(folder) if folder is not None else bundle_folder())
+
+
+@functools.cache
+def _load_bundle(folder: Path) -> Bundle:
     manifest_path = folder / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
