@@ -149,8 +149,8 @@ def label_ages(
         if birth is not None and item.section == REFERENCES:
             _exif_candidate(item, birth)
 
-    _run_estimator_if_needed(project, items, order, dex_weights, dex_preprocess, device, age_estimator)
-    _choose(items, order)
+    preference = _run_estimator_if_needed(project, items, order, dex_weights, dex_preprocess, device, age_estimator)
+    _choose(items, order, preference)
     _write(project, items, reg_folder, dex_weights, summary)
     return summary
 
@@ -245,9 +245,9 @@ def _has_age_before_estimate(item: AgeItem, order: list[str]) -> bool:
     return False
 
 
-def _estimate_of(item: AgeItem) -> tuple[str, float] | None:
-    """(estimator, value) of the item's estimate: DEX's when it has one (the paper's), else builtin's."""
-    for name in ESTIMATOR_PREFERENCE:
+def _estimate_of(item: AgeItem, preference: tuple[str, ...] = ("dex", "builtin")) -> tuple[str, float] | None:
+    """(estimator, value) of the item's estimate, by ``preference`` (default: DEX's, the paper's, else builtin's)."""
+    for name in preference:
         if name in item.candidates:
             return name, float(item.candidates[name])
     return None
@@ -264,22 +264,30 @@ def _run_estimator_if_needed(
     preprocess: str,
     device: str,
     choice: str,
-) -> None:
-    """Estimate the ages the sources before ``estimate`` leave open (every image when --dex-weights is given)."""
+) -> tuple[str, ...]:
+    """Estimate the ages the sources before ``estimate`` leave open (every image when --dex-weights is given).
+
+    Returns the order in which recorded estimates are preferred: the estimator asked for explicitly
+    first; with ``auto``, DEX's (an earlier DEX estimate is kept when only the builtin one could run).
+    """
     from selfage_cli.ages import estimator
 
     if ESTIMATE not in order or not items:
-        return
+        return ESTIMATOR_PREFERENCE
     name = estimator.choose(choice, dex_weights, project)
+    explicit = choice != "auto"
+    preference = (
+        (name, *[other for other in ESTIMATOR_PREFERENCE if other != name]) if explicit else ESTIMATOR_PREFERENCE
+    )
 
-    def has_own(item: AgeItem) -> bool:  # a DEX estimate is kept when the builtin would run
-        return name in item.candidates or (name == "builtin" and "dex" in item.candidates)
+    def has_own(item: AgeItem) -> bool:  # with auto, a DEX estimate is kept when the builtin would run
+        return name in item.candidates or (not explicit and name == "builtin" and "dex" in item.candidates)
 
     needing = [item for item in items if not _has_age_before_estimate(item, order) and not has_own(item)]
     if dex_weights is not None and name == "dex":
         needing = items  # weights given explicitly: estimate everything, for the conflict warnings too
     if not needing:
-        return
+        return preference
     from PIL import Image
 
     images = []
@@ -297,6 +305,7 @@ def _run_estimator_if_needed(
     console.info(f"Estimating {len(images)} age(s) with {label}.")
     for item, estimate in zip(needing, model.estimate(images), strict=True):
         item.candidates[name] = round(float(estimate.age), 2)
+    return preference
 
 
 # ---- choosing and checking ----------------------------------------------------------------------------
@@ -306,7 +315,7 @@ def _as_age(source: str, value: float) -> int:
     return int(value)
 
 
-def _choose(items: list[AgeItem], order: list[str]) -> None:
+def _choose(items: list[AgeItem], order: list[str], preference: tuple[str, ...] = ("dex", "builtin")) -> None:
     """Pick each image's age by priority; warn about conflicts; raise if any image has none."""
     missing: list[AgeItem] = []
     exif_errors: list[str] = []
@@ -314,7 +323,7 @@ def _choose(items: list[AgeItem], order: list[str]) -> None:
         blocked = False
         for name in order:
             if name == ESTIMATE:
-                found = _estimate_of(item)
+                found = _estimate_of(item, preference)
                 if found is not None:
                     item.age_source = found[0]
                     item.age = _as_age(found[0], found[1])
