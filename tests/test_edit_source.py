@@ -7,6 +7,7 @@ the tiny model in 2 DDIM steps.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -139,7 +140,7 @@ def test_no_round_source_age_pastes_the_same_float_every_run(
     assert second["inversions_cached"] == 1 and second["inversions_computed"] == 0
     assert np.array_equal(
         np.asarray(Image.open(project_dir / manifest["edits"][0]["outputs"]["20"])),
-        np.asarray(Image.open(__import__("io").BytesIO(picture))),
+        np.asarray(Image.open(io.BytesIO(picture))),
     )
 
 
