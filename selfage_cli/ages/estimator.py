@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
@@ -26,11 +25,6 @@ from selfage_cli.errors import SelfageError
 
 ESTIMATORS = ("dex", "builtin")
 CHOICES = ("auto", *ESTIMATORS)
-DEFAULT = "auto"
-HELP = (
-    "Age estimator: dex (the paper's; needs --dex-weights), builtin (bundled, no download; also estimates "
-    "the gender) or auto (DEX when its weights are known, else builtin)."
-)
 
 
 @dataclass(frozen=True)
@@ -107,20 +101,3 @@ def load(
 
         return BuiltinEstimator()
     raise SelfageError(f"--age-estimator {name!r} is not known; use {', '.join(CHOICES)}.")
-
-
-def load_chosen(
-    choice: str,
-    *,
-    dex_weights: str | os.PathLike[str] | None = None,
-    project: Any = None,
-    device: Any = "cpu",
-    dex_preprocess: str = "antialias",
-) -> AgeEstimator:
-    """:func:`choose` then :func:`load`."""
-    name = choose(choice, dex_weights, project)
-    return load(name, dex_weights=dex_weights, project=project, device=device, dex_preprocess=dex_preprocess)
-
-
-def weights_label(path: Path | None) -> str:
-    return path.name if path is not None else "no weights"

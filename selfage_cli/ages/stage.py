@@ -14,14 +14,16 @@ Sources (names used by ``--prefer`` and recorded as ``age_source``):
 The first source in ``--prefer`` order (default ``file,filename,exif,estimate``) that has a value wins;
 sources left out of ``--prefer`` are never used. Every source's value is kept in
 ``age_candidates``, and values from earlier runs stay there until a source is evaluated again
-(file names always; EXIF when ``--birth-date`` is given; DEX when it runs; the ages file/pairs for
-the names they list), so ``label-ages --reg DIR`` does not forget ages given earlier with NAME=AGE.
-Conflicting values produce a warning listing both (DEX only when it is more than
-``DEX_CONFLICT_YEARS`` off, as its estimates are a few years off on their own).
+(file names always; EXIF when ``--birth-date`` is given; an estimator when it runs; the ages file/pairs
+for the names they list), so ``label-ages --reg DIR`` does not forget ages given earlier with NAME=AGE.
+Conflicting values produce a warning listing both (an estimate only when it is more than
+``DEX_CONFLICT_YEARS`` off, as estimates are a few years off on their own).
 
-DEX runs only when an image has no value from the sources before it, or on every image when
+The estimator (``auto``: DEX when its weights are known, else builtin) runs only for images with no
+value from the sources before it and no estimate of its own yet, or with DEX on every image when
 ``--dex-weights`` is given explicitly (then its estimate goes into ``age_candidates`` and into the
-conflict warning). Nothing is written to the manifest unless every image got a valid age.
+conflict warning). A later run with DEX weights re-estimates the images only the builtin estimator
+labelled. Nothing is written to the manifest unless every image got a valid age.
 """
 
 from __future__ import annotations
