@@ -198,3 +198,30 @@ def test_dex_asked_for_without_weights_is_exit_2(project_dir, tiny_model_dir, al
         project_dir, tiny_model_dir, str(aligned_portraits["hopper"]), "--aligned", "--ages", "40", "--gender", "it"
     )
     assert code == 2 and "female, male or none" in output
+
+
+def test_a_builtin_source_age_is_re_estimated_once_dex_weights_are_known(
+    project_dir, tiny_model_dir, aligned_portraits, dex_weights_path
+) -> None:
+    base = [str(aligned_portraits["astronaut"]), "--aligned", "--ages", "20", "--gender", "none"]
+    base += ["--inversion", "negative-prompt"]
+    code, output, _ = edit(project_dir, tiny_model_dir, *base)
+    assert code == 0, output
+    assert Project(project_dir).read()["edits"][0]["source_age_source"] == "builtin"
+    code, output, _ = edit(project_dir, tiny_model_dir, *base, "--dex-weights", str(dex_weights_path), "--force")
+    assert code == 0, output
+    manifest = Project(project_dir).read()
+    assert manifest["edits"][0]["source_age_source"] == "dex" and manifest["inputs"][0]["age_source"] == "dex"
+    candidates = manifest["inputs"][0]["age_candidates"]
+    assert set(candidates) == {"builtin", "dex"}
+    # auto keeps DEX's; asked for explicitly, the builtin estimate (recorded before) is used again
+    code, output, _ = edit(project_dir, tiny_model_dir, *base, "--force")
+    assert code == 0, output
+    assert Project(project_dir).read()["edits"][0]["source_age_source"] == "dex"
+    code, output, _ = edit(project_dir, tiny_model_dir, *base, "--age-estimator", "builtin", "--force")
+    assert code == 0, output
+    manifest = Project(project_dir).read()
+    assert manifest["edits"][0]["source_age"] == round(candidates["builtin"])
+    assert (
+        manifest["edits"][0]["source_age_source"] == "builtin" and manifest["inputs"][0]["age_candidates"] == candidates
+    )

@@ -81,27 +81,35 @@ class SourceFacts:
         entry = find(self.project.read().get("inputs", []), photo.id) or photo.entry
         candidates = entry.get("age_candidates") or {}
         recorded = entry.get("age_source")
+        name: str | None = None
         if entry.get("age") is not None:
-            if recorded in ESTIMATED_SOURCES and _is_number(candidates.get(recorded)):
-                explicit_dex = getattr(config, "age_estimator", "auto") == "dex" and recorded == "builtin"
-                if not explicit_dex:
-                    return float(candidates[recorded]), str(recorded)
-            else:
+            if recorded not in ESTIMATED_SOURCES or not _is_number(candidates.get(recorded)):
                 return entry["age"], str(recorded or "manifest")
-        name = self.chosen()
+            name = self.chosen()
+            keep = recorded == name or (getattr(config, "age_estimator", "auto") == "auto" and recorded == "dex")
+            if keep:
+                return float(candidates[recorded]), str(recorded)
+            if _is_number(candidates.get(name)):  # estimated by the chosen estimator before
+                self._record(photo, name, float(candidates[name]))
+                return float(candidates[name]), name
+        name = name or self.chosen()
         estimate = self._estimate(name, photo)
         age = float(estimate.age)
         label = "DEX" if name == "dex" else "the builtin estimator"
         spread = f" ± {estimate.uncertainty:.1f}" if estimate.uncertainty is not None else ""
         console.info(f"{photo.id}: {label} estimates age {age:.1f}{spread}")
+        self._record(photo, name, age)
+        return age, name
+
+    def _record(self, photo: Any, name: str, age: float) -> None:
+        """The input's age from estimator ``name``: rounded as ``age``, the float itself in ``age_candidates``
+        (JSON keeps its repr, so a later --no-round-source-age pastes the same number)."""
         with self.project.update() as manifest:
             stored = find(manifest.get("inputs", []), photo.id)
             if stored is not None:
                 stored["age"] = int(round(age))
                 stored["age_source"] = name
-                # the float itself (JSON keeps its repr), so a later --no-round-source-age pastes the same number
                 stored["age_candidates"] = {**(stored.get("age_candidates") or {}), name: age}
-        return age, name
 
     # ---- the gender ----
     def gender(self, photo: Any) -> tuple[str | None, str, float | None]:
