@@ -15,7 +15,6 @@ from typing import Any
 from selfage_cli.errors import SelfageError
 
 CHOICES = ("auto", "dex", "builtin", "both")
-DEX_PREPROCESS = "antialias"
 
 
 def load_estimators(
@@ -25,6 +24,7 @@ def load_estimators(
     from selfage_cli.ages import estimator
     from selfage_cli.ages.builtin import available
     from selfage_cli.ages.dex import MISSING_WEIGHTS_HELP, find_dex_weights
+    from selfage_cli.eval.stage import DEX_PREPROCESS
 
     choice = estimator.check_choice(choice, CHOICES)
     notes: list[str] = []
