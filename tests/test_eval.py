@@ -378,3 +378,17 @@ def test_edits_are_selected_by_input_path(eval_project: Project) -> None:
     chosen = select_edits(eval_project, entries, [str(eval_project.path("inputs/aligned/hopper.png"))])
     assert [e["id"] for e in chosen] == ["hopper"]
     assert [e["id"] for e in select_edits(eval_project, entries, [])] == ["astronaut", "hopper"]
+
+
+def test_both_estimators_need_the_dex_weights(eval_project: Project, monkeypatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from selfage_cli.cli import app
+
+    monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
+    args = ["eval", "-p", str(eval_project.root), "--report", str(tmp_path / "r"), "--age-estimator"]
+    result = CliRunner().invoke(app, [*args, "both"])
+    assert result.exit_code == 2 and "--age-estimator both needs the DEX weights" in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
+    result = CliRunner().invoke(app, [*args, "vgg"])
+    assert result.exit_code == 2 and "auto, dex, builtin, both" in result.output
