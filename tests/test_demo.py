@@ -12,7 +12,8 @@ from selfage_cli.cli import app
 from selfage_cli.project import Project
 
 
-def test_demo_end_to_end(tmp_path: Path) -> None:
+def test_demo_end_to_end(tmp_path: Path, dex_weights_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
     folder = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", str(folder), "--json"])
     assert result.exit_code == 0, result.output
@@ -33,6 +34,27 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     strip = Image.open(folder / edit["strip"])
     assert strip.width == 4 * 128
     assert (folder / "eval" / "report.md").is_file()
+    # Without DEX weights the demo's eval has an age column, measured by the builtin estimator.
+    report = json.loads((folder / "eval" / "report.json").read_text())
+    assert [e["estimator"] for e in report["age_estimators"]] == ["builtin"]
+    assert report["summary"]["age"]["count"] == 3
+    assert "| target age | builtin age | abs error |" in (folder / "eval" / "report.md").read_text()
+    # With a (random) DEX checkpoint, --age-estimator both reports DEX and builtin side by side.
+    both = CliRunner().invoke(
+        app,
+        ["eval", "-p", str(folder), "--age-estimator", "both", "--dex-weights", str(dex_weights_path)]
+        + ["--report", str(tmp_path / "both"), "--device", "cpu"],
+    )
+    assert both.exit_code == 0, both.output
+    report = json.loads((tmp_path / "both" / "report.json").read_text())
+    assert [e["estimator"] for e in report["age_estimators"]] == ["dex", "builtin"]
+    assert set(report["summary"]["age_by_estimator"]) == {"dex", "builtin"}
+    output = report["edits"][0]["outputs"][0]
+    assert set(output["estimates"]) == {"dex", "builtin"} and output["estimated_age"] == output["estimates"]["dex"]
+    markdown = (tmp_path / "both" / "report.md").read_text()
+    assert "| target age | DEX age | abs error | builtin age |" in markdown
+    assert "age MAE (years, DEX)" in markdown and "age MAE (years, builtin)" in markdown
+    assert "age (dex): MAE" in both.output and "age (builtin): MAE" in both.output
     # A second demo into the same folder needs --force.
     again = CliRunner().invoke(app, ["demo", str(folder)])
     assert again.exit_code == 2 and "--force" in again.output

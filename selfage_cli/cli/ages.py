@@ -30,6 +30,15 @@ DexWeightsOpt = Annotated[
     ),
 ]
 
+AgeEstimatorOpt = Annotated[
+    str,
+    typer.Option(
+        "--age-estimator",
+        help="dex (the paper's; needs --dex-weights), builtin (bundled, no download; also estimates the gender) "
+        "or auto (DEX when its weights are known, else builtin). See docs/ages.md.",
+    ),
+]
+
 
 def label_ages(
     ages: Annotated[
@@ -57,9 +66,11 @@ def label_ages(
         str,
         typer.Option(
             "--prefer",
-            help="Priority of age sources (file, filename, exif, dex): the first with a value wins; sources left out are not used.",
+            help="Priority of age sources (file, filename, exif, estimate): the first with a value wins; sources "
+            "left out are not used. estimate is the --age-estimator's (also accepted as dex or builtin).",
         ),
-    ] = "file,filename,exif,dex",
+    ] = "file,filename,exif,estimate",
+    age_estimator: AgeEstimatorOpt = "auto",
     dex_preprocess: Annotated[
         str,
         typer.Option(
@@ -76,10 +87,11 @@ def label_ages(
     """Give every aligned reference (and, with --reg, every regularisation image) an integer age.
 
     Sources, by default in this priority: an ages file or NAME=AGE pairs; the file name
-    convention {age}_anything.jpg; the EXIF date with --birth-date; the DEX age estimate.
-    Sources left out of --prefer are not used. DEX runs only for images with no age from an earlier
-    source, or on every image when --dex-weights is given (its estimate then also feeds the conflict
-    warnings). Conflicting sources produce a warning listing both values. User files are never
+    convention {age}_anything.jpg; the EXIF date with --birth-date; an age estimator (DEX or builtin).
+    Sources left out of --prefer are not used. The estimator (--age-estimator: DEX when its weights
+    are known, else the builtin one, which needs no download) runs only for images with no age from an
+    earlier source, or on every image when --dex-weights is given (its estimate then also feeds the
+    conflict warnings); the manifest records which estimator gave each age. Conflicting sources produce a warning listing both values. User files are never
     renamed or modified. See docs/ages.md.
 
     Examples:
@@ -91,6 +103,8 @@ def label_ages(
       selfage label-ages me_2010.jpg=20 me_2020.jpg=30 -p proj
 
       selfage label-ages --reg ./reg_faces --dex-weights dex_age_classifier.pth -p proj
+
+      selfage label-ages --reg ./reg_faces --age-estimator builtin -p proj
     """
     common = Common(command="label-ages", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
 
@@ -107,6 +121,7 @@ def label_ages(
             prefer=prefer,
             dex_preprocess=dex_preprocess,
             device=device,
+            age_estimator=age_estimator,
         )
 
     run(common, action)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from selfage_cli.cli.ages import AgeEstimatorOpt
 from selfage_cli.cli.common import (
     Common,
     DebugOpt,
@@ -51,12 +52,18 @@ def edit(
         float | None,
         typer.Option(
             "--source-age",
-            help="Age in the photo (default: the age recorded for the input, else the DEX estimate).",
+            help="Age in the photo (default: the age recorded for the input, else the --age-estimator's estimate).",
             show_default=False,
         ),
     ] = None,
     gender: Annotated[
-        str | None, typer.Option("--gender", help="female or male: girl/boy, woman/man in prompts.", show_default=False)
+        str | None,
+        typer.Option(
+            "--gender",
+            help="female or male: girl/boy, woman/man in prompts; none: the neutral words (child, person). "
+            "Default: the builtin estimator's call when it is at least 90 % sure, else the neutral words.",
+            show_default=False,
+        ),
     ] = None,
     lora: Annotated[
         Path | None,
@@ -105,8 +112,19 @@ def edit(
     ] = False,
     no_round_source_age: Annotated[
         bool,
-        typer.Option("--no-round-source-age", help="Paste DEX's float age into the prompt, as the reference does."),
+        typer.Option(
+            "--no-round-source-age", help="Paste the estimate's float age into the prompt, as the reference does."
+        ),
     ] = False,
+    age_estimator: AgeEstimatorOpt = "auto",
+    dex_preprocess: Annotated[
+        str,
+        typer.Option(
+            "--dex-preprocess",
+            help="DEX's resize: antialias (512→256 antialiased, then 224) or reference (the reference's direct "
+            "512→224).",
+        ),
+    ] = "antialias",
     dex_weights: Annotated[
         Path | None,
         typer.Option(
@@ -209,6 +227,8 @@ def edit(
             compile=compile_unet,
             cuda_graph=cuda_graph,
             paste_back=paste_back,
+            age_estimator=age_estimator,
+            dex_preprocess=dex_preprocess,
         )
         return edit_project(
             proj,

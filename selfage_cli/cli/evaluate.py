@@ -30,27 +30,39 @@ def evaluate(
         typer.Option(
             "--dex-weights",
             envvar="SELFAGE_DEX_WEIGHTS",
-            help="DEX checkpoint; without it only identity is reported.",
+            help="DEX checkpoint (default: the path the project remembers); without it the builtin estimator "
+            "measures the ages.",
             show_default=False,
         ),
     ] = None,
+    age_estimator: Annotated[
+        str,
+        typer.Option(
+            "--age-estimator",
+            help="dex, builtin, auto (DEX when its weights are known, else builtin) or both (DEX and builtin "
+            "side by side; needs the DEX weights).",
+        ),
+    ] = "auto",
     project: ProjectOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Score edits: DEX age error per target age, dlib identity distance, reconstruction PSNR/SSIM.
+    """Score edits: age error per target age, dlib identity distance, reconstruction PSNR/SSIM.
 
     Scores every recorded edit (or the EDITs named: input ids or photo names) and writes report.json,
-    report.md and contact_sheet.png to eval/ (or --report DIR), replacing an earlier report. Without
-    DEX weights the ages are not measured and the report says so. See docs/eval.md.
+    report.md and contact_sheet.png to eval/ (or --report DIR), replacing an earlier report. The age
+    estimator (DEX when its weights are known, else the builtin one) is named in the report; with
+    --age-estimator both, DEX and builtin are reported side by side. See docs/eval.md.
 
     Examples:
 
       selfage eval -p proj
 
       selfage eval photo --report ./report --json -p proj
+
+      selfage eval --age-estimator both --dex-weights dex_age_classifier.pth -p proj
     """
     common = Common(command="eval", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
 
@@ -58,7 +70,12 @@ def evaluate(
         from selfage_cli.eval.stage import evaluate_project
 
         return evaluate_project(
-            common.open_project(), edits=edits or [], report_dir=report, dex_weights=dex_weights, device=device
+            common.open_project(),
+            edits=edits or [],
+            report_dir=report,
+            dex_weights=dex_weights,
+            device=device,
+            age_estimator=age_estimator,
         )
 
     run(common, action)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from selfage_cli.cli.ages import AgeEstimatorOpt
 from selfage_cli.cli.common import (
     BaseModelOpt,
     Common,
@@ -54,15 +55,17 @@ def doctor(
             "--dex-weights", envvar="SELFAGE_DEX_WEIGHTS", show_default=False, help="DEX checkpoint to check."
         ),
     ] = None,
+    age_estimator: AgeEstimatorOpt = "auto",
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Check the installation: versions, device, base model, DEX weights and dlib models.
+    """Check the installation: versions, device, base model, DEX weights, age estimators and dlib models.
 
     Lists the installed versions and checks the device, the base model (a local diffusers folder, or a
-    Hub id already in the Hugging Face cache), the DEX weights and dlib's model files; each missing
+    Hub id already in the Hugging Face cache), the DEX weights, the builtin age estimator (version and
+    model checksums), which estimator --age-estimator picks, and dlib's model files; each missing
     piece comes with its fix. Nothing is downloaded or loaded; the exit code is 0 either way.
 
     Example:
@@ -78,7 +81,11 @@ def doctor(
 
         proj = common.open_project()
         return diagnose(
-            base_model=common.resolved_base_model(proj), dex_weights=dex_weights, device=device, project=proj
+            base_model=common.resolved_base_model(proj),
+            dex_weights=dex_weights,
+            device=device,
+            project=proj,
+            age_estimator=age_estimator,
         )
 
     run(common, action)

@@ -42,6 +42,8 @@ class EditConfig:
     compile: bool = False  # torch.compile the inversion's UNet (engineering only: same method)
     cuda_graph: bool = True  # replay the inversion's UNet from CUDA graphs on a GPU (same kernels, checked)
     paste_back: bool = False  # also write each age pasted back into the source photo (edit/paste_back.py)
+    age_estimator: str = "auto"  # who estimates a missing source age: dex, builtin or auto (ages/estimator.py)
+    dex_preprocess: str = "antialias"  # DEX's resize, as in label-ages (ages/dex.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,9 +66,17 @@ class EditConfig:
                 )
         if self.gender is not None:
             gender = str(self.gender).strip().lower()
-            if gender not in GENDERS:
-                raise SelfageError(f"--gender {self.gender!r} is not known; use female or male (or leave it out).")
+            if gender not in (*GENDERS, "none"):
+                raise SelfageError(
+                    f"--gender {self.gender!r} is not known; use female, male or none (neutral words), or leave it "
+                    "out (estimated)."
+                )
             self.gender = gender
+        from selfage_cli.ages.dex import check_preprocess
+        from selfage_cli.ages.estimator import check_choice
+
+        self.age_estimator = check_choice(self.age_estimator)
+        check_preprocess(self.dex_preprocess)
         if self.inversion not in INVERSION_MODES:
             raise SelfageError(
                 f"--inversion {self.inversion!r} is not known; use null-text (the paper's), negative-prompt or direct "

@@ -1,7 +1,8 @@
 """The ``selfage edit`` stage: inputs → source age → (cached) inversion → all ages in one pass → files + manifest.
 
 Per input photo: the aligned image at the model's native resolution; the source age (``--source-age``,
-else the age recorded for that input, else the DEX estimate, rounded unless ``--no-round-source-age``);
+else the age recorded for that input, else the ``--age-estimator``'s estimate, rounded unless
+``--no-round-source-age``; the gender word from ``--gender`` or the builtin estimate, :mod:`~selfage_cli.edit.source`);
 the prompts; the inversion (from the cache when the same photo, model, LoRA and inversion settings were
 inverted before); prompt-to-prompt editing to every target age; ``edits/<id>/<age>.png`` plus the
 optional strip and GIF; one Edit entry per photo in the manifest, merged with the earlier calls'
@@ -25,7 +26,6 @@ from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, res
 from selfage_cli.edit.outputs import EditOutputs, existing_outputs, plan_outputs, write_outputs
 from selfage_cli.edit.record import record_edit
 from selfage_cli.errors import SelfageError, is_out_of_memory
-from selfage_cli.faces.loading import load_image
 from selfage_cli.processes import (
     decided_by_main,
     gathered,
@@ -35,7 +35,7 @@ from selfage_cli.processes import (
     share,
     speak_only_from_main,
 )
-from selfage_cli.project import Project, find, now_iso, sha256_file
+from selfage_cli.project import Project, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
 
@@ -100,7 +100,7 @@ def _check_call(
 # ---- the call ----------------------------------------------------------------------------------------
 @dataclass
 class _EditContext:
-    """What every photo of one call shares: options, pipeline, LoRA, cache, lazily loaded DEX."""
+    """What every photo of one call shares: options, pipeline, LoRA, cache, lazily loaded age estimators."""
 
     project: Project
     config: EditConfig
@@ -113,19 +113,13 @@ class _EditContext:
     dex_weights: Path | None
     device: Any
     cache: InversionCache = field(init=False)
-    _dex: Any = field(default=None, init=False)
+    facts: Any = field(default=None, init=False)  # source age and gender when not given (edit/source.py)
 
     def __post_init__(self) -> None:
         self.cache = InversionCache(self.project)
+        from selfage_cli.edit.source import SourceFacts
 
-    def dex(self) -> Any:
-        """The DEX age classifier, loaded on first use."""
-        if self._dex is None:
-            from selfage_cli.ages.dex import load_dex, resolve_dex_weights
-
-            path = resolve_dex_weights(self.dex_weights, self.project)
-            self._dex = load_dex(path, self.device)
-        return self._dex
+        self.facts = SourceFacts(self.project, self.config, self.dex_weights, self.device)
 
 
 def _choose_lora(project: Project, lora: Path | None, no_lora: bool) -> ResolvedLora | None:
@@ -274,9 +268,8 @@ def _edit_one(
     image = input_photos.load_for_model(ctx.project, photo, ctx.resolution)
     source_age, age_source = _source_age(ctx, photo)
     prompt_age = config.prompt_age(source_age)
-    prompts = build_prompts(
-        prompt_age, config.ages, config.gender, ctx.lora.identifier if ctx.lora is not None else None
-    )
+    gender, gender_source, gender_confidence = ctx.facts.gender(photo)
+    prompts = build_prompts(prompt_age, config.ages, gender, ctx.lora.identifier if ctx.lora is not None else None)
     key = _inversion_key(ctx, photo, prompts.source)
     task = console.new_task(bar, f"{photo.id}: inverting", total=config.ddim_steps)
 
@@ -293,6 +286,7 @@ def _edit_one(
     if pasting is not None:
         entry.update(paste_back.write_full_outputs(ctx.project, pasting.source, pasting.outputs, edited, prompt_age))
     entry["reconstruction"] = _reconstruction(photo.id, image, result.images[0], inversion.mode)
+    entry.update(gender=gender, gender_source=gender_source, gender_confidence=gender_confidence)
     return record_edit(ctx.project, entry)
 
 
@@ -414,37 +408,21 @@ def _edit_entry(
 
 
 def _source_age(ctx: _EditContext, photo: input_photos.InputPhoto) -> tuple[float | int, str]:
-    """(age, where it came from): --source-age, the age recorded for the input, else DEX (recorded)."""
-    config = ctx.config
-    if config.source_age is not None:
-        return config.source_age, "option"
-    entry = find(ctx.project.read().get("inputs", []), photo.id) or photo.entry
-    candidates = entry.get("age_candidates") or {}
-    if entry.get("age") is not None:
-        if entry.get("age_source") == "dex" and isinstance(candidates.get("dex"), int | float):
-            return float(candidates["dex"]), "dex"
-        return entry["age"], str(entry.get("age_source") or "manifest")
-    from selfage_cli.ages.dex import estimate_ages
-
-    image = load_image(ctx.project.path(photo.aligned))
-    estimate = float(estimate_ages(ctx.dex(), [image], preprocess="antialias", progress=False)[0])
-    console.info(f"{photo.id}: DEX estimates age {estimate:.1f}")
-    with ctx.project.update() as manifest:
-        stored = find(manifest.get("inputs", []), photo.id)
-        if stored is not None:
-            stored["age"] = int(round(estimate))
-            stored["age_source"] = "dex"
-            stored["age_candidates"] = {**(stored.get("age_candidates") or {}), "dex": round(estimate, 3)}
-    return estimate, "dex"
+    """(age, where it came from): --source-age, the age recorded for the input, else the estimator (recorded)."""
+    return ctx.facts.source_age(photo)
 
 
 # ---- inputs, ages, processes ---------------------------------------------------------------------------
 def _check_source_age_available(
     project: Project, config: EditConfig, files: list[Path], dex_weights: Path | None
 ) -> None:
-    """Exit 2 early when a photo would need DEX but neither DEX weights nor --source-age are given."""
+    """Exit 2 early when a photo would need an estimate but no estimator can run and --source-age is not given."""
     if config.source_age is not None:
         return
+    from selfage_cli.ages.builtin import available
+
+    if config.age_estimator != "dex" and available()[0]:
+        return  # the builtin estimator needs no download
     from selfage_cli.ages.dex import find_dex_weights
 
     if find_dex_weights(dex_weights, project) is not None:
@@ -466,7 +444,7 @@ def _check_source_age_available(
         raise SelfageError(
             f"no source age for {shown}: pass --source-age N (the age in the photo), or give the DEX age classifier "
             "with --dex-weights PATH (or SELFAGE_DEX_WEIGHTS; dex_age_classifier.pth from the SAM project, "
-            "yuval-alaluf/SAM) so that it estimates the age."
+            "yuval-alaluf/SAM) so that it estimates the age, or use --age-estimator builtin (no download)."
         )
 
 

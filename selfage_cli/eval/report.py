@@ -2,7 +2,8 @@
 
 The contact sheet has one row per evaluated edit (photo) and one column per target age (the union
 over the edits, ascending), preceded by the aligned input. Each tile is captioned with the target
-age, the DEX estimate (``DEX –`` without weights) and the identity distance to the input
+age, the age estimate named by its estimator (``DEX 34.2``, ``builtin 33.0``; ``age –`` without an
+estimator) and the identity distance to the input
 (``id –`` when no face was found or identity was not measured).
 """
 
@@ -68,17 +69,35 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _estimator_names(report: dict[str, Any]) -> list[str]:
+    """The estimators of the report, the first being the one ``estimated_age`` holds."""
+    return [str(e["estimator"]) for e in report.get("age_estimators") or []]
+
+
+def _short(name: str | None) -> str:
+    return {"dex": "DEX", None: "age"}.get(name, str(name))
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: notes, the summary tables and one table per edit."""
     s = report["summary"]
     threshold = report["identity"]["threshold"]
     out = ["# selfage eval report", "", f"Project: `{report['project']}` — {report['created']}", ""]
     dex = report["dex"]
+    names = _estimator_names(report)
     out.append(
         f"DEX weights: `{dex['weights']}` ({dex['preprocess']} preprocessing)"
         if dex["measured"]
-        else "DEX weights: none (identity-only report)"
+        else "DEX weights: none" + ("" if names else " (identity-only report)")
     )
+    for described in report.get("age_estimators") or []:
+        if described["estimator"] == "builtin":
+            out.append(
+                f"Builtin age estimator: {described['package']} (age model sha256 "
+                f"{described['age_model_sha256'][:12]}, {described['licence']})"
+            )
+    if names:
+        out.append("Age estimated by: " + ", ".join(_short(n) for n in names) + ".")
     out.append(
         f"Identity: dlib 128-d descriptor distance; same person below {threshold}. "
         f"References in the mean descriptor: {report['identity']['references_used']}."
@@ -90,7 +109,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     out += ["## Summary", ""]
     rows: list[list[Any]] = [["edits", s["edits"]], ["outputs", s["outputs"]]]
-    if s["age"]:
+    by_estimator = s.get("age_by_estimator") or {}
+    for name, value in by_estimator.items():
+        if value:
+            rows.append([f"age MAE (years, {_short(name)})", _f(value["mae"])])
+    if s["age"] and not by_estimator:
         rows.append(["age MAE (years)", _f(s["age"]["mae"])])
     for key, label in (("identity_to_input", "identity to input"), ("identity_to_references", "identity to refs")):
         value = s.get(key)
@@ -120,7 +143,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("")
         out.append(
             f"Input `{edit['input']}`, source age {_f(edit['source_age'], 1)}"
-            f" (DEX on the input: {_f(edit['input_estimated_age'], 1)}), inversion {edit['inversion'] or '–'}, "
+            f" ({_short(names[0] if names else None)} on the input: {_f(edit['input_estimated_age'], 1)}), "
+            f"inversion {edit['inversion'] or '–'}, "
             f"LoRA " + (f"`{edit['lora']}`" if edit["lora"] else "none (base model)") + "."
         )
         out.append("")
@@ -129,6 +153,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 o["target_age"],
                 _f(o["estimated_age"], 1),
                 _f(o["abs_error"], 1),
+                *[_f((o.get("estimates") or {}).get(name), 1) for name in names[1:]],
                 _f(o["distance_to_input"], 3),
                 _f(o["distance_to_references"], 3),
                 _f(o["same_person_as_input"]),
@@ -136,8 +161,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             ]
             for o in edit["outputs"]
         ]
+        first = f"{_short(names[0])} age" if names else "estimated age"
         out += _table(
-            ["target age", "DEX age", "abs error", "dist. to input", "dist. to refs", "same person", "output"], rows
+            [
+                "target age",
+                first,
+                "abs error",
+                *[f"{_short(name)} age" for name in names[1:]],
+                "dist. to input",
+                "dist. to refs",
+                "same person",
+                "output",
+            ],
+            rows,
         )
         rec = edit["reconstruction"]
         if rec:
@@ -161,9 +197,9 @@ def _font() -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _caption(edit: dict[str, Any], output: dict[str, Any] | None, column: Any) -> list[str]:
+def _caption(edit: dict[str, Any], output: dict[str, Any] | None, column: Any, label: str = "age") -> list[str]:
     if column == "input":
-        return ["input", f"source {_f(edit['source_age'], 1)}", f"DEX {_f(edit['input_estimated_age'], 1)}"]
+        return ["input", f"source {_f(edit['source_age'], 1)}", f"{label} {_f(edit['input_estimated_age'], 1)}"]
     if output is None:
         return [f"target {column}", "not edited", ""]
     distance = output["distance_to_input"]
@@ -171,7 +207,7 @@ def _caption(edit: dict[str, Any], output: dict[str, Any] | None, column: Any) -
         identity = "id: no face" if output["face_found"] is False else "id –"
     else:
         identity = f"id {distance:.3f}"
-    return [f"target {column}", f"DEX {_f(output['estimated_age'], 1)}", identity]
+    return [f"target {column}", f"{label} {_f(output['estimated_age'], 1)}", identity]
 
 
 def contact_sheet(report: dict[str, Any], tiles: dict[tuple[str, Any], Image.Image], tile: int = TILE) -> Image.Image:
@@ -196,7 +232,8 @@ def contact_sheet(report: dict[str, Any], tiles: dict[tuple[str, Any], Image.Ima
                 sheet.paste(image.convert("RGB").resize((tile, tile), Image.LANCZOS), (left, top + PAD))
             else:
                 draw.rectangle([left, top + PAD, left + tile - 1, top + PAD + tile - 1], fill=BLANK)
-            for line_no, text in enumerate(_caption(edit, by_age.get(column), column)):
+            label = _short((_estimator_names(report) or [None])[0])
+            for line_no, text in enumerate(_caption(edit, by_age.get(column), column, label)):
                 draw.text((left, top + PAD + tile + 2 + line_no * LINE_HEIGHT), text, fill=TEXT, font=font)
         draw.text(
             (PAD + 2, top + PAD + 1),
@@ -208,7 +245,8 @@ def contact_sheet(report: dict[str, Any], tiles: dict[tuple[str, Any], Image.Ima
         )
     footer = (
         "id = dlib descriptor distance to the input (same person < "
-        f"{report['identity']['threshold']}); DEX = estimated age"
+        f"{report['identity']['threshold']}); "
+        f"{_short((_estimator_names(report) or [None])[0])} = estimated age"
     )
     draw.text((PAD, sheet.height - LINE_HEIGHT - 1), footer, fill=TEXT, font=font)
     return sheet

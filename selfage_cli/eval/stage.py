@@ -2,15 +2,18 @@
 
 For every recorded edit (or the ones named) and every target age:
 
-- **age**: the DEX estimate of the output (ages stage code, ``antialias`` preprocessing) against the
-  target age; absolute error per output, MAE overall / per decade / per prompt band (``metrics``);
+- **age**: the age estimator's estimate of the output against the target age (``--age-estimator``: DEX
+  with ``antialias`` preprocessing when its weights are known, else the builtin networks; ``both`` reports
+  DEX and builtin side by side, the first of them being the one the ``estimated_age`` fields hold);
+  absolute error per output, MAE overall / per decade / per prompt band (``metrics``);
 - **identity**: dlib 128-d descriptor distance of the output to the edit's aligned input and to the
   mean descriptor of the person's references, and the share under 0.6 (dlib's same-person threshold);
   an output where dlib finds no face has no distance (counted as ``no_face``);
 - **reconstruction**: for the output at the source age (when that age was among the targets), PSNR and
   SSIM against the aligned input, resized to the output's size (Lanczos) when the two differ.
 
-Without DEX weights the report is identity-only, with a note saying how to add the age columns.
+Without any estimator (no DEX weights and the builtin one not installed) the report is identity-only,
+with a note saying how to add the age columns.
 The manifest is only read; the report files (``report.json``, ``report.md``, ``contact_sheet.png``)
 are rewritten on every run (they are derived from the project and hold no user data).
 """
@@ -48,6 +51,7 @@ class OutputScore:
     distance_to_input: float | None = None
     distance_to_references: float | None = None
     face_found: bool | None = None
+    estimates: dict[str, float] = field(default_factory=dict)  # every estimator's age ("dex", "builtin")
 
     @property
     def abs_error(self) -> float | None:
@@ -67,6 +71,7 @@ class OutputScore:
             if self.distance_to_input is None
             else self.distance_to_input < SAME_PERSON_THRESHOLD,
             "face_found": self.face_found,
+            "estimates": dict(self.estimates),
         }
 
 
@@ -83,6 +88,7 @@ class EditScore:
     input_estimated_age: float | None = None
     input_face_found: bool | None = None
     reconstruction: dict[str, Any] | None = None
+    input_estimates: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +97,7 @@ class EditScore:
             "source_age": self.source_age,
             "input_estimated_age": self.input_estimated_age,
             "input_face_found": self.input_face_found,
+            "input_estimates": dict(self.input_estimates),
             "lora": self.lora,
             "inversion": self.settings.get("inversion"),
             "outputs": [o.to_json() for o in self.outputs],
@@ -239,21 +246,35 @@ def evaluate_project(
     report_dir: Path | None,
     dex_weights: Path | None,
     device: str,
+    age_estimator: str = "auto",
 ) -> StageSummary:
     """Score the project's recorded edits and write report.json, report.md and contact_sheet.png."""
     _require_manifest(project)
     manifest = project.read()
     chosen = select_edits(project, manifest.get("edits", []), list(edits or []))
     summary = StageSummary("eval")
-    dex_model, dex_path, dex_note = _load_dex(dex_weights, project, device)
+    from selfage_cli.eval.estimators import estimate_all, load_estimators
+
+    estimators, dex_path, age_notes = load_estimators(age_estimator, dex_weights, project, device)
     identity = _Identity()
-    notes = _warn_notes([dex_note, identity.note])
+    notes = _warn_notes([*age_notes, identity.note])
     ref_mean, ref_count = _reference_mean(project, manifest, identity, notes)
     scores, images, tiles = _score_edits(project, chosen, identity, ref_mean, summary)
-    _estimate_ages(dex_model, images)
+    estimate_all(estimators, images)
     report = build_report(
         project, scores, dex_path=dex_path, ref_count=ref_count, notes=notes, identity_available=identity.available
     )
+    report["age_estimators"] = [model.describe() for model in estimators]
+    by_estimator = {
+        model.name: metrics.aggregate_age_errors(
+            metrics.AgeError(o.target_age, o.estimates[model.name])
+            for s in scores
+            for o in s.outputs
+            if model.name in o.estimates
+        )
+        for model in estimators
+    }
+    report["summary"]["age_by_estimator"] = by_estimator
     files = _write_report_files(report, report_dir, project, tiles)
     return _report_summary(summary, scores, report, notes, files)
 
@@ -312,20 +333,6 @@ def _score_edits(
     return scores, images, tiles
 
 
-def _estimate_ages(dex_model: Any, images: _DexQueue) -> None:
-    """Fill in the DEX age estimate of every input and output, in one batch (nothing without DEX)."""
-    if dex_model is None or not images:
-        return
-    from selfage_cli.ages.dex import estimate_ages
-
-    estimates = estimate_ages(dex_model, [img for _, img in images], preprocess=DEX_PREPROCESS)
-    for (holder, _), estimate in zip(images, estimates, strict=True):
-        if isinstance(holder, OutputScore):
-            holder.estimated_age = float(estimate)
-        else:
-            holder.input_estimated_age = float(estimate)
-
-
 def _write_report_files(
     report: dict[str, Any], report_dir: Path | None, project: Project, tiles: _Tiles
 ) -> dict[str, Path]:
@@ -352,19 +359,6 @@ def _report_summary(
     summary.lines.extend(_summary_lines(report))
     summary.lines.append(f"wrote {', '.join(str(p) for p in files.values())}")
     return summary
-
-
-def _load_dex(option: Path | None, project: Project, device: str) -> tuple[Any, str | None, str | None]:
-    """(model, path, note): the DEX model, or None and the note explaining the identity-only report."""
-    from selfage_cli.ages.dex import MISSING_WEIGHTS_HELP, find_dex_weights, load_dex
-
-    try:
-        path = find_dex_weights(option, project)
-    except SelfageError as exc:  # a named file that does not exist: downgrade, say why
-        return None, None, f"age error not measured: {exc}"
-    if path is None:
-        return None, None, f"age error not measured (identity only): {MISSING_WEIGHTS_HELP}."
-    return load_dex(path, device), str(path), None
 
 
 def _score_edit(
@@ -497,10 +491,12 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     """The human report lines for the report's aggregates."""
     s = report["summary"]
     lines = [f"evaluated {s['edits']} edit(s), {s['outputs']} output(s)"]
-    if s["age"]:
-        lines.append(f"age: MAE {_fmt(s['age']['mae'])} years over {s['age']['count']} output(s)")
-    else:
-        lines.append("age: not measured (no DEX weights)")
+    by_estimator = s.get("age_by_estimator") or {}
+    for name, value in by_estimator.items():
+        if value:
+            lines.append(f"age ({name}): MAE {_fmt(value['mae'])} years over {value['count']} output(s)")
+    if not s["age"]:
+        lines.append("age: not measured (no age estimator)")
     for key, label in (("identity_to_input", "identity to input"), ("identity_to_references", "identity to refs")):
         value = s.get(key)
         if value and value["count"]:
