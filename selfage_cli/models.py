@@ -78,10 +78,11 @@ def model_reference(name: str | os.PathLike[str]) -> str:
 
 
 def default_base_model(project: Any = None) -> str:
-    """The base model when no ``--base-model`` is given: the project's recorded one
-    (``config.base_model`` in its manifest), else SD 1.5 from the Hub."""
-    recorded = project.config("base_model") if project is not None and project.exists() else None
-    return model_reference(recorded) if recorded else DEFAULT_BASE_MODEL
+    """The base model when no ``--base-model`` is given: the project's recorded one, else SD 1.5 from
+    the Hub (decided in :func:`selfage_cli.base_model.choose_base_model`)."""
+    from selfage_cli.base_model import choose_base_model
+
+    return choose_base_model(project, None)
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -214,6 +215,33 @@ def pipeline_fingerprint(pipe: Any) -> str:
 def native_resolution(pipe: Any) -> int:
     """The pixel resolution the UNet was trained at (SD 1.5: 512, SD 2.x-v: 768, tiny: 128)."""
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def configured_resolution(base_model: str | os.PathLike[str]) -> int | None:
+    """:func:`native_resolution` read from a model's config files without loading it (a local folder, or
+    a Hub model in the local cache); ``None`` when they cannot be read."""
+    try:
+        unet, vae = (_config_file(base_model, part) for part in ("unet", "vae"))
+        if unet is None or vae is None:
+            return None
+        widths = json.loads(vae.read_text()).get("block_out_channels") or [0]
+        return int(json.loads(unet.read_text())["sample_size"]) * 2 ** (len(widths) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _config_file(base_model: str | os.PathLike[str], part: str) -> Path | None:
+    local = Path(str(base_model)).expanduser()
+    if local.is_dir():
+        path = local / part / "config.json"
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(base_model), f"{part}/config.json")
+    except Exception:  # noqa: BLE001 - not a Hub id either: unknown
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def resolution_multiple(pipe: Any) -> int:

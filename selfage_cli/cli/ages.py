@@ -173,7 +173,7 @@ def make_reg(
             steps=steps,
             seed=seed,
             force=force,
-            base_model=common.resolved_base_model(proj),
+            base_model=common.base_model,
             device=device,
             dtype=dtype,
         )

@@ -74,16 +74,18 @@ class Common:
         return resolve_project(self.project)
 
     def resolved_base_model(self, project: Project | None = None) -> str:
-        """--base-model (a local folder made absolute), else the project's recorded base model, else SD 1.5."""
-        from selfage_cli.models import default_base_model, model_reference
+        """--base-model (a local folder made absolute), else the project's recorded base model, else SD 1.5
+        (:func:`selfage_cli.base_model.choose_base_model`: warns when --base-model is not the project's)."""
+        from selfage_cli.base_model import choose_base_model
 
-        return model_reference(self.base_model) if self.base_model else default_base_model(project)
+        return choose_base_model(project, self.base_model)
 
-    def given_base_model(self) -> str | None:
-        """--base-model as given (a local folder made absolute), or ``None`` when it was left out."""
-        from selfage_cli.models import model_reference
+    def given_base_model(self, project: Project | None = None) -> str | None:
+        """--base-model as given (a local folder made absolute; with ``project``, a warning when it is not
+        the project's base model), or ``None`` when it was left out."""
+        from selfage_cli.base_model import choose_base_model
 
-        return model_reference(self.base_model) if self.base_model else None
+        return choose_base_model(project, self.base_model) if self.base_model else None
 
 
 def run(common: Common, action: Callable[[], StageSummary | None], *, several_processes: bool = False) -> None:

@@ -188,6 +188,10 @@ def _load_context(
     if lora is not None:
         check_base_model(lora, base_model, pipe)
         load_lora(pipe, lora)
+    if is_main(state):
+        from selfage_cli.base_model import remember_base_model
+
+        remember_base_model(project, base_model)  # the project's first model stage records its model
     return _EditContext(
         project=project,
         config=config,
