@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -114,7 +115,7 @@ def load_pipeline(
             )
         source: str = str(local.resolve())
     else:
-        if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        if looks_like_path(name):
             raise ModelNotFoundError(f"--base-model {name}: no such folder; check the path.")
         source = name
     try:
@@ -130,6 +131,12 @@ def load_pipeline(
     _check_text_to_image(pipe, name)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a --base-model value that is not an existing folder was meant as one (``./sd15``,
+    ``/models/sd``, ``~/sd``, ``a/b/c``) rather than a Hub id (``owner/name``)."""
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
 
 
 def _check_text_to_image(pipe: Any, name: str) -> None:
@@ -150,8 +157,16 @@ def _check_text_to_image(pipe: Any, name: str) -> None:
         )
 
 
+_UNSHOWN_TRACE = re.compile(r"\s*(Please )?check (out )?the root cause in the stack ?trace above\.?", re.IGNORECASE)
+
+
 def _explain_load_failure(name: str, exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _UNSHOWN_TRACE.search(text):  # no traceback is shown (unless --debug): say the root cause here
+        cause = exc.__cause__ or exc.__context__
+        text = _UNSHOWN_TRACE.sub("", text).strip()
+        if cause is not None and str(cause):  # the Hub's own error, without diffusers' wrapping
+            text = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
     if Path(name).exists():
         return f"--base-model {name} could not be loaded as a diffusers pipeline ({text}); check the folder."
     offline = " (HF_HUB_OFFLINE is set)" if _hub_offline() else ""
@@ -455,6 +470,8 @@ def save_random_model(
 ) -> Path:
     """Write a random pipeline as an ordinary diffusers folder that ``--base-model PATH`` loads."""
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SelfageError(f"{out} is a file, not a folder; choose a new or empty folder for the model.")
     if (out / "model_index.json").exists() and not force:
         raise SelfageError(f"{out} already holds a model; pass --force to overwrite it or choose another folder.")
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():

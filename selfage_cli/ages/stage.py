@@ -44,6 +44,11 @@ WAYS_TO_GIVE_AN_AGE = (
     "pass --birth-date YYYY-MM-DD for photos with an EXIF date, or let DEX estimate it (--dex-weights "
     "dex_age_classifier.pth, published by the SAM project, yuval-alaluf/SAM)"
 )
+# The same for `selfage train --refs`, which takes no NAME=AGE pairs.
+WAYS_TO_GIVE_AN_AGE_TO_TRAIN = (
+    "give an age with --ages-file CSV (name,age lines), name the photo {age}_anything.jpg, pass --birth-date "
+    "YYYY-MM-DD for photos with an EXIF date, or label them first with `selfage label-ages` (NAME=AGE pairs, DEX)"
+)
 
 
 @dataclass
@@ -90,8 +95,14 @@ def label_ages(
     prefer: str = DEFAULT_PREFER,
     dex_preprocess: str = "antialias",
     device: str = "auto",
+    force: bool = False,
+    ways_to_give_an_age: str = WAYS_TO_GIVE_AN_AGE,
 ) -> StageSummary:
-    """Label the project's references (and the ``reg`` folder's images) with integer ages; see the module doc."""
+    """Label the project's references (and the ``reg`` folder's images) with integer ages; see the module doc.
+
+    ``force``: ``reg`` may replace a regularisation set recorded before (generated, or another folder);
+    without it that is refused (exit 2). ``ways_to_give_an_age``: the fix named when an image has no age
+    (the calling command's options)."""
     from selfage_cli.ages.dex import check_preprocess
 
     summary = StageSummary("label-ages")
@@ -122,6 +133,8 @@ def label_ages(
     reg_folder: Path | None = None
     if reg is not None:
         reg_folder, reg_items = _regularisation_items(reg, manifest, summary)
+        if not force:
+            _refuse_replacing_set(manifest, reg_folder)
         items.extend(reg_items)
 
     _apply_names(items, given, summary)
@@ -135,9 +148,20 @@ def label_ages(
             _exif_candidate(item, birth)
 
     _run_dex_if_needed(project, items, order, dex_weights, dex_preprocess, device)
-    _choose(items, order)
+    _choose(items, order, ways_to_give_an_age)
     _write(project, items, reg_folder, dex_weights, summary)
     return summary
+
+
+def _refuse_replacing_set(manifest: dict[str, Any], reg_folder: Path) -> None:
+    """Exit 2 when ``--reg`` would replace another regularisation set recorded before (docs/ages.md: only with --force)."""
+    previous = manifest.get("regularisation") or {}
+    if previous.get("images") and (previous.get("generated") or previous.get("folder") != str(reg_folder)):
+        what = "a generated set" if previous.get("generated") else f"the folder {previous.get('folder')}"
+        raise SelfageError(
+            f"--reg {reg_folder}: the project's regularisation set is {what} ({len(previous['images'])} images); "
+            "pass --force to replace it with this folder (no file is deleted)."
+        )
 
 
 # ---- the images ----------------------------------------------------------------------------------------
@@ -272,7 +296,7 @@ def _as_age(source: str, value: float) -> int:
     return int(value)
 
 
-def _choose(items: list[AgeItem], order: list[str]) -> None:
+def _choose(items: list[AgeItem], order: list[str], ways_to_give_an_age: str = WAYS_TO_GIVE_AN_AGE) -> None:
     """Pick each image's age by priority; warn about conflicts; raise if any image has none."""
     missing: list[AgeItem] = []
     exif_errors: list[str] = []
@@ -305,7 +329,7 @@ def _choose(items: list[AgeItem], order: list[str]) -> None:
         kinds = sorted({item.section for item in missing})
         problems.append(
             f"no age from any source ({'/'.join(order)}) for {len(missing)} {' and '.join(kinds)} "
-            f"image(s): {listed}{more}; {WAYS_TO_GIVE_AN_AGE}"
+            f"image(s): {listed}{more}; {ways_to_give_an_age}"
         )
     if problems:
         raise SelfageError(". ".join(problems) + ". Nothing was written to the manifest.")

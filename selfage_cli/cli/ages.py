@@ -67,6 +67,12 @@ def label_ages(
             help="antialias (512→256 antialiased, then 224) or reference (the reference's direct 512→224).",
         ),
     ] = "antialias",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="With --reg: replace a regularisation set recorded before (generated, or another folder)."
+        ),
+    ] = False,
     project: ProjectOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -107,6 +113,7 @@ def label_ages(
             prefer=prefer,
             dex_preprocess=dex_preprocess,
             device=device,
+            force=force,
         )
 
     run(common, action)

@@ -53,7 +53,9 @@ EditBaseModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only errors and a one-line summary (with --json: the JSON).")
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 
 
@@ -96,7 +98,7 @@ def run(common: Common, action: Callable[[], StageSummary | None], *, several_pr
     """
     from selfage_cli.processes import refuse_several
 
-    console.configure(quiet=common.quiet or common.json)
+    console.configure(quiet=common.quiet or common.json, hide_warnings=common.quiet)
     try:
         if not several_processes:
             refuse_several(common.command)
@@ -125,6 +127,8 @@ def run(common: Common, action: Callable[[], StageSummary | None], *, several_pr
     summary.warnings = list(dict.fromkeys(summary.warnings + console.WARNINGS))
     if common.json:
         sys.stdout.write(json.dumps(summary.to_json(), default=str) + "\n")
+    elif common.quiet:
+        _print_one_line(summary)
     else:
         _print_summary(summary)
     raise typer.Exit(summary.exit_code)
@@ -149,6 +153,21 @@ def _print_summary(summary: StageSummary) -> None:
         out.print(f"[red]failed:[/red] {failure.item}: {failure.reason}")
     if summary.failures:
         out.print(f"[red]{len(summary.failures)} item(s) failed[/red], {len(summary.done)} done.")
+
+
+def _print_one_line(summary: StageSummary) -> None:
+    """--quiet: the failures (errors) and one line counting what was done, skipped, failed and warned."""
+    out = console.stdout
+    for failure in summary.failures:
+        out.print(f"[red]failed:[/red] {failure.item}: {failure.reason}")
+    counts = [f"{len(summary.done)} done"]
+    if summary.skipped:
+        counts.append(f"{len(summary.skipped)} skipped")
+    if summary.failures:
+        counts.append(f"{len(summary.failures)} failed")
+    if summary.warnings:
+        counts.append(f"{len(summary.warnings)} warning(s), shown without --quiet")
+    out.print(f"{summary.command}: {', '.join(counts)}.")
 
 
 def parse_int_list(value: str, option: str) -> list[int]:
