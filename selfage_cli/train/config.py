@@ -40,7 +40,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class TrainConfig:
     """Every option of ``selfage train`` (see docs/training.md)."""
 
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    base_model: str | None = None  # None: the project's base model, else SD 1.5 (base_model.choose_base_model)
     steps: int = 800
     batch_size: int = 4
     rank: int = 16

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from selfage_cli import console
-from selfage_cli.base_model import check_regularisation_model, remember_base_model
+from selfage_cli.base_model import check_regularisation_model, choose_base_model, remember_base_model
 from selfage_cli.errors import InterruptedRun, SelfageError
 from selfage_cli.processes import decided_by_main, is_main, met_by_all, process_state, speak_only_from_main
 from selfage_cli.project import Project, find
@@ -67,7 +67,8 @@ def train_project(
 
     summary = StageSummary("train")
     config.check()
-    config = replace(config, base_model=model_reference(config.base_model))  # a folder: absolute
+    base_model = choose_base_model(project, None) if not config.base_model else model_reference(config.base_model)
+    config = replace(config, base_model=base_model)  # None: the project's; a folder: absolute
     state = process_state(config.device)
     speak_only_from_main(state)
     asked_resolution = config.resolution
