@@ -252,3 +252,19 @@ def test_quiet_prints_only_errors_and_one_summary_line(tmp_path: Path, astronaut
     assert lines[-1] == "align: 1 done, 1 failed."
     assert all(line.startswith("failed:") for line in lines[:-1]) and len(lines) == 2
     assert "warning:" not in result.output and "identity check" not in result.output
+
+
+def test_edit_of_an_input_whose_aligned_file_is_gone_fails_that_photo_with_the_fix(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    project = Project(tmp_path / "p")
+    with project.update() as manifest:
+        manifest["inputs"] = [
+            {"id": "holiday", "source": "/photos/holiday.jpg", "aligned": "inputs/aligned/holiday.png"}
+        ]
+    result = invoke("edit", "--ages", "20", "--no-lora", "--source-age", "30", "--base-model", tiny_model_dir,
+                    "--device", "cpu", "-p", project.root)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    text = one_sentence(result.output)
+    assert "holiday: its aligned image inputs/aligned/holiday.png is missing" in text
+    assert "selfage align /photos/holiday.jpg --role inputs --force" in text and "report it" not in text
