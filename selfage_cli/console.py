@@ -26,13 +26,17 @@ from rich.progress import (
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
-_state: dict[str, bool | str] = {"quiet": False, "muted": False}
+_state: dict[str, bool | str] = {"quiet": False, "muted": False, "hide_warnings": False}
 WARNINGS: list[str] = []
 
 
-def configure(quiet: bool = False) -> None:
-    """Set verbosity for this process and silence the libraries' own chatter."""
+def configure(quiet: bool = False, hide_warnings: bool = False) -> None:
+    """Set verbosity for this process and silence the libraries' own chatter.
+
+    ``quiet``: no messages or progress; ``hide_warnings`` (``--quiet``): warnings are collected for the
+    summary (which counts them) but not printed."""
     _state["quiet"] = quiet
+    _state["hide_warnings"] = hide_warnings
     _state["muted"] = False
     WARNINGS.clear()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,7 +80,7 @@ def info(message: str) -> None:
 def warn(message: str) -> None:
     """A warning: always shown, and collected for the --json summary."""
     WARNINGS.append(message)
-    if not _state["muted"]:
+    if not _state["muted"] and not _state["hide_warnings"]:
         stderr.print(f"[yellow]warning:[/yellow] {message}")
 
 

@@ -96,6 +96,15 @@ def check_base_model(base_model: str) -> Check:
             f"{local} ({'diffusers folder' if ok else 'no model_index.json'})",
             "" if ok else "pass a folder written by save_pretrained or `selfage random-model`",
         )
+    from selfage_cli.models import looks_like_path
+
+    if looks_like_path(base_model):
+        return Check(
+            "base model",
+            False,
+            f"{local} does not exist (no such folder)",
+            "check the path, or pass a folder written by save_pretrained or `selfage random-model`",
+        )
     try:
         from huggingface_hub import try_to_load_from_cache
 

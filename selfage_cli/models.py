@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -78,10 +79,11 @@ def model_reference(name: str | os.PathLike[str]) -> str:
 
 
 def default_base_model(project: Any = None) -> str:
-    """The base model when no ``--base-model`` is given: the project's recorded one
-    (``config.base_model`` in its manifest), else SD 1.5 from the Hub."""
-    recorded = project.config("base_model") if project is not None and project.exists() else None
-    return model_reference(recorded) if recorded else DEFAULT_BASE_MODEL
+    """The base model when no ``--base-model`` is given: the project's recorded one, else SD 1.5 from
+    the Hub (decided in :func:`selfage_cli.base_model.choose_base_model`)."""
+    from selfage_cli.base_model import choose_base_model
+
+    return choose_base_model(project, None)
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def load_pipeline(
             )
         source: str = str(local.resolve())
     else:
-        if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        if looks_like_path(name):
             raise ModelNotFoundError(f"--base-model {name}: no such folder; check the path.")
         source = name
     try:
@@ -129,6 +131,12 @@ def load_pipeline(
     _check_text_to_image(pipe, name)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a --base-model value that is not an existing folder was meant as one (``./sd15``,
+    ``/models/sd``, ``~/sd``, ``a/b/c``) rather than a Hub id (``owner/name``)."""
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
 
 
 def _check_text_to_image(pipe: Any, name: str) -> None:
@@ -149,8 +157,16 @@ def _check_text_to_image(pipe: Any, name: str) -> None:
         )
 
 
+_UNSHOWN_TRACE = re.compile(r"\s*(Please )?check (out )?the root cause in the stack ?trace above\.?", re.IGNORECASE)
+
+
 def _explain_load_failure(name: str, exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _UNSHOWN_TRACE.search(text):  # no traceback is shown (unless --debug): say the root cause here
+        cause = exc.__cause__ or exc.__context__
+        text = _UNSHOWN_TRACE.sub("", text).strip()
+        if cause is not None and str(cause):  # the Hub's own error, without diffusers' wrapping
+            text = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
     if Path(name).exists():
         return f"--base-model {name} could not be loaded as a diffusers pipeline ({text}); check the folder."
     offline = " (HF_HUB_OFFLINE is set)" if _hub_offline() else ""
@@ -214,6 +230,33 @@ def pipeline_fingerprint(pipe: Any) -> str:
 def native_resolution(pipe: Any) -> int:
     """The pixel resolution the UNet was trained at (SD 1.5: 512, SD 2.x-v: 768, tiny: 128)."""
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def configured_resolution(base_model: str | os.PathLike[str]) -> int | None:
+    """:func:`native_resolution` read from a model's config files without loading it (a local folder, or
+    a Hub model in the local cache); ``None`` when they cannot be read."""
+    try:
+        unet, vae = (_config_file(base_model, part) for part in ("unet", "vae"))
+        if unet is None or vae is None:
+            return None
+        widths = json.loads(vae.read_text()).get("block_out_channels") or [0]
+        return int(json.loads(unet.read_text())["sample_size"]) * 2 ** (len(widths) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _config_file(base_model: str | os.PathLike[str], part: str) -> Path | None:
+    local = Path(str(base_model)).expanduser()
+    if local.is_dir():
+        path = local / part / "config.json"
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(base_model), f"{part}/config.json")
+    except Exception:  # noqa: BLE001 - not a Hub id either: unknown
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def resolution_multiple(pipe: Any) -> int:
@@ -427,6 +470,8 @@ def save_random_model(
 ) -> Path:
     """Write a random pipeline as an ordinary diffusers folder that ``--base-model PATH`` loads."""
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SelfageError(f"{out} is a file, not a folder; choose a new or empty folder for the model.")
     if (out / "model_index.json").exists() and not force:
         raise SelfageError(f"{out} already holds a model; pass --force to overwrite it or choose another folder.")
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():

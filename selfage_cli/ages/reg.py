@@ -111,14 +111,15 @@ def make_reg(
     dtype: str = "auto",
 ) -> StageSummary:
     """Generate, align and record an age-labelled regularisation set; see the module doc."""
-    from selfage_cli.models import default_base_model, model_reference, resolve_device
+    from selfage_cli.base_model import choose_base_model, remember_base_model
+    from selfage_cli.models import resolve_device
 
     low, high = _check_options(count, batch_size, steps, age_range)
     manifest = project.read()
     _refuse_existing_set(project, manifest, force)
     dex_model = _load_dex_model(project, verify, dex_weights)
     plan = _RegPlan(
-        base_model=model_reference(base_model) if base_model else default_base_model(project),
+        base_model=choose_base_model(project, base_model),
         low=low,
         high=high,
         ages=spread_ages(count, low, high),
@@ -134,6 +135,7 @@ def make_reg(
         _verify_with_dex(dex_model, images, records, torch_device, summary)
     final = _replace_generated_folder(project, partial)
     _record_set(project, plan, records, dex_weights)
+    remember_base_model(project, plan.base_model)
     _report(summary, project, plan, final, records)
     return summary
 

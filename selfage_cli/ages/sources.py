@@ -16,6 +16,7 @@ import csv
 import datetime as dt
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +176,18 @@ def exif_date(path: str | os.PathLike[str]) -> dt.date | None:
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            exif = image.getexif()
-            raw = exif.get_ifd(EXIF_IFD).get(TAG_DATETIME_ORIGINAL) or exif.get(TAG_DATETIME)
+        with warnings.catch_warnings(record=True) as damaged:
+            warnings.simplefilter("always", UserWarning)  # Pillow's "Corrupt EXIF data": said below, in our words
+            with Image.open(path) as image:
+                exif = image.getexif()
+                raw = exif.get_ifd(EXIF_IFD).get(TAG_DATETIME_ORIGINAL) or exif.get(TAG_DATETIME)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ExifDateError(f"{path}: cannot be read as an image to find its EXIF date ({exc}).") from None
+    if raw is None and any(issubclass(w.category, UserWarning) for w in damaged):
+        raise ExifDateError(
+            f"{path}: its EXIF block is damaged, so no date could be read from it; give this photo's age another "
+            "way (--ages-file, NAME=AGE, or the {age}_name file-name convention)."
+        )
     if raw is None:
         return None
     if isinstance(raw, bytes):

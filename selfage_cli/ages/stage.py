@@ -53,6 +53,11 @@ WAYS_TO_GIVE_AN_AGE = (
     "in --prefer: --age-estimator builtin needs no download, DEX needs --dex-weights dex_age_classifier.pth, "
     "published by the SAM project, yuval-alaluf/SAM)"
 )
+# The same for `selfage train --refs`, which takes no NAME=AGE pairs.
+WAYS_TO_GIVE_AN_AGE_TO_TRAIN = (
+    "give an age with --ages-file CSV (name,age lines), name the photo {age}_anything.jpg, pass --birth-date "
+    "YYYY-MM-DD for photos with an EXIF date, or label them first with `selfage label-ages` (NAME=AGE pairs, DEX)"
+)
 
 
 @dataclass
@@ -104,8 +109,14 @@ def label_ages(
     dex_preprocess: str = "antialias",
     device: str = "auto",
     age_estimator: str = "auto",
+    force: bool = False,
+    ways_to_give_an_age: str = WAYS_TO_GIVE_AN_AGE,
 ) -> StageSummary:
-    """Label the project's references (and the ``reg`` folder's images) with integer ages; see the module doc."""
+    """Label the project's references (and the ``reg`` folder's images) with integer ages; see the module doc.
+
+    ``force``: ``reg`` may replace a regularisation set recorded before (generated, or another folder);
+    without it that is refused (exit 2). ``ways_to_give_an_age``: the fix named when an image has no age
+    (the calling command's options)."""
     from selfage_cli.ages.dex import check_preprocess
 
     summary = StageSummary("label-ages")
@@ -139,6 +150,8 @@ def label_ages(
     reg_folder: Path | None = None
     if reg is not None:
         reg_folder, reg_items = _regularisation_items(reg, manifest, summary)
+        if not force:
+            _refuse_replacing_set(manifest, reg_folder)
         items.extend(reg_items)
 
     _apply_names(items, given, summary)
@@ -152,9 +165,20 @@ def label_ages(
             _exif_candidate(item, birth)
 
     preference = _run_estimator_if_needed(project, items, order, dex_weights, dex_preprocess, device, age_estimator)
-    _choose(items, order, preference)
+    _choose(items, order, preference, ways_to_give_an_age)
     _write(project, items, reg_folder, dex_weights, summary)
     return summary
+
+
+def _refuse_replacing_set(manifest: dict[str, Any], reg_folder: Path) -> None:
+    """Exit 2 when ``--reg`` would replace another regularisation set recorded before (docs/ages.md: only with --force)."""
+    previous = manifest.get("regularisation") or {}
+    if previous.get("images") and (previous.get("generated") or previous.get("folder") != str(reg_folder)):
+        what = "a generated set" if previous.get("generated") else f"the folder {previous.get('folder')}"
+        raise SelfageError(
+            f"--reg {reg_folder}: the project's regularisation set is {what} ({len(previous['images'])} images); "
+            "pass --force to replace it with this folder (no file is deleted)."
+        )
 
 
 # ---- the images ----------------------------------------------------------------------------------------
@@ -317,7 +341,12 @@ def _as_age(source: str, value: float) -> int:
     return int(value)
 
 
-def _choose(items: list[AgeItem], order: list[str], preference: tuple[str, ...] = ("dex", "builtin")) -> None:
+def _choose(
+    items: list[AgeItem],
+    order: list[str],
+    preference: tuple[str, ...] = ("dex", "builtin"),
+    ways_to_give_an_age: str = WAYS_TO_GIVE_AN_AGE,
+) -> None:
     """Pick each image's age by priority; warn about conflicts; raise if any image has none."""
     missing: list[AgeItem] = []
     exif_errors: list[str] = []
@@ -357,7 +386,7 @@ def _choose(items: list[AgeItem], order: list[str], preference: tuple[str, ...] 
         kinds = sorted({item.section for item in missing})
         problems.append(
             f"no age from any source ({'/'.join(order)}) for {len(missing)} {' and '.join(kinds)} "
-            f"image(s): {listed}{more}; {WAYS_TO_GIVE_AN_AGE}"
+            f"image(s): {listed}{more}; {ways_to_give_an_age}"
         )
     if problems:
         raise SelfageError(". ".join(problems) + ". Nothing was written to the manifest.")

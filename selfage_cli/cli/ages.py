@@ -78,6 +78,12 @@ def label_ages(
             help="antialias (512→256 antialiased, then 224) or reference (the reference's direct 512→224).",
         ),
     ] = "antialias",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="With --reg: replace a regularisation set recorded before (generated, or another folder)."
+        ),
+    ] = False,
     project: ProjectOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -122,6 +128,7 @@ def label_ages(
             dex_preprocess=dex_preprocess,
             device=device,
             age_estimator=age_estimator,
+            force=force,
         )
 
     run(common, action)
@@ -188,7 +195,7 @@ def make_reg(
             steps=steps,
             seed=seed,
             force=force,
-            base_model=common.resolved_base_model(proj),
+            base_model=common.base_model,
             device=device,
             dtype=dtype,
         )

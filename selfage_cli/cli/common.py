@@ -53,7 +53,9 @@ EditBaseModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only errors and a one-line summary (with --json: the JSON).")
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 
 
@@ -74,16 +76,18 @@ class Common:
         return resolve_project(self.project)
 
     def resolved_base_model(self, project: Project | None = None) -> str:
-        """--base-model (a local folder made absolute), else the project's recorded base model, else SD 1.5."""
-        from selfage_cli.models import default_base_model, model_reference
+        """--base-model (a local folder made absolute), else the project's recorded base model, else SD 1.5
+        (:func:`selfage_cli.base_model.choose_base_model`: warns when --base-model is not the project's)."""
+        from selfage_cli.base_model import choose_base_model
 
-        return model_reference(self.base_model) if self.base_model else default_base_model(project)
+        return choose_base_model(project, self.base_model)
 
-    def given_base_model(self) -> str | None:
-        """--base-model as given (a local folder made absolute), or ``None`` when it was left out."""
-        from selfage_cli.models import model_reference
+    def given_base_model(self, project: Project | None = None) -> str | None:
+        """--base-model as given (a local folder made absolute; with ``project``, a warning when it is not
+        the project's base model), or ``None`` when it was left out."""
+        from selfage_cli.base_model import choose_base_model
 
-        return model_reference(self.base_model) if self.base_model else None
+        return choose_base_model(project, self.base_model) if self.base_model else None
 
 
 def run(common: Common, action: Callable[[], StageSummary | None], *, several_processes: bool = False) -> None:
@@ -94,7 +98,7 @@ def run(common: Common, action: Callable[[], StageSummary | None], *, several_pr
     """
     from selfage_cli.processes import refuse_several
 
-    console.configure(quiet=common.quiet or common.json)
+    console.configure(quiet=common.quiet or common.json, hide_warnings=common.quiet)
     try:
         if not several_processes:
             refuse_several(common.command)
@@ -123,6 +127,8 @@ def run(common: Common, action: Callable[[], StageSummary | None], *, several_pr
     summary.warnings = list(dict.fromkeys(summary.warnings + console.WARNINGS))
     if common.json:
         sys.stdout.write(json.dumps(summary.to_json(), default=str) + "\n")
+    elif common.quiet:
+        _print_one_line(summary)
     else:
         _print_summary(summary)
     raise typer.Exit(summary.exit_code)
@@ -147,6 +153,21 @@ def _print_summary(summary: StageSummary) -> None:
         out.print(f"[red]failed:[/red] {failure.item}: {failure.reason}")
     if summary.failures:
         out.print(f"[red]{len(summary.failures)} item(s) failed[/red], {len(summary.done)} done.")
+
+
+def _print_one_line(summary: StageSummary) -> None:
+    """--quiet: the failures (errors) and one line counting what was done, skipped, failed and warned."""
+    out = console.stdout
+    for failure in summary.failures:
+        out.print(f"[red]failed:[/red] {failure.item}: {failure.reason}")
+    counts = [f"{len(summary.done)} done"]
+    if summary.skipped:
+        counts.append(f"{len(summary.skipped)} skipped")
+    if summary.failures:
+        counts.append(f"{len(summary.failures)} failed")
+    if summary.warnings:
+        counts.append(f"{len(summary.warnings)} warning(s), shown without --quiet")
+    out.print(f"{summary.command}: {', '.join(counts)}.")
 
 
 def parse_int_list(value: str, option: str) -> list[int]:

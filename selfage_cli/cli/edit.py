@@ -234,7 +234,7 @@ def edit(
             proj,
             config,
             images=images or [],
-            base_model=common.given_base_model(),
+            base_model=common.given_base_model(proj),
             lora=lora,
             no_lora=no_lora,
             aligned=aligned,

@@ -19,8 +19,41 @@ from selfage_cli.cli.common import (
     run,
 )
 
+# The options whose explicit use --resume checks (parameter name → TrainConfig field or train_project argument).
+RESUME_CHECKED = {
+    "refs": "refs",
+    "reg": "reg",
+    "birth_date": "birth_date",
+    "ages_file": "ages_file",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "rank": "rank",
+    "lr": "lr",
+    "num_refs": "num_refs",
+    "prior_weight": "prior_weight",
+    "contrast_weight": "contrast_weight",
+    "instance_prompt": "instance_prompt",
+    "class_prompt": "class_prompt",
+    "no_train_text_encoder": "train_text_encoder",
+    "resolution": "resolution",
+    "seed": "seed",
+    "gradient_accumulation": "gradient_accumulation",
+    "base_model": "base_model",
+}
+
+
+def given_options(ctx: typer.Context) -> frozenset[str]:
+    """The checked options given on the command line or through the environment (not left at their default)."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: typer may vendor its own click
+    return frozenset(
+        field
+        for name, field in RESUME_CHECKED.items()
+        if getattr(ctx.get_parameter_source(name), "name", None) in given
+    )
+
 
 def train(
+    ctx: typer.Context,
     refs: Annotated[
         Path | None,
         typer.Option(
@@ -43,7 +76,14 @@ def train(
     ages_file: Annotated[
         Path | None, typer.Option("--ages-file", help="name,age CSV for --refs.", show_default=False)
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 800,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps",
+            help="Optimisation steps. With --resume: a larger value extends the run (also a finished one that kept "
+            "its last checkpoint) to that many steps, as if it had been started with it.",
+        ),
+    ] = 800,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Reference images per step (as many regularisation images are added).")
     ] = 4,
@@ -64,14 +104,14 @@ def train(
         bool, typer.Option("--no-train-text-encoder", help="Freeze the text encoder (no text LoRA).")
     ] = False,
     resolution: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--resolution",
-            help="Training resolution in pixels; use the base "
-            "model's native one (SD 1.5: 512, the tiny test model: 128). "
-            "Images of another size are resized with a warning.",
+            help="Training resolution in pixels (default: the base model's native one; SD 1.5: 512, the tiny "
+            "test model: 128). Images of another size are resized with a warning.",
+            show_default=False,
         ),
-    ] = 512,
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(
@@ -88,7 +128,14 @@ def train(
         ),
     ] = 200,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Checkpoints kept.")] = 2,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run from its last checkpoint, with the method options and base model it was started "
+            "with; giving another value of one of those (or --refs, --reg) is refused, --steps extends the run.",
+        ),
+    ] = False,
     run_name: Annotated[
         str | None,
         typer.Option(
@@ -171,6 +218,8 @@ def train(
       selfage train --refs ./me --birth-date 1990-04-02 --reg ./reg -p proj
 
       selfage train --resume --run my-run -p proj
+
+      selfage train --resume --run my-run --steps 1200 -p proj   # extend a run to 1,200 steps
     """
     common = Common(
         command="train",
@@ -225,6 +274,7 @@ def train(
             run_name=run_name,
             resume=resume,
             force=force,
+            given=given_options(ctx),
         )
 
     run(common, action, several_processes=True)

@@ -165,9 +165,26 @@ def _same_file(item: str, file: Path) -> bool:
         return False
 
 
+class MissingAlignedError(SelfageError):
+    """A registered input whose aligned image is gone: that photo fails (exit 1), the others are edited."""
+
+
 def load_for_model(project: Project, photo: InputPhoto, resolution: int) -> Image.Image:
-    """The aligned input as an RGB image at the model's resolution."""
-    with Image.open(project.path(photo.aligned)) as handle:
+    """The aligned input as an RGB image at the model's resolution (:class:`MissingAlignedError` when
+    its aligned file is gone, naming the file and the command that re-creates it)."""
+    path = project.path(photo.aligned)
+    if not path.is_file():
+        source = photo.entry.get("source") or "PHOTO"
+        again = (
+            f"selfage edit {source} --aligned --force"
+            if photo.entry.get("prealigned")
+            else f"selfage align {source} --role inputs --force"
+        )
+        raise MissingAlignedError(
+            f"its aligned image {photo.aligned} is missing from the project; re-create it with `{again} -p "
+            f"{project.root}` (or pass the photo to `selfage edit` again)."
+        )
+    with Image.open(path) as handle:
         image = handle.convert("RGB")
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)

@@ -252,13 +252,25 @@ def check_base_model(resolved: ResolvedLora, base_model: str, pipe: Any) -> None
 
 
 def load_lora(pipe: Any, resolved: ResolvedLora) -> None:
-    """Load the LoRA into the UNet and text encoder through diffusers' ``load_lora_weights``."""
+    """Load the LoRA into the UNet and text encoder through diffusers' ``load_lora_weights``.
+
+    diffusers logs a failed load as an error (every mismatched tensor, one line each) before raising;
+    that log is silenced here and the failure said in one sentence."""
+    import logging
+
+    diffusers_log = logging.getLogger("diffusers")
+    level = diffusers_log.level
+    diffusers_log.setLevel(logging.CRITICAL)
     try:
         pipe.load_lora_weights(str(resolved.path.parent), weight_name=resolved.path.name, adapter_name="selfage")
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad LoRA file for the user
-        first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = (" ".join(lines[:2]) if lines and lines[0].endswith(":") else lines[0]) if lines else ""
+        first = first[:320] or type(exc).__name__
         raise SelfageError(
             f"{resolved.path}: could not be loaded as a diffusers LoRA for this base model ({first}); "
             "check that it was trained on this --base-model, or use --no-lora."
         ) from exc
+    finally:
+        diffusers_log.setLevel(level)
     console.info(f"LoRA: {resolved.path} ({resolved.origin})")

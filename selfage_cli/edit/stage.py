@@ -24,6 +24,7 @@ from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, resolve_lora
 from selfage_cli.edit.outputs import EditOutputs, existing_outputs, plan_outputs, write_outputs
+from selfage_cli.edit.progress import PhasedTask
 from selfage_cli.edit.record import record_edit
 from selfage_cli.errors import SelfageError, is_out_of_memory
 from selfage_cli.processes import (
@@ -184,6 +185,10 @@ def _load_context(
     if lora is not None:
         check_base_model(lora, base_model, pipe)
         load_lora(pipe, lora)
+    if is_main(state):
+        from selfage_cli.base_model import remember_base_model
+
+        remember_base_model(project, base_model)  # the project's first model stage records its model
     return _EditContext(
         project=project,
         config=config,
@@ -232,6 +237,9 @@ def _edit_or_fail(
         return None
     try:
         return _edit_one(ctx, photo, outputs, bar, pasting)
+    except input_photos.MissingAlignedError as exc:  # this photo fails, the others go on
+        summary.fail(photo.id, str(exc))
+        return None
     except SelfageError:
         raise
     except Exception as exc:  # noqa: BLE001 - one photo failing must not stop the others
@@ -271,15 +279,11 @@ def _edit_one(
     gender, gender_source, gender_confidence = ctx.facts.gender(photo)
     prompts = build_prompts(prompt_age, config.ages, gender, ctx.lora.identifier if ctx.lora is not None else None)
     key = _inversion_key(ctx, photo, prompts.source)
-    task = console.new_task(bar, f"{photo.id}: inverting", total=config.ddim_steps)
-
-    def advance(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    inversion, cached = _invert(ctx, key, image, advance)
-    bar.update(task, description=f"{photo.id}: editing {len(config.ages)} ages", completed=0)
-    result = _edit_ages(ctx, inversion, prompts, advance)
-    bar.remove_task(task)
+    phases = PhasedTask(bar, photo.id)  # each phase's ETA from its own measured step time
+    inversion, cached = _invert(ctx, key, image, phases.inversion(config.ddim_steps))
+    phases.start(f"editing {len(config.ages)} ages", None)
+    result = _edit_ages(ctx, inversion, prompts, phases.update)
+    phases.remove()
     edited = dict(zip(config.ages, result.images[1:], strict=True))
     write_outputs(outputs, image, prompt_age, edited, tile=ctx.resolution)
     entry = _edit_entry(ctx, photo, outputs, (prompt_age, age_source), prompts, key, inversion, cached, result)

@@ -250,6 +250,8 @@ def evaluate_project(
 ) -> StageSummary:
     """Score the project's recorded edits and write report.json, report.md and contact_sheet.png."""
     _require_manifest(project)
+    if report_dir is not None and Path(report_dir).expanduser().exists() and not Path(report_dir).expanduser().is_dir():
+        raise SelfageError(f"--report {report_dir} is a file; pass a folder for the report (it is created if needed).")
     manifest = project.read()
     chosen = select_edits(project, manifest.get("edits", []), list(edits or []))
     summary = StageSummary("eval")

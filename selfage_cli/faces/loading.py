@@ -31,6 +31,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 READABLE = "PNG, JPEG, WebP, BMP or TIFF"
 
 
+# Pillow's UserWarning for a damaged EXIF block; a photo is used as stored then (no raw warning leaks).
+CORRUPT_EXIF = r"(?i).*corrupt exif"
+
+
 def load_image(path: str | Path) -> Image.Image:
     """The photo at ``path`` as 8-bit RGB with its EXIF orientation applied.
 
@@ -42,6 +46,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", message=CORRUPT_EXIF, category=UserWarning)  # the photo itself is fine
             with Image.open(path) as opened:
                 opened.load()
                 image = _apply_exif_orientation(opened, name)
@@ -85,10 +90,12 @@ def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
     warning naming the file (a sideways face may then not be detected).
     """
     try:
-        orientation = image.getexif().get(0x0112, 1)
-        if orientation in (None, 1):
-            return image
-        return ImageOps.exif_transpose(image)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=CORRUPT_EXIF, category=UserWarning)  # read or not, said below
+            orientation = image.getexif().get(0x0112, 1)
+            if orientation in (None, 1):
+                return image
+            return ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001 - any EXIF parsing failure
         from selfage_cli import console  # lazily: alignment workers do not load rich otherwise
 

@@ -246,7 +246,7 @@ def align_photos(
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
 
-    _report_alignment(summary, len(todo), elapsed, n_workers, rel_dir)
+    _report_alignment(summary, len(todo), elapsed, n_workers, rel_dir, given=len(paths))
     if role == "refs":
         _add_identity_check(summary, check_identity(project))
     return summary
@@ -396,8 +396,10 @@ def _remove_old_entries(
 
 
 def _reuse_or_allocate_id(old_id: Any, base: str, taken: set[str]) -> str:
-    """The face's previous id when it is still free, else a new one from ``base``; either is added to ``taken``."""
-    if old_id and old_id not in taken:
+    """The face's previous id when it is still free and of this call's naming (``base`` or ``base_N``: a plain
+    align after ``--all-faces``, or the reverse, renames), else a new one from ``base``; either is added to
+    ``taken``."""
+    if old_id and old_id not in taken and re.fullmatch(re.escape(base) + r"(_\d+)?", str(old_id)):
         taken.add(old_id)
         return old_id
     return unique_id(base, taken)
@@ -416,12 +418,14 @@ def _face_entry(
     return entry
 
 
-def _report_alignment(summary: StageSummary, photos: int, elapsed: float, n_workers: int, rel_dir: str) -> None:
-    """Add the timing data and the one-line report of the run."""
+def _report_alignment(
+    summary: StageSummary, photos: int, elapsed: float, n_workers: int, rel_dir: str, given: int | None = None
+) -> None:
+    """Add the timing data and the one-line report of the run (``photos`` aligned now of ``given`` found)."""
     summary.data["seconds_per_photo"] = round(elapsed / photos, 3) if photos else None
     summary.data["workers"] = n_workers
     summary.lines.append(
-        f"aligned {len(summary.done)} face(s) from {photos - len(summary.failures)} photo(s) into {rel_dir}/"
+        f"aligned {len(summary.done)} face(s) from {photos if given is None else given} photo(s) into {rel_dir}/"
         + (f"; {len(summary.skipped)} skipped (already aligned; --force to redo)" if summary.skipped else "")
         + (f"; {len(summary.failures)} failed" if summary.failures else "")
         + (f" [{elapsed / photos:.2f} s per photo, {n_workers} worker(s)]" if photos else "")

@@ -2,7 +2,7 @@
 
 Defaults are the SelfAge paper's configuration: 800 steps, batch 4 references + 4 regularisation
 images, LoRA rank 16 (alpha = rank), lr 1e-6 constant, 3 references, prior weight 1.0, contrastive
-weight 0.1, text-encoder LoRA on, 512 px, seed 42.
+weight 0.1, text-encoder LoRA on, the base model's native resolution (SD 1.5: 512 px), seed 42.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class TrainConfig:
     """Every option of ``selfage train`` (see docs/training.md)."""
 
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    base_model: str | None = None  # None: the project's base model, else SD 1.5 (base_model.choose_base_model)
     steps: int = 800
     batch_size: int = 4
     rank: int = 16
@@ -51,7 +51,7 @@ class TrainConfig:
     instance_prompt: str = "photo of sks person"
     class_prompt: str = "photo of person"
     train_text_encoder: bool = True
-    resolution: int = 512
+    resolution: int | None = None  # None: the base model's native resolution (SD 1.5: 512), set by train_project
     seed: int = 42
     gradient_accumulation: int = 1
     checkpoint_every: int = 200
@@ -109,7 +109,7 @@ class TrainConfig:
             raise SelfageError(
                 f"--compile-mode {self.compile_mode!r} is not known; use one of {', '.join(COMPILE_MODES)}."
             )
-        if self.resolution < 1:
+        if self.resolution is not None and self.resolution < 1:
             raise SelfageError(f"--resolution {self.resolution} must be positive, e.g. --resolution 512.")
         # The multiple the resolution must be depends on the model: checked when it is loaded
         # (models.check_resolution in train/stage.py).

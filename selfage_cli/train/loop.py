@@ -22,6 +22,7 @@ over the processes, and only the main process writes (checkpoints, loss log).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -139,6 +140,10 @@ class Trainer:
     ):
         from diffusers import DDPMScheduler
 
+        if config.resolution is None:  # the default: the base model's native resolution
+            from selfage_cli.models import native_resolution
+
+            config = dataclasses.replace(config, resolution=native_resolution(pipe))
         self.config, self.refs, self.regs, self.run_dir = config, refs, regs, run_dir
         device, self.weight_dtype, mixed = resolve_precision(config)
         processes = accelerator.num_processes if accelerator is not None else launched_processes()

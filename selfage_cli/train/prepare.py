@@ -87,9 +87,17 @@ def _label(
     ages_file: Path | None,
 ) -> None:
     """Run the label-ages stage (references, or ``reg`` as the regularisation set) into ``summary``."""
-    from selfage_cli.ages.stage import label_ages
+    from selfage_cli.ages.stage import WAYS_TO_GIVE_AN_AGE_TO_TRAIN, label_ages
 
-    sub = label_ages(project, reg=reg, ages_file=ages_file, birth_date=birth_date, device=config.device)
+    sub = label_ages(
+        project,
+        reg=reg,
+        ages_file=ages_file,
+        birth_date=birth_date,
+        device=config.device,
+        force=True,  # train --reg DIR replaces an earlier set, with a warning (docs/training.md)
+        ways_to_give_an_age=WAYS_TO_GIVE_AN_AGE_TO_TRAIN,
+    )
     _merge(summary, sub, "label-ages")
 
 

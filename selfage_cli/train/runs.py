@@ -37,8 +37,18 @@ class RunPlan:
     already_finished: bool = False  # --resume of a finished run: nothing to do
 
 
-def plan_run(project: Project, config: TrainConfig, run_name: str | None, *, resume: bool, force: bool) -> RunPlan:
-    """Apply the --run/--resume/--force policy: which run to train and how it starts (exit 2 when refused)."""
+def plan_run(
+    project: Project,
+    config: TrainConfig,
+    run_name: str | None,
+    *,
+    resume: bool,
+    force: bool,
+    given: frozenset[str] | None = None,
+) -> RunPlan:
+    """Apply the --run/--resume/--force policy: which run to train and how it starts (exit 2 when refused).
+
+    ``given``: the options given explicitly, which --resume honours or refuses (:mod:`~selfage_cli.train.resume`)."""
     if resume and force:
         raise SelfageError("--resume and --force contradict each other; pass one of them.")
     manifest = project.read()
@@ -46,15 +56,22 @@ def plan_run(project: Project, config: TrainConfig, run_name: str | None, *, res
     run_dir = project.root / "runs" / name
     existing = find(manifest.get("runs", []), name, key="name")
     if resume:
-        return _resume_plan(name, run_dir, existing, config)
+        return _resume_plan(name, run_dir, existing, config, given)
     return _fresh_plan(name, run_dir, existing, config, force)
 
 
-def _resume_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig) -> RunPlan:
+def _resume_plan(
+    name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig, given: frozenset[str] | None = None
+) -> RunPlan:
     """Continue the run from its latest checkpoint, with the method options it was started with."""
+    from selfage_cli.train import resume as resume_options
+
     if existing is None and not run_dir.is_dir():
         raise SelfageError(f"--resume --run {name}: the project has no such run; leave out --resume to start it.")
-    if _is_finished(existing, run_dir):
+    recorded_config = (existing or {}).get("config")
+    extend = resume_options.wants_extension(given, config, recorded_config)
+    if _is_finished(existing, run_dir) and not extend:
+        resume_options.check_finished(name, config, recorded_config, given)  # options it would ignore: refused
         return RunPlan(name, run_dir, config, already_finished=True)
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
@@ -64,6 +81,7 @@ def _resume_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, conf
     resumed = config.with_method_of(recorded) if recorded else config
     fingerprint = (existing or {}).get("base_model_fingerprint")
     resumed = _base_model_found(name, resumed, offered=config.base_model, fingerprint=fingerprint)
+    resumed = resume_options.reconcile(name, resumed, config, given, checkpoint)
     return RunPlan(name, run_dir, resumed, checkpoint=checkpoint)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from selfage_cli import console
+from selfage_cli.base_model import check_regularisation_model, choose_base_model, remember_base_model
 from selfage_cli.errors import InterruptedRun, SelfageError
 from selfage_cli.processes import decided_by_main, is_main, met_by_all, process_state, speak_only_from_main
 from selfage_cli.project import Project, find
@@ -49,21 +50,32 @@ def train_project(
     run_name: str | None = None,
     resume: bool = False,
     force: bool = False,
+    given: frozenset[str] | None = None,
 ) -> StageSummary | None:
     """Train a personal LoRA in ``project`` (see the module docstring); returns the stage summary.
 
     Under ``accelerate launch`` the main process decides (run name, resume, images), prepares the
     project and writes everything; the other processes train beside it, print nothing but their own
     errors, and return ``None``.
+
+    ``given``: the names of the options given explicitly (TrainConfig fields and ``refs``, ``reg``,
+    ``birth_date``, ``ages_file``); ``--resume`` refuses those it cannot honour and extends the run for
+    ``steps`` (:mod:`~selfage_cli.train.resume`). ``None``: the recorded options win without a word.
+    ``config.resolution`` ``None``: the base model's native resolution.
     """
     from selfage_cli.models import model_reference
 
     summary = StageSummary("train")
     config.check()
-    config = replace(config, base_model=model_reference(config.base_model))  # a folder: absolute
+    base_model = choose_base_model(project, None) if not config.base_model else model_reference(config.base_model)
+    config = replace(config, base_model=base_model)  # None: the project's; a folder: absolute
     state = process_state(config.device)
     speak_only_from_main(state)
-    plan = decided_by_main(state, lambda: plan_run(project, config, run_name, resume=resume, force=force))
+    asked_resolution = config.resolution
+    plan = decided_by_main(
+        state,
+        lambda: _with_resolution(plan_run(project, config, run_name, resume=resume, force=force, given=given)),
+    )
     if plan.already_finished:
         return _skip_finished(summary, plan) if is_main(state) else None
     decided_by_main(  # the main process aligns and labels; the others wait, and share its errors
@@ -73,7 +85,9 @@ def train_project(
         ),
     )
     ref_images, reg_images = decided_by_main(state, lambda: _training_images(project, plan.config))
-    pipe = _load_base_model(plan.config)
+    pipe = _load_base_model(plan.config, asked=None if plan.checkpoint else asked_resolution is not None)
+    if is_main(state):
+        remember_base_model(project, plan.config.base_model)  # the project's first model stage records it
     if plan.replace and is_main(state):
         remove_run(project, plan)
     trainer, entry = _train_in_run_dir(project, plan, pipe, ref_images, reg_images, writer=is_main(state))
@@ -98,6 +112,7 @@ def _skip_finished(summary: StageSummary, plan: RunPlan) -> StageSummary:
 def _training_images(project: Project, config: TrainConfig) -> tuple[list[TrainImage], list[TrainImage]]:
     """The reference and regularisation images to train on (and say which)."""
     manifest = project.read()
+    check_regularisation_model(manifest, config.base_model)
     ref_images = select_references(project, manifest, config.num_refs, config.instance_prompt)
     reg_images = select_regularisation(project, manifest, config.class_prompt)
     console.info(
@@ -108,18 +123,36 @@ def _training_images(project: Project, config: TrainConfig) -> tuple[list[TrainI
     return ref_images, reg_images
 
 
-def _load_base_model(config: TrainConfig) -> Any:
-    """Load the base pipeline at the training precision; warn when --resolution is not the model's own."""
+def _with_resolution(plan: RunPlan) -> RunPlan:
+    """The plan with the training resolution decided: ``--resolution``, else the base model's native one
+    (read from its config files; 512, SD 1.5's, when they cannot be read before loading it)."""
+    from selfage_cli.models import configured_resolution
+
+    if plan.config.resolution is not None:
+        return plan
+    native = configured_resolution(plan.config.base_model) or 512
+    return replace(plan, config=replace(plan.config, resolution=native))
+
+
+def _load_base_model(config: TrainConfig, asked: bool | None = True) -> Any:
+    """Load the base pipeline at the training precision; warn when the training resolution is not the
+    model's own: ``asked`` True: given as --resolution; False: the default, when the model's config could
+    not be read before loading it; None: a resumed run's (warned about when it started)."""
     from selfage_cli.models import check_resolution, load_pipeline, native_resolution
 
     device, dtype, _ = resolve_precision(config)
     pipe = load_pipeline(config.base_model, device=str(device), dtype=dtype)
     check_resolution(pipe, config.resolution)
     native = native_resolution(pipe)
-    if native != config.resolution:
+    if native != config.resolution and asked:
         console.warn(
             f"--resolution {config.resolution} differs from the base model's native {native} px; training "
             f"at {config.resolution} px as asked (pass --resolution {native} to match the model)."
+        )
+    elif native != config.resolution and asked is False:
+        console.warn(
+            f"training at {config.resolution} px: the base model's native resolution, {native} px, could not be "
+            f"read before loading it; pass --resolution {native} to train at it."
         )
     return pipe
 
