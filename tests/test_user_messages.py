@@ -206,11 +206,15 @@ def test_label_ages_reg_does_not_replace_a_generated_set_without_force(tmp_path:
 
 
 def test_train_names_only_ways_to_give_an_age_that_train_accepts(
-    tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path
+    tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import selfage_cli.ages.stage as ages_stage
+
     refs = tmp_path / "me"
     refs.mkdir()
     shutil.copy(astronaut_path, refs / "beach.png")  # no age in its name
+    # An image no estimator labels (the builtin estimator would otherwise give every face an age).
+    monkeypatch.setattr(ages_stage, "_run_estimator_if_needed", lambda *args: ages_stage.ESTIMATOR_PREFERENCE)
     result = invoke("train", "--refs", refs, "--base-model", tiny_model_dir, "--device", "cpu", "-p", tmp_path / "p")
     assert result.exit_code == 2, result.output
     text = one_sentence(result.output)
