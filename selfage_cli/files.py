@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "resolves_inside"]
 
 
 def _umask() -> int:
@@ -84,3 +84,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2, **dumps_kwargs: Any) -> Path:
     """Write ``obj`` as JSON (``indent`` 2, a final newline) to ``path`` atomically; returns ``path``."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
+
+
+def resolves_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path``, with every symbolic link and ``..`` resolved, lies in ``folder`` (resolved too).
+
+    Checked before writing or deleting anything whose name came from a file (the manifest) or whose
+    folders may be links: a write must never land outside the project.
+    """
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())

@@ -298,7 +298,7 @@ def _align(image: Image.Image, size: int, name: str) -> tuple[Image.Image, bool,
 
 def _generated_folder(project: Project) -> Path:
     """Where the generated set lives: ``reg/generated/``."""
-    return project.root.joinpath(*GENERATED_DIR)
+    return project.writable_path(project.root.joinpath(*GENERATED_DIR))  # replaced: never through a link outside
 
 
 def _replace_generated_folder(project: Project, partial: Path) -> Path:

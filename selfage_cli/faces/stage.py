@@ -322,8 +322,8 @@ def _save_temp_pngs(result: JobResult, out_dir: Path, temp_files: dict[tuple[str
     """Move each face's encoded PNG out of ``result`` into a temporary file in ``out_dir``, keyed (source, index)."""
     for index, face in enumerate(result.faces):
         temp = out_dir / f".tmp-{uuid.uuid4().hex}.png"
+        temp_files[(result.source, index)] = temp  # listed before it is written: a failed write is removed too
         temp.write_bytes(face.pop("png"))
-        temp_files[(result.source, index)] = temp
 
 
 def _register_results(

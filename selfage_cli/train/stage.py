@@ -17,6 +17,7 @@ preparation of ``--refs``/``--reg`` (:mod:`~selfage_cli.train.prepare`) and the 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +39,14 @@ from selfage_cli.train.record import RunRecorder
 from selfage_cli.train.runs import RunPlan, plan_run, remove_run
 
 
-def train_project(
+def train_project(project: Project, config: TrainConfig, **options: Any) -> StageSummary | None:
+    """Train a personal LoRA in ``project`` (see :func:`_train_project`), holding the run folder's lock
+    (:mod:`selfage_cli.locks`) throughout: a second process training the same run stops with exit 2."""
+    with contextlib.ExitStack() as locks:
+        return _train_project(project, config, locks=locks, **options)
+
+
+def _train_project(
     project: Project,
     config: TrainConfig,
     *,
@@ -49,6 +57,7 @@ def train_project(
     run_name: str | None = None,
     resume: bool = False,
     force: bool = False,
+    locks: contextlib.ExitStack | None = None,
 ) -> StageSummary | None:
     """Train a personal LoRA in ``project`` (see the module docstring); returns the stage summary.
 
@@ -63,7 +72,7 @@ def train_project(
     config = replace(config, base_model=model_reference(config.base_model))  # a folder: absolute
     state = process_state(config.device)
     speak_only_from_main(state)
-    plan = decided_by_main(state, lambda: plan_run(project, config, run_name, resume=resume, force=force))
+    plan = decided_by_main(state, lambda: plan_run(project, config, run_name, resume=resume, force=force, locks=locks))
     if plan.already_finished:
         return _skip_finished(summary, plan) if is_main(state) else None
     decided_by_main(  # the main process aligns and labels; the others wait, and share its errors
