@@ -22,7 +22,7 @@ from selfage_cli.locks import hold
 from selfage_cli.project import Project, find
 from selfage_cli.train.checkpoints import newest_loadable
 from selfage_cli.train.config import TrainConfig
-from selfage_cli.train.loop import list_checkpoints
+from selfage_cli.train.loop import LOSS_LOG, list_checkpoints
 from selfage_cli.train.lora import META_NAME
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -148,8 +148,12 @@ def check_run_name(name: Any, where: str) -> str:
 
 
 def checked_run_dir(project: Project, name: str) -> Path:
-    """``runs/NAME``, refused (exit 2, nothing written) when it resolves outside the project (a symbolic link)."""
-    return project.writable_path(Path("runs") / name)
+    """``runs/NAME``, refused (exit 2, nothing written) when it, its checkpoint folder or its loss log (appended
+    to in place) resolves outside the project (a symbolic link)."""
+    run_dir = project.writable_path(Path("runs") / name)
+    for inside in ("checkpoints", LOSS_LOG):
+        project.writable_path(run_dir / inside)
+    return run_dir
 
 
 def _is_finished(entry: dict[str, Any] | None, run_dir: Path) -> bool:
