@@ -97,7 +97,9 @@ def _environment_sentence(code: int, where: Any) -> str:
     from pathlib import Path
 
     path = Path(where) if where else None
-    folder = path if path is None or path.is_dir() else path.parent
+    folder = path
+    while folder is not None and not folder.is_dir() and folder != folder.parent:  # the nearest that exists now
+        folder = folder.parent  # (a temporary folder that failed was removed on the way out)
     place = str(folder) if folder is not None else "the output folder"
     if code in _FULL:
         return (

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from selfage_cli.errors import SelfageError
+from selfage_cli.files import with_filename
 
 # The sentence for a pickle that would run code (docs/troubleshooting.md quotes it; a test checks it).
 CODE_REFUSED = "refused: loading it would run code; nothing in it ran"
@@ -106,8 +107,11 @@ def save_plain(obj: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    with open(path, "wb") as handle:
-        handle.write(buffer.getbuffer())
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise with_filename(exc, path)  # noqa: B904 - the original is its context
     return path

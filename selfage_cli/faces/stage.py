@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selfage_cli.errors import SelfageError
+from selfage_cli.files import write_new
 from selfage_cli.project import Project, find, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
@@ -323,7 +324,7 @@ def _save_temp_pngs(result: JobResult, out_dir: Path, temp_files: dict[tuple[str
     for index, face in enumerate(result.faces):
         temp = out_dir / f".tmp-{uuid.uuid4().hex}.png"
         temp_files[(result.source, index)] = temp  # listed before it is written: a failed write is removed too
-        temp.write_bytes(face.pop("png"))
+        write_new(temp, face.pop("png"))
 
 
 def _register_results(
