@@ -150,10 +150,10 @@ def check_run_name(name: Any, where: str) -> str:
 def checked_run_dir(project: Project, name: str) -> Path:
     """``runs/NAME``, refused (exit 2, nothing written) when it, its checkpoint folder or its loss log (appended
     to in place) resolves outside the project (a symbolic link)."""
-    run_dir = project.writable_path(Path("runs") / name)
-    for inside in ("checkpoints", LOSS_LOG):
-        project.writable_path(run_dir / inside)
-    return run_dir
+    run_dir = project.root / "runs" / name
+    for path in (run_dir, run_dir / "checkpoints", run_dir / LOSS_LOG):
+        project.writable_path(path)
+    return run_dir  # as named, not resolved: --force deletes a link itself, never what it points to
 
 
 def _is_finished(entry: dict[str, Any] | None, run_dir: Path) -> bool:
