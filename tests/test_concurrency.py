@@ -40,14 +40,17 @@ def test_a_second_train_of_the_same_run_is_refused_while_the_first_trains(
     common = ["train", "-p", str(project.root), "--base-model", str(tiny_model_dir), "--run", "dup", *TRAIN]
     first = selfage(*common, "--steps", "5000", "--seed", "1")
     log = project.root / "runs" / "dup" / "loss.jsonl"
+    lock = lock_file_for(project.root / "runs" / "dup")
     deadline = time.monotonic() + 120
-    while not (log.is_file() and log.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert first.poll() is None, first.communicate()[1][-2000:]
+    while not lock.is_file() and first.poll() is None and time.monotonic() < deadline:  # the run is the first's
+        time.sleep(0.02)
     try:
         # The repro (another seed), with --force (which used to delete the first's files and train anew).
         second = selfage(*common, "--steps", "3", "--seed", "2", "--force")
         out, err = second.communicate(timeout=120)
+        while not (log.is_file() and log.read_text().strip()) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1][-2000:]  # still training, undisturbed
     finally:
         first.send_signal(signal.SIGTERM)
         _, first_err = first.communicate(timeout=120)

@@ -62,7 +62,7 @@ def outputs_held(project: Project, input_ids: Sequence[str]) -> Iterator[None]:
     from selfage_cli.locks import hold
 
     with contextlib.ExitStack() as stack:
-        for input_id in input_ids:
+        for input_id in dict.fromkeys(input_ids):  # each once: a second hold in one process would be refused
             folder = project.writable_path(f"{EDITS_DIR}/{input_id}")
             stack.enter_context(
                 hold(folder, "wait for it to finish, then edit again (with --force to replace what it wrote)")
