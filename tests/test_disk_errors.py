@@ -15,7 +15,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,7 +192,11 @@ def read_only_project(tmp_path: Path, astronaut_path: Path, hopper_path: Path, m
 
 
 def test_a_read_only_project_allows_the_read_only_commands_and_names_itself_for_the_others(
-    read_only_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, astronaut_path: Path
+    read_only_project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    astronaut_path: Path,
+    tiny_model_dir: Path,
 ) -> None:
     root = read_only_project
     monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
@@ -213,5 +216,10 @@ def test_a_read_only_project_allows_the_read_only_commands_and_names_itself_for_
     message = one_line(aligned.output)
     assert f"{root / 'refs' / 'aligned'} is on a read-only file system; use a writable project folder" in message
     assert "Traceback" not in aligned.output
+    model = ["--base-model", str(tiny_model_dir), "--resolution", "128"]
+    trained = runner.invoke(
+        app, ["train", "-p", str(root), "--run", "r", *model, "--device", "cpu"], terminal_width=400
+    )
+    assert trained.exit_code == 2, trained.output
+    assert f"{root} is on a read-only file system" in one_line(trained.output)
     assert (root / "selfage.json").read_bytes() == before and leftovers(root) == []
-    assert sys.platform != "win32"

@@ -392,7 +392,8 @@ def _remove_old_entries(
         aligned = entry.get("aligned")
         if aligned:
             with contextlib.suppress(FileNotFoundError, SelfageError):
-                project.path(aligned).unlink()
+                project.path(aligned)  # checked to lie inside the project; a link is deleted, not its target
+                (project.root / aligned).unlink()
     return old
 
 
