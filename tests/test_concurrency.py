@@ -70,34 +70,26 @@ def test_a_second_train_of_the_same_run_is_refused_while_the_first_trains(
 def test_a_second_edit_of_the_same_photo_is_refused_while_the_first_writes(
     project_dir: Path, tiny_model_dir: Path, astronaut_path: Path
 ) -> None:
-    """Another process holds edits/astronaut (as a running edit does): this edit writes nothing, exit 2."""
+    """A long edit runs in another process; this edit of the same photo (even with --force) writes nothing, exit 2."""
     folder = Project(project_dir).root / "edits" / "astronaut"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from selfage_cli.locks import hold\n"
-            f"with hold(Path({str(folder)!r}), 'wait'):\n    print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    base = [str(astronaut_path), "--aligned", "--source-age", "40", "--no-lora", "--device", "cpu", "--dtype", "fp32"]
+    model = ["-p", str(project_dir), "--base-model", str(tiny_model_dir)]
+    first = selfage("edit", *base, "--ages", "20,70", "--ddim-steps", "500", "--inner-steps", "10", *model)
+    deadline = time.monotonic() + 120
+    while not lock_file_for(folder).is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        args = [str(astronaut_path), "--aligned", "--source-age", "40", "--no-lora", "--ages", "20", "--force"]
-        fast = ["--ddim-steps", "2", "--inner-steps", "1", "--device", "cpu", "--dtype", "fp32"]
-        result = runner.invoke(
-            app,
-            ["edit", *args, *fast, "-p", str(project_dir), "--base-model", str(tiny_model_dir)],
-            terminal_width=400,
-        )
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        fast = ["--ages", "20", "--ddim-steps", "2", "--inner-steps", "1", "--force"]
+        result = runner.invoke(app, ["edit", *base, *fast, *model], terminal_width=400)
+        assert first.poll() is None  # the first was still editing all along
     finally:
-        holder.communicate("", timeout=60)
+        first.kill()
+        first.communicate(timeout=60)
     assert result.exit_code == 2, result.output
     message = one_line(result.output)
     assert (
-        f"{folder} is in use by another selfage process (pid {holder.pid}); wait for it to finish, then edit" in message
+        f"{folder} is in use by another selfage process (pid {first.pid}); wait for it to finish, then edit" in message
     )
     assert not folder.exists() and not Project(project_dir).read()["edits"]
 
