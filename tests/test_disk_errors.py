@@ -169,6 +169,23 @@ def test_a_checkpoint_that_does_not_fit_is_exit_2_and_leaves_nothing_half_writte
     assert project.manifest_path.read_bytes() == before
 
 
+def test_make_reg_on_a_full_disk_leaves_no_partial_set(
+    project_dir: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = Project(project_dir)
+    project.init()
+    before = project.manifest_path.read_bytes()
+    failing_writes(monkeypatch, project.root / "reg", errno.ENOSPC)  # the generated images do not fit
+    args = ["--count", "2", "--steps", "1", "--batch-size", "2", "--no-verify", "--device", "cpu"]
+    result = runner.invoke(
+        app, ["make-reg", *args, "--base-model", str(tiny_model_dir), "-p", str(project_dir)], terminal_width=400
+    )
+    monkeypatch.undo()
+    assert result.exit_code == 2, result.output
+    assert f"no space left on the disk of {project.root / 'reg'}" in one_line(result.output)
+    assert list((project.root / "reg").iterdir()) == [] and project.manifest_path.read_bytes() == before
+
+
 # ---- a read-only project --------------------------------------------------------------------------------
 @pytest.fixture
 def read_only_project(tmp_path: Path, astronaut_path: Path, hopper_path: Path, monkeypatch: pytest.MonkeyPatch):
