@@ -59,6 +59,23 @@ def is_code_refusal(exc: BaseException) -> bool:
     return bool(_CODE_TEXT.search(text)) and (bool(_WEIGHTS_ONLY_TEXT.search(text)) or "GLOBAL" in text)
 
 
+def refused_in(exc: BaseException) -> str | None:
+    """When ``exc`` or an exception in its chain is a code refusal (a library loaded a pickle for us, e.g.
+    diffusers a ``.bin`` weights file): the sentence for it, naming the file where the chain names one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    refused, texts = False, []
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        refused = refused or is_code_refusal(current)
+        texts.append(str(current))
+        current = current.__cause__ or current.__context__
+    if not refused:
+        return None
+    named = re.search(r"'([^']+\.(?:bin|pt|pth|ckpt|pkl))'", " ".join(texts))
+    return f"{named.group(1)}: {CODE_REFUSED}" if named else CODE_REFUSED
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first non-empty line of an exception's text (its type's name when it has none)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -103,6 +103,25 @@ def test_dex_weights_that_would_run_code_are_refused_and_doctor_does_not_call_th
     assert not marker.exists()
 
 
+def test_a_base_model_with_a_code_running_weights_file_is_refused_naming_the_file(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """diffusers loads a ``.bin`` weights file with torch.load(weights_only=True) for us: its refusal is ours."""
+    from selfage_cli.models import load_pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "ran"
+    torch.save({"conv_in.weight": RunsShell(marker)}, model / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(SelfageError) as info:
+        load_pipeline(model, device="cpu", dtype=torch.float32)
+    bin_file = model / "unet" / "diffusion_pytorch_model.bin"
+    assert str(info.value) == f"--base-model {model}: {bin_file}: {CODE_REFUSED}; use a model saved as safetensors."
+    assert not marker.exists()
+
+
 def test_troubleshooting_quotes_the_refusal_exactly() -> None:
     """docs/troubleshooting.md names the sentence the user sees, word for word."""
     text = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
