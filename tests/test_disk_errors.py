@@ -114,6 +114,8 @@ def test_full_read_only_and_denied_become_one_sentence_naming_the_folder(tmp_pat
     assert str(read_only).startswith(f"{tmp_path} is on a read-only file system; use a writable project folder")
     rust = environment_error(Exception("Error while serializing: IoError(No space left on device (os error 28))"))
     assert str(rust).startswith("no space left on the disk of the output folder")
+    denied = environment_error(PermissionError(errno.EACCES, "Permission denied", str(file)))
+    assert str(denied).startswith(f"{file}: permission denied; make it writable (and readable) for you")
     assert environment_error(OSError(errno.ENOENT, "No such file or directory", "x")) is None
 
 
