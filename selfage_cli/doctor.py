@@ -43,6 +43,7 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    unusable: bool = False  # present but refused or unreadable (not merely missing)
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
@@ -134,6 +135,12 @@ def check_dex(dex_weights: Path | None, project: Project | None) -> Check:
     path = Path(path).expanduser()
     if not path.is_file():
         return Check("DEX weights", False, f"{path} does not exist", fix)
+    from selfage_cli.ages.dex import read_dex_state_dict
+
+    try:  # loaded as every stage loads it: a file that would run code, or is garbled, is not "ok"
+        read_dex_state_dict(path)
+    except SelfageError as exc:
+        return Check("DEX weights", False, str(exc).removeprefix("--dex-weights "), fix, unusable=True)
     return Check("DEX weights", True, f"{path} ({path.stat().st_size / 2**20:.0f} MiB)")
 
 
@@ -206,6 +213,8 @@ def diagnose(
     summary.lines.append("  " + ", ".join(f"{name} {version or 'MISSING'}" for name, version in versions.items()))
     for check in checks:
         mark = "[green]ok[/green]     " if check.ok else "[yellow]missing[/yellow]"
+        if check.unusable:
+            mark = "[red]unusable[/red]"
         summary.lines.append(f"{mark} {check.name}: {check.detail}")
         if check.fix:
             summary.lines.append(f"         {'note' if check.ok else 'fix'}: {check.fix}")

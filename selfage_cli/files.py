@@ -19,7 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "resolves_inside",
+    "with_filename",
+    "write_new",
+]
 
 
 def _umask() -> int:
@@ -58,6 +66,9 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], None]) ->
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise with_filename(exc, path)  # noqa: B904 - the original is its context
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -84,3 +95,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2, **dumps_kwargs: Any) -> Path:
     """Write ``obj`` as JSON (``indent`` 2, a final newline) to ``path`` atomically; returns ``path``."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
+
+
+def resolves_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path``, with every symbolic link and ``..`` resolved, lies in ``folder`` (resolved too).
+
+    Checked before writing or deleting anything whose name came from a file (the manifest) or whose
+    folders may be links: a write must never land outside the project.
+    """
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def with_filename(exc: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``exc`` with ``path`` as its file name when it has none (a failed write to an open file names no file),
+    so the message can say where the disk is full or read-only."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, os.fspath(path))
+
+
+def write_new(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` (not atomically: for temporary files the caller removes on failure);
+    a failed write raises an :class:`OSError` that names ``path``."""
+    path = Path(path)
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise with_filename(exc, path)  # noqa: B904 - the original is its context
+    return path

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selfage_cli.errors import ModelNotFoundError, SelfageError
+from selfage_cli.torch_files import refused_in
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -127,6 +128,8 @@ def load_pipeline(
             requires_safety_checker=False,
         )
     except (OSError, ValueError) as exc:
+        if refused := refused_in(exc):  # a pickled weights file that would run code (never loaded otherwise)
+            raise ModelNotFoundError(f"--base-model {name}: {refused}; use a model saved as safetensors.") from exc
         raise ModelNotFoundError(_explain_load_failure(name, exc)) from exc
     _check_text_to_image(pipe, name)
     pipe.set_progress_bar_config(disable=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -125,9 +126,25 @@ class Project:
 
     def subdir(self, *parts: str) -> Path:
         """A folder inside the project, created if needed."""
-        folder = self.root.joinpath(*parts)
+        folder = self.writable_path(self.root.joinpath(*parts))
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def writable_path(self, path: str | os.PathLike[str]) -> Path:
+        """``path`` (absolute, or relative to the project) checked BEFORE anything is written or deleted there.
+
+        Every symbolic link and ``..`` is resolved; a path that then lies outside the project (a name read
+        from the manifest, a folder that is a link to elsewhere) raises :class:`SelfageError` (exit 2).
+        Returns the resolved path, so a later write cannot follow a link the check did not see.
+        """
+        full = Path(path) if Path(path).is_absolute() else self.root / path
+        resolved = full.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise SelfageError(
+                f"{full} leads outside the project folder {self.root} (to {resolved}: a name in {MANIFEST_NAME} or "
+                "a symbolic link); nothing was written there: remove the link or fix that entry."
+            )
+        return resolved
 
     # ---- reading -----------------------------------------------------------------------
     def exists(self) -> bool:
@@ -193,14 +210,33 @@ class Project:
     # ---- writing -----------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive inter-process lock on the manifest (blocks until it is free)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as handle:
+        """Exclusive inter-process lock on the manifest (blocks until it is free).
+
+        In a project folder this process cannot write (a read-only disk, no permission) there is no lock
+        file to take and none is needed: nothing can be written there, so no update can be lost. The block
+        runs unlocked (reads are safe: every write is an atomic rename), and a block that does change the
+        manifest fails on its write (one sentence, exit 2), leaving the manifest as it was.
+        """
+        handle = self._open_lock_file()
+        if handle is None:
+            yield
+            return
+        with handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _open_lock_file(self) -> Any:
+        """The lock file opened for locking, or None when the project folder cannot be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return open(self.lock_path, "a+")  # noqa: SIM115 - closed by lock()
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return None
+            raise
 
     @contextlib.contextmanager
     def update(self) -> Iterator[Manifest]:

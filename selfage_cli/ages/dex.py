@@ -20,8 +20,6 @@ Preprocessing (input: RGB in [-1, 1]):
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from selfage_cli.errors import SelfageError
+from selfage_cli.torch_files import CODE_REFUSED, CodeRefused, UnreadableTorchFile, first_line, load_plain
 
 DEX_ENV = "SELFAGE_DEX_WEIGHTS"
 DEX_FILE_NAME = "dex_age_classifier.pth"
@@ -152,24 +151,18 @@ def read_dex_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]
     """
     path = Path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(exc)
-        if "global" in detail.lower():
-            raise SelfageError(
-                f"--dex-weights {path}: refused, the file needs arbitrary code to load ({detail}); nothing in it "
-                f"was run. Use the genuine {DEX_FILE_NAME} from the SAM project (yuval-alaluf/SAM)."
-            ) from None
+        data = load_plain(path)
+    except CodeRefused:
         raise SelfageError(
-            f"--dex-weights {path} is not a readable PyTorch checkpoint of plain tensors ({detail}); nothing in it "
-            f"was run. The file may be garbled: download {DEX_FILE_NAME} again from the SAM project "
+            f"--dex-weights {path}: {CODE_REFUSED}. Use the genuine {DEX_FILE_NAME} from the SAM project "
             "(yuval-alaluf/SAM)."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (UnreadableTorchFile, OSError) as exc:
+        detail = exc.detail if isinstance(exc, UnreadableTorchFile) else first_line(exc)
         raise SelfageError(
-            f"--dex-weights {path} is not a readable PyTorch checkpoint ({first[:200]}); the file may be truncated "
-            f"or garbled: download {DEX_FILE_NAME} again from the SAM project (yuval-alaluf/SAM)."
+            f"--dex-weights {path} is not a readable PyTorch checkpoint ({detail}); nothing in it was run. The "
+            f"file may be truncated or garbled: download {DEX_FILE_NAME} again from the SAM project "
+            "(yuval-alaluf/SAM)."
         ) from None
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not state:
@@ -185,17 +178,6 @@ def read_dex_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]
         renamed[name] = value
     check_state_dict(renamed, path)
     return {k: v.float() for k, v in renamed.items()}
-
-
-def _unpickler_detail(exc: Exception) -> str:
-    """The useful line of torch's long weights-only error ("Unsupported global: GLOBAL os.system ...")."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    first = lines[0] if lines else type(exc).__name__
-    return first.split(". Please use")[0][:200]
 
 
 def check_state_dict(state: dict[str, Any], path: str | os.PathLike[str] = "checkpoint") -> None:

@@ -11,6 +11,7 @@ disagreements are reported. Images go to ``reg/generated/``; an existing set is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from selfage_cli.summary import StageSummary
 
 REG_PROMPT = "photo of person as {age}-year-old"
 GENERATED_DIR = ("reg", "generated")
+PARTIAL_NAME = ".generated.partial"  # the set being generated, in reg/ (moved into place when complete)
 DEFAULT_ALIGNED_SIZE = 512
 DEX_DISAGREEMENT_YEARS = 10.0
 GUIDANCE_SCALE = 7.5
@@ -129,7 +131,12 @@ def make_reg(
         aligned_size=_aligned_size(manifest),
     )
     torch_device = resolve_device(device)
-    partial, records, images = _generate_set(project, plan, torch_device, dtype)
+    try:
+        partial, records, images = _generate_set(project, plan, torch_device, dtype)
+    except OSError:  # a full or read-only disk: nothing half-written stays behind
+        with contextlib.suppress(SelfageError):  # (never through a link out of the project)
+            shutil.rmtree(project.writable_path(Path("reg") / PARTIAL_NAME), ignore_errors=True)
+        raise
     summary = StageSummary("make-reg")
     if dex_model is not None:
         _verify_with_dex(dex_model, images, records, torch_device, summary)
@@ -236,7 +243,7 @@ def _generate_set(
 
 def _fresh_partial_folder(project: Project) -> Path:
     """An empty ``reg/.generated.partial/`` (a leftover from an interrupted run is removed)."""
-    partial = project.subdir("reg") / ".generated.partial"
+    partial = project.subdir("reg") / PARTIAL_NAME
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -300,7 +307,7 @@ def _align(image: Image.Image, size: int, name: str) -> tuple[Image.Image, bool,
 
 def _generated_folder(project: Project) -> Path:
     """Where the generated set lives: ``reg/generated/``."""
-    return project.root.joinpath(*GENERATED_DIR)
+    return project.writable_path(project.root.joinpath(*GENERATED_DIR))  # replaced: never through a link outside
 
 
 def _replace_generated_folder(project: Project, partial: Path) -> Path:

@@ -18,7 +18,14 @@ from typing import Annotated
 import typer
 
 from selfage_cli import console
-from selfage_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, SelfageError, is_out_of_memory
+from selfage_cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    SelfageError,
+    environment_error,
+    is_out_of_memory,
+)
 from selfage_cli.project import Project, resolve_project
 from selfage_cli.summary import StageSummary
 
@@ -108,6 +115,9 @@ def run(common: Common, action: Callable[[], StageSummary | None], *, several_pr
     except KeyboardInterrupt as exc:
         _fail(common, "interrupted.", EXIT_INTERRUPTED, exc)
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        environment = environment_error(exc, _project_folder(common))
+        if environment is not None:  # a full disk, a read-only folder: the user's environment, not a bug
+            _fail(common, str(environment), EXIT_USAGE, exc)
         if is_out_of_memory(exc):
             _fail(
                 common,
@@ -132,6 +142,14 @@ def run(common: Common, action: Callable[[], StageSummary | None], *, several_pr
     else:
         _print_summary(summary)
     raise typer.Exit(summary.exit_code)
+
+
+def _project_folder(common: Common) -> Path | None:
+    """The project folder of the command (for messages), or None when it cannot be told."""
+    try:
+        return common.open_project().root
+    except Exception:  # noqa: BLE001 - only for a message
+        return None
 
 
 def _fail(common: Common, message: str, code: int, exc: BaseException) -> None:

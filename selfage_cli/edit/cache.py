@@ -99,8 +99,8 @@ class InversionCache:
         import torch
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
+        self.project.writable_path(self.folder).mkdir(parents=True, exist_ok=True)  # never through a link outside
+        path = self.project.writable_path(self.path(key))
         tensors = {
             "x_t": inversion.x_t.detach().to("cpu").float().contiguous(),
             "null_embeddings": inversion.null_embeddings.detach().to("cpu").float().contiguous(),

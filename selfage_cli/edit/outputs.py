@@ -4,12 +4,14 @@ Layout (inside the project): ``edits/<id>/<age>.png``, ``edits/<id>/strip.png`` 
 ``--side-by-side``: the input then every age, each tile labelled under the picture) and
 ``edits/<id>/ages.gif`` (with ``--gif``: one labelled frame per age). Existing files are never
 overwritten without ``--force``; :func:`existing_outputs` lets the stage check that before any
-expensive work. Every file is written to a temporary name and moved into place.
+expensive work, and :func:`outputs_held` locks the folders for the call, so two edits of one photo at
+once never overwrite each other. Every file is written to a temporary name and moved into place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +43,31 @@ class EditOutputs:
 
 def plan_outputs(project: Project, input_id: str, ages: Sequence[int], *, side_by_side: bool, gif: bool) -> EditOutputs:
     """Where the outputs of editing input ``input_id`` to ``ages`` go (nothing is created)."""
-    folder = project.path(f"{EDITS_DIR}/{input_id}")
+    folder = project.writable_path(f"{EDITS_DIR}/{input_id}")  # never through a link out of the project
     return EditOutputs(
         folder=folder,
         ages={int(age): folder / f"{int(age)}.png" for age in ages},
         strip=folder / STRIP_NAME if side_by_side else None,
         gif=folder / GIF_NAME if gif else None,
     )
+
+
+@contextlib.contextmanager
+def outputs_held(project: Project, input_ids: Sequence[str]) -> Iterator[None]:
+    """Hold the lock of each input's output folder (``edits/.ID.lock``) for the ``with`` block.
+
+    A second ``edit`` of the same photo while this one runs stops with one sentence (exit 2) before it
+    writes anything, instead of overwriting these outputs without ``--force``.
+    """
+    from selfage_cli.locks import hold
+
+    with contextlib.ExitStack() as stack:
+        for input_id in dict.fromkeys(input_ids):  # each once: a second hold in one process would be refused
+            folder = project.writable_path(f"{EDITS_DIR}/{input_id}")
+            stack.enter_context(
+                hold(folder, "wait for it to finish, then edit again (with --force to replace what it wrote)")
+            )
+        yield
 
 
 def existing_outputs(outputs: EditOutputs) -> list[Path]:

@@ -23,10 +23,10 @@ from selfage_cli.edit import paste_back
 from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, resolve_lora
-from selfage_cli.edit.outputs import EditOutputs, existing_outputs, plan_outputs, write_outputs
+from selfage_cli.edit.outputs import EditOutputs, existing_outputs, outputs_held, plan_outputs, write_outputs
 from selfage_cli.edit.progress import PhasedTask
 from selfage_cli.edit.record import record_edit
-from selfage_cli.errors import SelfageError, is_out_of_memory
+from selfage_cli.errors import SelfageError, environment_error, is_out_of_memory
 from selfage_cli.processes import (
     decided_by_main,
     gathered,
@@ -205,7 +205,7 @@ def _load_context(
 
 def _edit_photos(ctx: _EditContext, photos: list[input_photos.InputPhoto], force: bool, summary: StageSummary) -> None:
     """Edit each photo in turn (with a progress bar), recording each result or failure in ``summary``."""
-    with console.progress() as bar:
+    with outputs_held(ctx.project, [photo.id for photo in photos]), console.progress() as bar:
         overall = console.new_task(bar, "photos", total=len(photos))
         for photo in photos:
             record = _edit_or_fail(ctx, photo, force, summary, bar)
@@ -243,6 +243,8 @@ def _edit_or_fail(
     except SelfageError:
         raise
     except Exception as exc:  # noqa: BLE001 - one photo failing must not stop the others
+        if environment_error(exc) is not None:  # a full or read-only disk stops the call (exit 2, one sentence)
+            raise
         if is_out_of_memory(exc):
             raise SelfageError(_oom_message(ctx.config, photo.id)) from exc
         summary.fail(photo.id, f"editing failed ({type(exc).__name__}: {str(exc)[:200]}); please report it")

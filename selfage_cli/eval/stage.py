@@ -341,7 +341,7 @@ def _write_report_files(
     """Write the report files (replacing, with a warning, an earlier report) and list them in ``report``."""
     from selfage_cli.eval.report import write_report
 
-    folder = Path(report_dir).expanduser() if report_dir is not None else project.root / "eval"
+    folder = Path(report_dir).expanduser() if report_dir is not None else project.writable_path("eval")
     previous = [name for name in REPORT_FILES if (folder / name).exists()]
     if previous:  # a derived artefact: replaced without --force, but never silently
         console.warn(f"replacing the previous report in {folder} ({', '.join(previous)}).")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selfage_cli.errors import SelfageError
+from selfage_cli.files import write_new
 from selfage_cli.project import Project, find, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
@@ -322,8 +323,8 @@ def _save_temp_pngs(result: JobResult, out_dir: Path, temp_files: dict[tuple[str
     """Move each face's encoded PNG out of ``result`` into a temporary file in ``out_dir``, keyed (source, index)."""
     for index, face in enumerate(result.faces):
         temp = out_dir / f".tmp-{uuid.uuid4().hex}.png"
-        temp.write_bytes(face.pop("png"))
-        temp_files[(result.source, index)] = temp
+        temp_files[(result.source, index)] = temp  # listed before it is written: a failed write is removed too
+        write_new(temp, face.pop("png"))
 
 
 def _register_results(
@@ -391,7 +392,8 @@ def _remove_old_entries(
         aligned = entry.get("aligned")
         if aligned:
             with contextlib.suppress(FileNotFoundError, SelfageError):
-                project.path(aligned).unlink()
+                project.path(aligned)  # checked to lie inside the project; a link is deleted, not its target
+                (project.root / aligned).unlink()
     return old
 
 

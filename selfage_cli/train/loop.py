@@ -38,7 +38,10 @@ import torch.nn.functional as F
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
+from selfage_cli.files import atomic_write_bytes, atomic_write_json, resolves_inside
 from selfage_cli.processes import launched_processes
+from selfage_cli.torch_files import save_plain
+from selfage_cli.train.checkpoints import read_checkpoint
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.contrastive import nt_xent_per_channel
 from selfage_cli.train.data import BatchPlan, LatentSource, TrainImage, draw_seed
@@ -376,35 +379,53 @@ class Trainer:
         """Write checkpoints/step-NNNNNN atomically (LoRA weights, optimiser, RNG, step); keep the last N."""
         if self.run_dir is None or not self.accelerator.is_main_process:
             return None
-        from safetensors.torch import save_file
-
         root = self.checkpoint_root
+        if not resolves_inside(root, self.run_dir):  # a symbolic link out of the run folder: never written through
+            raise SelfageError(
+                f"{root} leads outside the run folder {self.run_dir} (a symbolic link); nothing was written there: "
+                "remove the link and resume."
+            )
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"{CHECKPOINT_PREFIX}{self.step_done:06d}"
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.contiguous().cpu() for k, v in lora_state(self.unet).items()}, str(tmp / "unet.safetensors"))
-        if self.train_text:
-            save_file(
-                {k: v.contiguous().cpu() for k, v in lora_state(self.text_encoder).items()},
-                str(tmp / "text_encoder.safetensors"),
-            )
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}  # the training draws need none: draw_seed
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        state = {"step": self.step_done, "processes": self.accelerator.num_processes, "config": self.config.to_json()}
-        (tmp / "state.json").write_text(json.dumps(state))
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():
+        try:  # a failed write (a full disk) leaves no partial checkpoint behind
+            self._write_checkpoint(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.is_symlink():  # a link is replaced, never followed
+            final.unlink()
+        elif final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         self._prune()
         return final
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """The checkpoint's files, written into the (new, empty) folder ``tmp`` and fsynced."""
+        from safetensors.torch import save
+
+        # Serialised in memory and written by Python: a full disk is an OSError with its errno.
+        atomic_write_bytes(
+            tmp / "unet.safetensors", save({k: v.contiguous().cpu() for k, v in lora_state(self.unet).items()})
+        )
+        if self.train_text:
+            atomic_write_bytes(
+                tmp / "text_encoder.safetensors",
+                save({k: v.contiguous().cpu() for k, v in lora_state(self.text_encoder).items()}),
+            )
+        save_plain(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}  # the training draws need none: draw_seed
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        save_plain(rng, tmp / "rng.pt")
+        state = {"step": self.step_done, "processes": self.accelerator.num_processes, "config": self.config.to_json()}
+        atomic_write_json(tmp / "state.json", state, indent=None)
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
 
     def _prune(self) -> None:
         done = list_checkpoints(self.checkpoint_root)
@@ -413,31 +434,30 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore LoRA weights, optimiser state, RNG state and the step count from a checkpoint."""
-        from safetensors.torch import load_file
+        data = read_checkpoint(folder, text_encoder=self.train_text)  # every file read and checked first
 
-        def restore(model: torch.nn.Module, file: Path) -> None:
-            state = load_file(str(file))
+        def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
             params = dict(model.named_parameters())
             with torch.no_grad():
                 for name, value in state.items():
                     params[name].copy_(value.to(params[name].device, params[name].dtype))
 
-        restore(self.unet, folder / "unet.safetensors")
-        if self.train_text:
-            restore(self.text_encoder, folder / "text_encoder.safetensors")
-        # weights_only=True: optimiser state dicts (tensors, numbers, tuples) and RNG byte tensors
-        # load without unpickling arbitrary objects. Read to the CPU: load_state_dict moves the state to
-        # each parameter's device (a process's device name, e.g. "cpu:0" under accelerate, is no
-        # storage location torch.load knows).
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        restore(self.unet, data.unet)
+        if self.train_text and data.text_encoder is not None:
+            restore(self.text_encoder, data.text_encoder)
+        # Read with weights_only=True (torch_files.load_plain): optimiser state dicts (tensors, numbers,
+        # tuples) and RNG byte tensors load without unpickling arbitrary objects. Read to the CPU:
+        # load_state_dict moves the state to each parameter's device (a process's device name, e.g.
+        # "cpu:0" under accelerate, is no storage location torch.load knows).
+        self.optimizer.load_state_dict(data.optimizer)
         for group in self.optimizer.param_groups:  # as this run needs it, not as the checkpoint's run had it
             if "capturable" in group:
                 group["capturable"] = self.use_graph
-        rng = torch.load(folder / "rng.pt", weights_only=True)
+        rng = data.rng
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        state = json.loads((folder / "state.json").read_text())
+        state = data.state
         self.step_done = int(state["step"])
         before, now = int(state.get("processes", 1)), self.accelerator.num_processes
         if before != now:
@@ -510,7 +530,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()
+        if p.is_dir() and not p.is_symlink() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()
     ]
     return sorted(found, key=lambda p: p.name)
 

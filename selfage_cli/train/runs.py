@@ -7,6 +7,7 @@ the method options (and base model) the run was started with.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import re
@@ -17,9 +18,11 @@ from typing import Any
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
+from selfage_cli.locks import hold
 from selfage_cli.project import Project, find
+from selfage_cli.train.checkpoints import newest_loadable
 from selfage_cli.train.config import TrainConfig
-from selfage_cli.train.loop import list_checkpoints
+from selfage_cli.train.loop import LOSS_LOG, list_checkpoints
 from selfage_cli.train.lora import META_NAME
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -45,15 +48,22 @@ def plan_run(
     resume: bool,
     force: bool,
     given: frozenset[str] | None = None,
+    locks: contextlib.ExitStack | None = None,
 ) -> RunPlan:
     """Apply the --run/--resume/--force policy: which run to train and how it starts (exit 2 when refused).
 
-    ``given``: the options given explicitly, which --resume honours or refuses (:mod:`~selfage_cli.train.resume`)."""
+    ``given``: the options given explicitly, which --resume honours or refuses (:mod:`~selfage_cli.train.resume`).
+    ``locks``: the run folder's lock is taken into it (held until it closes) before the run's state is
+    looked at, so a second process training the same run stops here (exit 2) having written nothing.
+    """
     if resume and force:
         raise SelfageError("--resume and --force contradict each other; pass one of them.")
     manifest = project.read()
     name = _run_name(manifest, run_name, resume)
-    run_dir = project.root / "runs" / name
+    run_dir = checked_run_dir(project, name)
+    if locks is not None:
+        locks.enter_context(hold(run_dir, "wait for it to finish or choose another --run name"))
+        manifest = project.read()  # as it is now that the run is ours
     existing = find(manifest.get("runs", []), name, key="name")
     if resume:
         return _resume_plan(name, run_dir, existing, config, given)
@@ -76,8 +86,9 @@ def _resume_plan(
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
         raise SelfageError(f"--resume --run {name}: runs/{name} has no checkpoint yet; start it again with --force.")
-    checkpoint = found[-1]
-    recorded = json.loads((checkpoint / "state.json").read_text()).get("config") or (existing or {}).get("config")
+    newest = newest_loadable(name, found)  # a bad newer checkpoint is skipped, and said
+    checkpoint = newest.folder
+    recorded = newest.state.get("config") or (existing or {}).get("config")
     resumed = config.with_method_of(recorded) if recorded else config
     fingerprint = (existing or {}).get("base_model_fingerprint")
     resumed = _base_model_found(name, resumed, offered=config.base_model, fingerprint=fingerprint)
@@ -125,15 +136,34 @@ def remove_run(project: Project, plan: RunPlan) -> None:
 def _run_name(manifest: dict[str, Any], run_name: str | None, resume: bool) -> str:
     """The run's name: --run (checked), the last unfinished run for --resume, else a timestamp."""
     if run_name:
-        if not _RUN_NAME.match(run_name):
-            raise SelfageError(f"--run {run_name!r}: use letters, digits, '.', '_' and '-' only.")
-        return run_name
+        return check_run_name(run_name, "--run")
     if resume:
         unfinished = [r for r in manifest.get("runs", []) if not r.get("finished")]
         if not unfinished:
             raise SelfageError("--resume: the project has no unfinished run; name one with --run NAME.")
-        return str(unfinished[-1]["name"])
+        return check_run_name(unfinished[-1].get("name"), "selfage.json names the unfinished run")
     return "run-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def check_run_name(name: Any, where: str) -> str:
+    """A run name (from --run, or read from the manifest: untrusted) that is one plain folder name."""
+    if isinstance(name, str) and _RUN_NAME.match(name):
+        return name
+    if where == "--run":
+        raise SelfageError(f"--run {name!r}: use letters, digits, '.', '_' and '-' only.")
+    raise SelfageError(
+        f"{where} {name!r}, which is not a plain folder name (letters, digits, '.', '_' and '-'); nothing was "
+        "written: fix or remove that entry."
+    )
+
+
+def checked_run_dir(project: Project, name: str) -> Path:
+    """``runs/NAME``, refused (exit 2, nothing written) when it, its checkpoint folder or its loss log (appended
+    to in place) resolves outside the project (a symbolic link)."""
+    run_dir = project.root / "runs" / name
+    for path in (run_dir, run_dir / "checkpoints", run_dir / LOSS_LOG):
+        project.writable_path(path)
+    return run_dir  # as named, not resolved: --force deletes a link itself, never what it points to
 
 
 def _is_finished(entry: dict[str, Any] | None, run_dir: Path) -> bool:

@@ -17,6 +17,7 @@ preparation of ``--refs``/``--reg`` (:mod:`~selfage_cli.train.prepare`) and the 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +40,14 @@ from selfage_cli.train.record import RunRecorder
 from selfage_cli.train.runs import RunPlan, plan_run, remove_run
 
 
-def train_project(
+def train_project(project: Project, config: TrainConfig, **options: Any) -> StageSummary | None:
+    """Train a personal LoRA in ``project`` (see :func:`_train_project`), holding the run folder's lock
+    (:mod:`selfage_cli.locks`) throughout: a second process training the same run stops with exit 2."""
+    with contextlib.ExitStack() as locks:
+        return _train_project(project, config, locks=locks, **options)
+
+
+def _train_project(
     project: Project,
     config: TrainConfig,
     *,
@@ -51,6 +59,7 @@ def train_project(
     resume: bool = False,
     force: bool = False,
     given: frozenset[str] | None = None,
+    locks: contextlib.ExitStack | None = None,
 ) -> StageSummary | None:
     """Train a personal LoRA in ``project`` (see the module docstring); returns the stage summary.
 
@@ -74,7 +83,9 @@ def train_project(
     asked_resolution = config.resolution
     plan = decided_by_main(
         state,
-        lambda: _with_resolution(plan_run(project, config, run_name, resume=resume, force=force, given=given)),
+        lambda: _with_resolution(
+            plan_run(project, config, run_name, resume=resume, force=force, given=given, locks=locks)
+        ),
     )
     if plan.already_finished:
         return _skip_finished(summary, plan) if is_main(state) else None

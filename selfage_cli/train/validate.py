@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from selfage_cli.files import atomic_save
 from selfage_cli.train.config import TrainConfig
 
 VALIDATION_STEPS = 30  # DDIM steps per validation image
@@ -47,10 +48,7 @@ def render_validation_grid(
         tiles.append(image)
     grid = label_row(tiles, [f"{age} y" for age in ages])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp.png")
-    grid.save(tmp)
-    tmp.replace(out_path)
-    return out_path
+    return atomic_save(out_path, lambda tmp: grid.save(tmp, format="PNG"))  # a fresh temporary name, removed on failure
 
 
 def label_row(tiles: list[Image.Image], labels: list[str]) -> Image.Image:
