@@ -97,13 +97,14 @@ def _train_project(
     )
     ref_images, reg_images = decided_by_main(state, lambda: _training_images(project, plan.config))
     pipe = _load_base_model(plan.config, asked=None if plan.checkpoint else asked_resolution is not None)
-    if is_main(state):
-        remember_base_model(project, plan.config.base_model)  # the project's first model stage records it
     if plan.replace and is_main(state):
         remove_run(project, plan)
     trainer, entry = _train_in_run_dir(project, plan, pipe, ref_images, reg_images, writer=is_main(state))
     if not is_main(state):
         return None
+    # The project's first model stage records its base model; training does once it has trained (a run
+    # that fails, e.g. on a full disk, leaves the manifest as it was).
+    remember_base_model(project, plan.config.base_model)
     grid, entry = _validation_grid(project, plan, pipe, trainer, entry)
     return _report_trained(summary, plan, trainer, entry, grid)
 
