@@ -217,3 +217,50 @@ def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:
     assert "no CUDA GPU is visible" in result.stderr and "--dry-run" in result.stderr
     bad = _run_gpu_sh(["--bogus"], tmp_path / "out", timeout=30)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+def test_lora_effect_short_form(tmp_path: Path) -> None:
+    """The lora_effect measurement in a short form: R computed and finite, the (a) repeat at R = 0,
+    fused and unfused fp32 within 1e-5, R_train computed, the choice among the passing candidates."""
+    import math
+
+    import torch
+
+    from benchmarks.__main__ import faces
+    from benchmarks.lora_effect import bench_lora_effect
+    from selfage_cli.models import build_random_pipeline
+
+    recorder = harness.Recorder(model="tiny", device="cpu", dtype="fp32", out=tmp_path / "r.jsonl")
+    records = bench_lora_effect(
+        recorder,
+        lambda: build_random_pipeline("tiny", seed=0, device="cpu", dtype=torch.float32),
+        device=torch.device("cpu"),
+        photo=faces()[0],
+        faces=faces(),
+        train_steps=2,
+        lr=1e-6,
+        steps=3,
+        inner_steps=2,
+        candidates=("bf16", "tf32"),
+        inner_step_repeats=1,
+    )
+    by = {(r["what"], r["settings"].get("candidate")): r for r in records}
+    assert by[("lora_effect", "fp32")]["lora_applied"] == "fused-fp32"
+    assert all(n > 0 for n in by[("lora_effect", "fp32")]["lora_effect_norm"]["latent"])  # the LoRA changes the edit
+    repeat = by[("lora_effect", "fp32 (repeat)")]
+    assert repeat["r_image"] == [0.0, 0.0, 0.0] and repeat["r_latent"] == [0.0, 0.0, 0.0]
+    branch = by[("lora_effect", "fp32-branch")]
+    assert branch["lora_applied"] == "branch-fp32" and branch["max_abs_latent_difference"] <= 1e-5
+    bf16 = by[("lora_effect", "bf16")]
+    assert bf16["lora_applied"] == "branch-bf16" and len(bf16["r_image"]) == 3
+    assert all(math.isfinite(r) and r > 0 for r in bf16["r_image"] + bf16["r_latent"])
+    assert "only on CUDA" in by[("lora_effect", "tf32")]["skipped"]  # no TF32 on a CPU
+    choice = by[("lora_effect_choice", None)]
+    assert choice["auto"] in choice["passing"] and "fp32" in choice["passing"]
+    train = by[("lora_effect_train", None)]
+    assert all(math.isfinite(r) for r in train["r_image"] + train["r_latent"])
+    trainings = [r for r in records if r["what"] == "lora_effect_training"]
+    assert [r["settings"]["train_dtype"] for r in trainings] == ["fp32", "bf16"] and all(
+        r["loss_finite"] for r in trainings
+    )
+    assert by[("lora_effect_inner_step", None)]["ratio"] > 0
