@@ -245,16 +245,14 @@ def _run_dex_if_needed(
     path = find_dex_weights(dex_weights, project)
     if path is None:
         return  # the missing ages are reported by _choose, with every way to give one
-    from PIL import Image
-
+    from selfage_cli.faces.loading import load_image
     from selfage_cli.models import resolve_device
 
     images = []
     for item in needing:
         try:
-            with Image.open(item.image) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as exc:
+            images.append(load_image(item.image))  # upright: its EXIF orientation applied (--reg photos)
+        except (OSError, SyntaxError, ValueError, SelfageError) as exc:
             raise SelfageError(
                 f"{item.image}: cannot be read for the DEX estimate ({exc}); re-run `selfage align` or remove it."
             ) from None
