@@ -21,7 +21,7 @@ from typing import Any
 from selfage_cli.train.config import COMPILE_MODES  # light: imports no torch
 
 WHATS = ("align", "train", "edit")
-EXTRA_WHATS = ("lora_effect", "train_graph_check")  # not part of "all": long, or GPU-only in substance
+EXTRA_WHATS = ("lora_effect", "train_graph_check", "commands")  # not part of "all": long, or GPU-only in substance
 DEFAULT_AGES = "0,10,20,30,40,50,60,70,80"
 
 
@@ -148,6 +148,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=50,
         help="train_graph_check: steps run from the CUDA graph and eagerly from the same seeds (50)",
     )
+    edit.add_argument(
+        "--edit-lora",
+        choices=("none", "random"),
+        default="none",
+        help="random: edit with a rank-16 LoRA loaded as `selfage edit` loads one (B ~ N(0, 8e-4), the size 800 "
+        "steps at lr 1e-6 reach), applied as --dtype says (default none: the plain pipeline)",
+    )
+    commands = parser.add_argument_group("commands (benchmarks/commands.py)")
+    commands.add_argument("--command-repeats", type=int, default=3, help="runs of each command (3; median)")
+    commands.add_argument("--command-train-steps", type=int, default=800, help="selfage train --steps (800)")
     align = parser.add_argument_group("align")
     align.add_argument("--align-photos", type=int, default=4, help="photos per size and mode in the align benchmark")
     align.add_argument("--align-sizes", default="1MP,12MP", help="photo sizes (1MP, 12MP, 48MP; default 1MP,12MP)")
@@ -213,6 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
     if "edit" in whats:
         from benchmarks.edit import bench_edit
+        from benchmarks.lora_effect import edit_pipeline
+        from selfage_cli.edit.precision import resolve_edit_precision
 
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if args.naive_modes is None:
@@ -223,9 +235,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             naive = []
         else:
             naive = [m.strip() for m in args.naive_modes.split(",") if m.strip()]
+        precision = resolve_edit_precision(args.dtype, device)  # as `selfage edit --dtype` chooses
+        pipe, lora_applied = edit_pipeline(make_pipe, precision, device=device, lora=args.edit_lora, rank=args.rank)
+        recorder.dtype = precision.name
         records += bench_edit(
             recorder,
-            make_pipe(weights_dtype),
+            pipe,
+            lora_applied=lora_applied,
             device=device,
             photo=faces()[0],
             ages=[int(a) for a in args.ages.split(",")],
@@ -263,6 +279,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             guidance=args.guidance,
             candidates=candidates,
             inner_step_repeats=args.lora_inner_repeats,
+        )
+    if "commands" in whats:
+        from benchmarks.commands import bench_commands
+
+        records += bench_commands(
+            recorder,
+            model=args.model,
+            device=device,
+            dtype=args.dtype,
+            faces=faces(),
+            repeats=args.command_repeats,
+            train_steps=args.command_train_steps,
+            ages=[int(a) for a in args.ages.split(",")],
+            ddim_steps=args.ddim_steps,
+            inner_steps=args.inner_steps,
         )
     if "train_graph_check" in whats:
         from benchmarks.train import bench_train_graph_check

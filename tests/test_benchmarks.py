@@ -264,3 +264,37 @@ def test_lora_effect_short_form(tmp_path: Path) -> None:
         r["loss_finite"] for r in trainings
     )
     assert by[("lora_effect_inner_step", None)]["ratio"] > 0
+
+
+def test_gpu_script_real_path_dry_run(tmp_path: Path) -> None:
+    """``--real-path``: the 9-age edit with a LoRA loaded (its application in every edit line), the
+    lora_effect measurement (no TF32 on a CPU: said so) and the graphed-vs-eager training check."""
+    out = tmp_path / "out"
+    result = _run_gpu_sh(["--dry-run", "--real-path"], out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    edits = [r for r in records if r["what"].startswith("edit_")]
+    assert edits and all(r["settings"]["lora_applied"] == "fused-fp32" for r in edits)
+    effect = {r["settings"].get("candidate"): r for r in records if r["what"] == "lora_effect"}
+    assert effect["fp32 (repeat)"]["max_r"] == 0.0 and "only on CUDA" in effect["tf32"]["skipped"]
+    assert effect["fp32-branch"]["max_abs_latent_difference"] <= 1e-5
+    assert next(r for r in records if r["what"] == "lora_effect_choice")["auto"] == "fp32"
+    check = next(r for r in records if r["what"] == "train_graph_check")
+    assert check["max_relative_loss_difference"] == 0.0 and check["max_relative_weight_difference"] == 0.0
+    assert "| lora_effect_choice |" in (out / "results.md").read_text()
+
+
+def test_command_timing_reports_each_repeat_and_the_peak_in_gib(tmp_path: Path) -> None:
+    """benchmarks/commands.py runs a selfage command in its own process: wall seconds per repeat (median
+    as ``seconds``), exit codes, and the peak memory the process reported, in GiB."""
+    from benchmarks.commands import _emit, run_command
+
+    runs = [run_command(["--help"], cwd=tmp_path) for _ in range(3)]
+    assert all(r["exit_code"] == 0 and r["seconds"] > 0 and r["peak_rss_bytes"] > 2**20 for r in runs)
+    recorder = harness.Recorder(model="tiny", device="cpu", dtype="fp32", out=None)
+    record = _emit(recorder, "command_help", {}, runs)
+    assert record["repeats"] == 3 and sorted(record["repeat_seconds"])[1] == record["seconds"]
+    assert record["peak_memory_gib"] == round(record["peak_memory_bytes"] / 2**30, 3)
+    assert record["peak_memory_kind"] == "process_ru_maxrss" and record["exit_codes"] == [0, 0, 0]
+    bad = run_command(["edit", "--bogus-option"], cwd=tmp_path)
+    assert bad["exit_code"] == 2 and "bogus" in bad["stderr_tail"]
