@@ -143,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora-inner-repeats", type=int, default=20, help="timed inner steps with and without the LoRA (0: skip)"
     )
     lora.add_argument(
+        "--lora-checks",
+        choices=("on", "off"),
+        default="on",
+        help="also edit (a) again (R must be 0) and with the LoRA unfused in fp32 (within 1e-5 of fused); on",
+    )
+    lora.add_argument(
         "--graph-check-train-steps",
         type=int,
         default=50,
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             guidance=args.guidance,
             candidates=candidates,
             inner_step_repeats=args.lora_inner_repeats,
+            checks=args.lora_checks == "on",
         )
     if "commands" in whats:
         from benchmarks.commands import bench_commands

@@ -4,7 +4,7 @@
 #   benchmarks/gpu.sh [WHEELS_DIR]            # on the GPU machine, from anywhere; ≤ 6 minutes
 #   benchmarks/gpu.sh --dry-run [WHEELS_DIR]  # the same script on the CPU with the tiny model (< 1 minute)
 #   benchmarks/gpu.sh --variants [WHEELS_DIR] # the engineering variants instead (see below; ≤ 8 minutes)
-#   benchmarks/gpu.sh --real-path [WHEELS_DIR] # the path users run, with a LoRA (see below; ≤ 6 minutes)
+#   benchmarks/gpu.sh --real-path [WHEELS_DIR] # the path users run, with a LoRA (see below; ≤ 8 minutes)
 #   benchmarks/gpu.sh --commands [WHEELS_DIR]  # whole `selfage train` / `selfage edit` commands (≤ 8 minutes)
 #
 # 1. installs what this Python lacks (e.g. diffusers, importlib_metadata, lazy-importer) from the wheels in
@@ -35,7 +35,7 @@
 # Every measurement is printed as one JSON line as soon as it is made and appended to
 # $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
 # (also written to $OUT/results.md). Env: PYTHON (default python3), BENCH_BUDGET_S (default 360;
-# 480 with --variants or --commands).
+# 480 with --variants, --real-path or --commands).
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -62,7 +62,7 @@ PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$PWD/bench-out}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "error: cannot create $OUTDIR; set OUT to a writable folder." >&2; exit 2; }
 RESULTS=$OUTDIR/results.jsonl
-BUDGET=${BENCH_BUDGET_S:-$([ "$VARIANTS" = 1 ] || [ "$COMMANDS" = 1 ] && echo 480 || echo 360)}
+BUDGET=${BENCH_BUDGET_S:-$([ "$VARIANTS" = 1 ] || [ "$COMMANDS" = 1 ] || [ "$REALPATH" = 1 ] && echo 480 || echo 360)}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-sh-$(date +%Y%m%dT%H%M%S)-$$}
@@ -128,7 +128,7 @@ if [ "$DRY" = 1 ]; then
   LORA=(--lora-train-steps 2 --ddim-steps 3 --inner-steps 2 --lora-candidates tf32 --lora-train-dtype none --lora-inner-repeats 2 --graph-check-train-steps 2)
   CMDS=(--command-repeats 1 --command-train-steps 2)
 else
-  LORA=(--lora-train-steps 100 --lora-lr 8e-6 --ddim-steps 50 --inner-steps 10 --graph-check-train-steps 50)
+  LORA=(--lora-train-steps 100 --lora-lr 8e-6 --ddim-steps 50 --inner-steps 10 --lora-checks off --graph-check-train-steps 50)
   CMDS=(--command-repeats 3 --command-train-steps 800)
 fi
 if [ "$REALPATH" = 1 ] || [ "$COMMANDS" = 1 ]; then

@@ -212,6 +212,7 @@ def bench_lora_effect(
     guidance: float = 7.5,
     candidates: list[str] | tuple[str, ...] | None = None,
     inner_step_repeats: int = 20,
+    checks: bool = True,
 ) -> list[dict[str, Any]]:
     """The measurement of the module doc; ``make_pipe()`` builds a fresh fp32 pipeline each time."""
     from selfage_cli.edit.prompts import build_prompts
@@ -278,10 +279,10 @@ def bench_lora_effect(
         fp32 = PRECISIONS["fp32"]
         a = edit(fp32, trained["fp32"])
         b = edit(fp32, None)
-        runs = {
-            "fp32 (repeat)": (fp32, edit(fp32, trained["fp32"])),
-            "fp32-branch": (FP32_BRANCH, edit(FP32_BRANCH, trained["fp32"])),
-        }
+        runs: dict[str, tuple[EditPrecision, Edited]] = {}
+        if checks:  # determinism (R = 0) and fused vs unfused fp32 (within 1e-5)
+            runs["fp32 (repeat)"] = (fp32, edit(fp32, trained["fp32"]))
+            runs["fp32-branch"] = (FP32_BRANCH, edit(FP32_BRANCH, trained["fp32"]))
         for name in candidates:
             if PRECISIONS[name].tf32 and device.type != "cuda":
                 records.append(
