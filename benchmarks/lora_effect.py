@@ -403,8 +403,9 @@ def inner_step(
 
     for pipe in pipes.values():
         step(pipe)  # warm-up
-    for _ in range(max(1, repeats)):
-        for key, pipe in pipes.items():
+    for index in range(max(1, repeats)):
+        order = list(pipes.items()) if index % 2 == 0 else list(pipes.items())[::-1]  # no order bias
+        for key, pipe in order:
             synchronize(device)
             seconds[key].append(time_call(lambda pipe=pipe: step(pipe), device)[0])
     set_tf32(False)

@@ -104,11 +104,15 @@ def apply_precision(pipe: Any, precision: EditPrecision, with_lora: bool) -> str
     if with_lora and precision.lora == "fused":
         pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
         pipe.unload_lora_weights()  # the LoRA layers go; the fused weights stay
-    pipe.unet.to(dtype=precision.weights_dtype)
-    pipe.text_encoder.to(dtype=precision.weights_dtype)
+    for model, dtype in (
+        (pipe.unet, precision.weights_dtype),
+        (pipe.text_encoder, precision.weights_dtype),
+        (pipe.vae, precision.vae_dtype),
+    ):
+        if any(p.dtype != dtype for p in model.parameters()):
+            _quietly_cast(model, dtype)
     if with_lora and precision.lora == "branch-fp32":
         _lora_parameters_to(pipe, torch.float32)
-    pipe.vae.to(dtype=precision.vae_dtype)
     set_tf32(precision.tf32)
     return precision.lora_applied(with_lora)
 
@@ -118,6 +122,18 @@ def set_tf32(enabled: bool) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def _quietly_cast(model: Any, dtype: torch.dtype) -> None:
+    """``model.to(dtype)`` without diffusers' warning about modules to keep in fp32 (SD 1.x/2.x has none)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _lora_parameters_to(pipe: Any, dtype: torch.dtype) -> None:
