@@ -97,7 +97,10 @@ if [ "$DRY" = 1 ]; then
   TRAIN=(--train-steps 1 --train-warmup 0)
   EDIT=(--ddim-steps 3 --inner-steps 2 --ages 0,40,80 --no-warmup)
 else
-  COMMON=(--model sd15 --device cuda --dtype auto --out "$RESULTS")
+  # --real-path/--commands: the defaults users get (--dtype auto: fp32 edits since issue 15); the other runs
+  # keep bf16, the precision of every earlier run, so their figures stay comparable.
+  if [ "$REALPATH" = 1 ] || [ "$COMMANDS" = 1 ]; then DTYPE=auto; else DTYPE=bf16; fi
+  COMMON=(--model sd15 --device cuda --dtype "$DTYPE" --out "$RESULTS")
   TRAIN=(--train-steps 20 --train-warmup 2)
   EDIT=(--ddim-steps 50 --inner-steps 10 --ages 0,10,20,30,40,50,60,70,80)
 fi
