@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny", help="random pipeline architecture")
     parser.add_argument("--what", default="all", help="align, train, edit, all, or a comma list (default all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="train: as `train --dtype` (auto: bf16/fp16 on GPU, fp32 on CPU); edit: as `edit --dtype` (auto: fp32; "
+        "also tf32, bf16, bf16-lora32, bf16-fused, fp16, fp16-vae32)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -199,7 +204,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    weights_dtype = resolve_dtype(args.dtype, device)
+    from selfage_cli.edit.precision import PRECISIONS
+
+    train_dtype = PRECISIONS[args.dtype].weights if args.dtype in PRECISIONS else args.dtype  # e.g. bf16-lora32
+    weights_dtype = resolve_dtype(train_dtype, device)
     recorder = Recorder(model=args.model, device=device, dtype=dtype_name(weights_dtype), out=args.out)
     records: list[dict[str, Any]] = []
 
