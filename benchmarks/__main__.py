@@ -21,6 +21,7 @@ from typing import Any
 from selfage_cli.train.config import COMPILE_MODES  # light: imports no torch
 
 WHATS = ("align", "train", "edit")
+EXTRA_WHATS = ("lora_effect", "train_graph_check", "commands")  # not part of "all": long, or GPU-only in substance
 DEFAULT_AGES = "0,10,20,30,40,50,60,70,80"
 
 
@@ -41,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny", help="random pipeline architecture")
     parser.add_argument("--what", default="all", help="align, train, edit, all, or a comma list (default all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="train: as `train --dtype` (auto: bf16/fp16 on GPU, fp32 on CPU); edit: as `edit --dtype` (auto: fp32; "
+        "also tf32, bf16, bf16-lora32, bf16-fused, fp16, fp16-vae32)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -123,6 +129,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="first compare a short inversion of this many steps eagerly and from CUDA graphs (edit_graph_check)",
     )
+    lora = parser.add_argument_group("lora_effect (benchmarks/lora_effect.py)")
+    lora.add_argument("--lora-ages", default="10,40,80", help="target ages of the lora_effect edits (10,40,80)")
+    lora.add_argument("--lora-train-steps", type=int, default=800, help="LoRA training steps (the paper's 800)")
+    lora.add_argument("--lora-lr", type=float, default=1e-6, help="LoRA learning rate (the paper's 1e-6)")
+    lora.add_argument(
+        "--lora-train-dtype",
+        default="bf16",
+        help="the default training precision checked against fp32 (bf16: bf16 weights under autocast); none: skip",
+    )
+    lora.add_argument(
+        "--lora-candidates",
+        default=None,
+        help="edit --dtype values to measure (default: tf32,bf16,bf16-lora32,bf16-fused,fp16,fp16-vae32 on a GPU, "
+        "bf16,bf16-lora32,bf16-fused,fp16-vae32 on a CPU)",
+    )
+    lora.add_argument(
+        "--lora-inner-repeats", type=int, default=20, help="timed inner steps with and without the LoRA (0: skip)"
+    )
+    lora.add_argument(
+        "--lora-checks",
+        choices=("on", "off"),
+        default="on",
+        help="also edit (a) again (R must be 0) and with the LoRA unfused in fp32 (within 1e-5 of fused); on",
+    )
+    lora.add_argument(
+        "--graph-check-train-steps",
+        type=int,
+        default=50,
+        help="train_graph_check: steps run from the CUDA graph and eagerly from the same seeds (50)",
+    )
+    edit.add_argument(
+        "--edit-lora",
+        choices=("none", "random"),
+        default="none",
+        help="random: edit with a rank-16 LoRA loaded as `selfage edit` loads one (B ~ N(0, 8e-4), the size 800 "
+        "steps at lr 1e-6 reach), applied as --dtype says (default none: the plain pipeline)",
+    )
+    commands = parser.add_argument_group("commands (benchmarks/commands.py)")
+    commands.add_argument("--command-repeats", type=int, default=3, help="runs of each command (3; median)")
+    commands.add_argument("--command-train-steps", type=int, default=800, help="selfage train --steps (800)")
     align = parser.add_argument_group("align")
     align.add_argument("--align-photos", type=int, default=4, help="photos per size and mode in the align benchmark")
     align.add_argument("--align-sizes", default="1MP,12MP", help="photo sizes (1MP, 12MP, 48MP; default 1MP,12MP)")
@@ -133,9 +179,12 @@ def selected(what: str) -> list[str]:
     names = [w.strip() for w in what.split(",") if w.strip()]
     if "all" in names:
         return list(WHATS)
-    unknown = [n for n in names if n not in WHATS]
+    unknown = [n for n in names if n not in WHATS + EXTRA_WHATS]
     if unknown or not names:
-        raise SystemExit(f"--what {what!r}: use align, train, edit, all or a comma list of them.")
+        raise SystemExit(
+            f"--what {what!r}: use align, train, edit, all or a comma list of them "
+            f"(also {', '.join(EXTRA_WHATS)}, which 'all' leaves out)."
+        )
     return names
 
 
@@ -155,7 +204,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    weights_dtype = resolve_dtype(args.dtype, device)
+    from selfage_cli.edit.precision import PRECISIONS
+
+    train_dtype = PRECISIONS[args.dtype].weights if args.dtype in PRECISIONS else args.dtype  # e.g. bf16-lora32
+    weights_dtype = resolve_dtype(train_dtype, device)
     recorder = Recorder(model=args.model, device=device, dtype=dtype_name(weights_dtype), out=args.out)
     records: list[dict[str, Any]] = []
 
@@ -185,6 +237,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
     if "edit" in whats:
         from benchmarks.edit import bench_edit
+        from benchmarks.lora_effect import edit_pipeline
+        from selfage_cli.edit.precision import resolve_edit_precision
 
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if args.naive_modes is None:
@@ -195,9 +249,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             naive = []
         else:
             naive = [m.strip() for m in args.naive_modes.split(",") if m.strip()]
+        precision = resolve_edit_precision(args.dtype, device)  # as `selfage edit --dtype` chooses
+        pipe, lora_applied = edit_pipeline(make_pipe, precision, device=device, lora=args.edit_lora, rank=args.rank)
+        recorder.dtype = precision.name
         records += bench_edit(
             recorder,
-            make_pipe(weights_dtype),
+            pipe,
+            lora_applied=lora_applied,
             device=device,
             photo=faces()[0],
             ages=[int(a) for a in args.ages.split(",")],
@@ -213,6 +271,57 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             compile_inversion=args.compile_inversion,
             cuda_graph=args.inversion_graph == "on",
             graph_check_steps=args.graph_check_steps,
+        )
+    if "lora_effect" in whats:
+        from benchmarks.lora_effect import bench_lora_effect
+
+        candidates = [c.strip() for c in args.lora_candidates.split(",") if c.strip()] if args.lora_candidates else None
+        records += bench_lora_effect(
+            recorder,
+            make_pipe,  # fp32; each edit casts it to the candidate's precision
+            device=device,
+            photo=faces()[0],
+            faces=faces(),
+            ages=[int(a) for a in args.lora_ages.split(",")],
+            source_age=args.source_age,
+            train_steps=args.lora_train_steps,
+            lr=args.lora_lr,
+            rank=args.rank,
+            train_dtype=None if args.lora_train_dtype == "none" else args.lora_train_dtype,
+            steps=args.ddim_steps,
+            inner_steps=args.inner_steps,
+            guidance=args.guidance,
+            candidates=candidates,
+            inner_step_repeats=args.lora_inner_repeats,
+            checks=args.lora_checks == "on",
+        )
+    if "commands" in whats:
+        from benchmarks.commands import bench_commands
+
+        records += bench_commands(
+            recorder,
+            model=args.model,
+            device=device,
+            dtype=args.dtype,
+            faces=faces(),
+            repeats=args.command_repeats,
+            train_steps=args.command_train_steps,
+            ages=[int(a) for a in args.ages.split(",")],
+            ddim_steps=args.ddim_steps,
+            inner_steps=args.inner_steps,
+        )
+    if "train_graph_check" in whats:
+        from benchmarks.train import bench_train_graph_check
+
+        records += bench_train_graph_check(
+            recorder,
+            lambda: make_pipe(weights_dtype),
+            device=device,
+            dtype=dtype_name(weights_dtype),
+            faces=faces(),
+            steps=args.graph_check_train_steps,
+            batch_size=args.train_batch,
+            rank=args.rank,
         )
     return records
 

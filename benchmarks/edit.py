@@ -65,6 +65,7 @@ def bench_edit(
     compile_inversion: bool = False,
     cuda_graph: bool = True,
     graph_check_steps: int = 0,
+    lora_applied: str = "none",
 ) -> list[dict[str, Any]]:
     """Run the edit measurements on ``pipe`` and emit their JSON lines; return the records."""
     from selfage_cli.edit.engine import P2PSettings, edit_ages, encode_image, invert
@@ -82,6 +83,7 @@ def bench_edit(
         "photo": photo.name,
         "compile_inversion": compile_inversion,
         "cuda_graph": cuda_graph,
+        "lora_applied": lora_applied,
     }
     records: list[dict[str, Any]] = []
 

@@ -4,6 +4,8 @@
 #   benchmarks/gpu.sh [WHEELS_DIR]            # on the GPU machine, from anywhere; ≤ 6 minutes
 #   benchmarks/gpu.sh --dry-run [WHEELS_DIR]  # the same script on the CPU with the tiny model (< 1 minute)
 #   benchmarks/gpu.sh --variants [WHEELS_DIR] # the engineering variants instead (see below; ≤ 8 minutes)
+#   benchmarks/gpu.sh --real-path [WHEELS_DIR] # the path users run, with a LoRA (see below; ≤ 8 minutes)
+#   benchmarks/gpu.sh --commands [WHEELS_DIR]  # whole `selfage train` / `selfage edit` commands (≤ 8 minutes)
 #
 # 1. installs what this Python lacks (e.g. diffusers, importlib_metadata, lazy-importer) from the wheels in
 #    WHEELS_DIR (pip --no-index --no-deps --target; see docs/benchmarks.md for how to fetch them);
@@ -19,22 +21,36 @@
 # --variants measures the other switches instead: the CUDA-graph inversion checked against eager
 # execution (edit_graph_check); training steps (latent cache on) with a kernel profile, eagerly and from
 # the CUDA graph; under torch.compile (reduce-overhead); the inversion under torch.compile.
+# --real-path measures what a user runs: the 9-age edit with a rank-16 LoRA loaded as `selfage edit`
+# loads it, at edit's --dtype auto (edit_* lines with settings.lora_applied); lora_effect (a LoRA trained
+# 100 steps at lr 8e-6 — the paper's lr x steps — in fp32 and in the default bf16 training precision;
+# 3 ages edited in fp32 with and without it and in every candidate --dtype: R per candidate, the auto
+# choice, R_train, the inversion's inner step with and without the LoRA side by side); train_graph_check
+# (50 steps replayed from the CUDA graph against 50 eager steps from the same seeds).
+# --commands times whole commands in their own processes, 3 repeats each (median, repeats listed):
+# `selfage train` (800 steps, aligned and labelled project) and `selfage edit` (1 aligned photo -> 9 ages
+# with --side-by-side --gif, the first run's LoRA, DEX from a random checkpoint); peak memory in GiB.
+# --real-path and --commands may be given together (then both, one budget).
 #
 # Every measurement is printed as one JSON line as soon as it is made and appended to
 # $OUT/results.jsonl ($OUT defaults to ./bench-out); a markdown table of them ends the run
 # (also written to $OUT/results.md). Env: PYTHON (default python3), BENCH_BUDGET_S (default 360;
-# 480 with --variants).
+# 480 with --variants, --real-path or --commands).
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 DRY=0
 VARIANTS=0
+REALPATH=0
+COMMANDS=0
 WHEELS=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --variants) VARIANTS=1 ;;
+    --real-path) REALPATH=1 ;;
+    --commands) COMMANDS=1 ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "error: unknown option $arg; use --dry-run or --help." >&2; exit 2 ;;
     *) WHEELS=$arg ;;
@@ -46,7 +62,7 @@ PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$PWD/bench-out}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "error: cannot create $OUTDIR; set OUT to a writable folder." >&2; exit 2; }
 RESULTS=$OUTDIR/results.jsonl
-BUDGET=${BENCH_BUDGET_S:-$([ "$VARIANTS" = 1 ] && echo 480 || echo 360)}
+BUDGET=${BENCH_BUDGET_S:-$([ "$VARIANTS" = 1 ] || [ "$COMMANDS" = 1 ] || [ "$REALPATH" = 1 ] && echo 480 || echo 360)}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-sh-$(date +%Y%m%dT%H%M%S)-$$}
@@ -81,7 +97,10 @@ if [ "$DRY" = 1 ]; then
   TRAIN=(--train-steps 1 --train-warmup 0)
   EDIT=(--ddim-steps 3 --inner-steps 2 --ages 0,40,80 --no-warmup)
 else
-  COMMON=(--model sd15 --device cuda --dtype auto --out "$RESULTS")
+  # --real-path/--commands: the defaults users get (--dtype auto: fp32 edits since issue 15); the other runs
+  # keep bf16, the precision of every earlier run, so their figures stay comparable.
+  if [ "$REALPATH" = 1 ] || [ "$COMMANDS" = 1 ]; then DTYPE=auto; else DTYPE=bf16; fi
+  COMMON=(--model sd15 --device cuda --dtype "$DTYPE" --out "$RESULTS")
   TRAIN=(--train-steps 20 --train-warmup 2)
   EDIT=(--ddim-steps 50 --inner-steps 10 --ages 0,10,20,30,40,50,60,70,80)
 fi
@@ -108,7 +127,23 @@ phase() {  # phase NAME ARGS...: run one benchmark invocation within what is lef
 
 cd "$ROOT" || exit 2
 ONE=(--train-cache-modes on)
-if [ "$VARIANTS" = 1 ]; then
+if [ "$DRY" = 1 ]; then
+  LORA=(--lora-train-steps 2 --ddim-steps 3 --inner-steps 2 --lora-candidates tf32 --lora-train-dtype none --lora-inner-repeats 2 --graph-check-train-steps 2)
+  CMDS=(--command-repeats 1 --command-train-steps 2)
+else
+  LORA=(--lora-train-steps 100 --lora-lr 8e-6 --ddim-steps 50 --inner-steps 10 --lora-checks off --graph-check-train-steps 50)
+  CMDS=(--command-repeats 3 --command-train-steps 800)
+fi
+if [ "$REALPATH" = 1 ] || [ "$COMMANDS" = 1 ]; then
+  if [ "$REALPATH" = 1 ]; then
+    phase edit "${EDIT[@]}" --modes null-text --naive-modes none --edit-lora random
+    phase lora_effect "${LORA[@]}"
+    phase train_graph_check "${LORA[@]}"
+  fi
+  if [ "$COMMANDS" = 1 ]; then
+    phase commands "${EDIT[@]}" "${CMDS[@]}"
+  fi
+elif [ "$VARIANTS" = 1 ]; then
   phase edit "${EDIT[@]}" --naive-modes none --graph-check-steps "$([ "$DRY" = 1 ] && echo 2 || echo 5)"
   phase train "${TRAIN[@]}" "${ONE[@]}" --train-profile 3
   phase train "${TRAIN[@]}" "${ONE[@]}" --train-profile 3 --train-graph on

@@ -52,7 +52,20 @@ def _describe(record: dict[str, Any]) -> str:
             parts.append("compiled inversion")
         if s.get("cuda_graph") is False and record.get("device_type") == "cuda":
             parts.append("inversion without CUDA graphs")
+        if s.get("lora_applied") not in (None, "none"):
+            parts.append(f"LoRA {s['lora_applied']}")
         return ", ".join(parts)
+    if what.startswith("lora_effect"):
+        head = s.get("candidate") or s.get("train_dtype") or s.get("precision") or ""
+        if what == "lora_effect_inner_step":
+            return f"{head}, null-text inner step (UNet forward + backward, batch 1) with vs without the LoRA"
+        ages = ",".join(str(a) for a in s.get("ages", []))
+        train = f"LoRA {s.get('train_steps')} steps at lr {s.get('lr')}, rank {s.get('rank')}"
+        return f"{head + ': ' if head else ''}{train}; ages {ages}, {s.get('ddim_steps')} steps, ≤{s.get('inner_steps')} inner"
+    if what.startswith("command_"):
+        return ", ".join(f"{k} {v}" for k, v in s.items() if k != "ages") + (
+            f", {len(s['ages'])} ages" if s.get("ages") else ""
+        )
     if what.startswith("align") and "size" in s:
         how = "one process" if s.get("mode") == "single" else f"pool of {s.get('workers')} (start-up included)"
         return f"{s['size']} JPEG → {s.get('output_size')}² PNG, {s.get('detector')}, {how}, {s.get('photos')} photos"
@@ -93,6 +106,23 @@ def _extra(record: dict[str, Any]) -> str:
         "seconds_per_photo",
         "photos",
         "reason",
+        "lora_applied",
+        "r_image",
+        "r_latent",
+        "max_r",
+        "meets_goal",
+        "passing",
+        "auto",
+        "without_lora_seconds",
+        "max_abs_latent_difference",
+        "max_relative_loss_difference",
+        "max_relative_weight_difference",
+        "repeat_seconds",
+        "exit_codes",
+        "setup_seconds",
+        "peak_memory_gib",
+        "skipped",
+        "error",
     )
     out = []
     for key in keys:
@@ -100,6 +130,10 @@ def _extra(record: dict[str, Any]) -> str:
             value = record[key]
             if isinstance(value, float):
                 value = _number(value)
+            elif isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+                value = "[" + ", ".join(_number(float(v)) if isinstance(v, float) else str(v) for v in value) + "]"
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                value = ", ".join(value)
             elif isinstance(value, dict):
                 value = "(" + ", ".join(f"{k} {_number(float(v))}" for k, v in value.items()) + ")"
             out.append(f"{key.replace('_', ' ')} {value}")

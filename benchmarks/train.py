@@ -232,3 +232,76 @@ def profile_train(recorder: Recorder, trainer: Any, steps: int, cache: bool) -> 
         kernels_per_step=sum(e.count for e in kernels) / steps,
         cpu_ops_per_step=sum(e.count for e in events) / steps,
     )
+
+
+def bench_train_graph_check(
+    recorder: Recorder,
+    make_pipe: Callable[[], Any],
+    *,
+    device: torch.device,
+    dtype: str,
+    faces: list[Path],
+    steps: int = 50,
+    batch_size: int = 4,
+    rank: int = 16,
+    num_refs: int = 3,
+) -> list[dict[str, Any]]:
+    """``train_graph_check``: ``steps`` steps replayed from the CUDA graph against ``steps`` eager steps from
+    the same seeds (fresh pipelines, the paper's configuration): the largest relative difference of the
+    per-step losses and of the final LoRA weights. Off a CUDA GPU both runs are eager (``step_runner``
+    says so) and agree exactly."""
+    from selfage_cli.train.config import TrainConfig
+    from selfage_cli.train.loop import Trainer
+    from selfage_cli.train.lora import lora_state
+
+    runs: dict[bool, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="selfage-bench-graph-") as tmp:
+        for graph in (True, False):
+            pipe = make_pipe()
+            resolution = native_resolution(pipe)
+            config = TrainConfig(
+                base_model=f"random-{recorder.model}",
+                steps=steps,
+                batch_size=batch_size,
+                rank=rank,
+                num_refs=num_refs,
+                resolution=resolution,
+                checkpoint_every=0,
+                cuda_graph=graph,
+                device=str(device),
+                dtype=dtype,
+            )
+            refs, regs = write_training_images(Path(tmp) / f"r{resolution}", resolution, faces)
+            ref_images, reg_images = train_images(refs, regs, config)
+            trainer = Trainer(pipe, config, ref_images, reg_images)
+            seconds, losses = time_call(lambda trainer=trainer: [trainer.step()["loss"] for _ in range(steps)], device)
+            weights = {f"unet.{k}": v.float().cpu().clone() for k, v in lora_state(trainer.unet).items()}
+            weights.update({f"text.{k}": v.float().cpu().clone() for k, v in lora_state(trainer.text_encoder).items()})
+            runs[graph] = {"losses": losses, "weights": weights, "runner": trainer.step_runner, "seconds": seconds}
+            del trainer, pipe
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    graphed, eager = runs[True], runs[False]
+    loss_rel = [abs(g - e) / max(abs(e), 1e-12) for g, e in zip(graphed["losses"], eager["losses"], strict=True)]
+    weight_rel = {
+        name: float((graphed["weights"][name] - w).abs().max() / w.abs().max().clamp_min(1e-12))
+        for name, w in eager["weights"].items()
+    }
+    worst = max(weight_rel, key=weight_rel.get) if weight_rel else None
+    return [
+        recorder.emit(
+            "train_graph_check",
+            {"steps": steps, "batch": f"{batch_size}+{batch_size}", "rank": rank, "weights_dtype": dtype},
+            step_runner=graphed["runner"],
+            eager_runner=eager["runner"],
+            max_relative_loss_difference=max(loss_rel) if loss_rel else None,
+            relative_loss_difference_last=loss_rel[-1] if loss_rel else None,
+            max_relative_weight_difference=weight_rel[worst] if worst else None,
+            worst_weight=worst,
+            graph_seconds=graphed["seconds"],
+            eager_seconds=eager["seconds"],
+            losses_graph=[round(v, 6) for v in graphed["losses"]],
+            losses_eager=[round(v, 6) for v in eager["losses"]],
+        )
+    ]

@@ -223,3 +223,84 @@ def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:
     assert "no CUDA GPU is visible" in result.stderr and "--dry-run" in result.stderr
     bad = _run_gpu_sh(["--bogus"], tmp_path / "out", timeout=30)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+def test_lora_effect_short_form(tmp_path: Path) -> None:
+    """The lora_effect measurement in a short form: R computed and finite, the (a) repeat at R = 0,
+    fused and unfused fp32 within 1e-5, R_train computed, the choice among the passing candidates."""
+    import math
+
+    import torch
+
+    from benchmarks.__main__ import faces
+    from benchmarks.lora_effect import bench_lora_effect
+    from selfage_cli.models import build_random_pipeline
+
+    recorder = harness.Recorder(model="tiny", device="cpu", dtype="fp32", out=tmp_path / "r.jsonl")
+    records = bench_lora_effect(
+        recorder,
+        lambda: build_random_pipeline("tiny", seed=0, device="cpu", dtype=torch.float32),
+        device=torch.device("cpu"),
+        photo=faces()[0],
+        faces=faces(),
+        train_steps=2,
+        lr=1e-6,
+        steps=3,
+        inner_steps=2,
+        candidates=("bf16", "tf32"),
+        inner_step_repeats=1,
+    )
+    by = {(r["what"], r["settings"].get("candidate")): r for r in records}
+    assert by[("lora_effect", "fp32")]["lora_applied"] == "fused-fp32"
+    assert all(n > 0 for n in by[("lora_effect", "fp32")]["lora_effect_norm"]["latent"])  # the LoRA changes the edit
+    repeat = by[("lora_effect", "fp32 (repeat)")]
+    assert repeat["r_image"] == [0.0, 0.0, 0.0] and repeat["r_latent"] == [0.0, 0.0, 0.0]
+    branch = by[("lora_effect", "fp32-branch")]
+    assert branch["lora_applied"] == "branch-fp32" and branch["max_abs_latent_difference"] <= 1e-5
+    bf16 = by[("lora_effect", "bf16")]
+    assert bf16["lora_applied"] == "branch-bf16" and len(bf16["r_image"]) == 3
+    assert all(math.isfinite(r) and r > 0 for r in bf16["r_image"] + bf16["r_latent"])
+    assert "only on CUDA" in by[("lora_effect", "tf32")]["skipped"]  # no TF32 on a CPU
+    choice = by[("lora_effect_choice", None)]
+    assert choice["auto"] in choice["passing"] and "fp32" in choice["passing"]
+    train = by[("lora_effect_train", None)]
+    assert all(math.isfinite(r) for r in train["r_image"] + train["r_latent"])
+    trainings = [r for r in records if r["what"] == "lora_effect_training"]
+    assert [r["settings"]["train_dtype"] for r in trainings] == ["fp32", "bf16"] and all(
+        r["loss_finite"] for r in trainings
+    )
+    assert by[("lora_effect_inner_step", None)]["ratio"] > 0
+
+
+def test_gpu_script_real_path_dry_run(tmp_path: Path) -> None:
+    """``--real-path``: the 9-age edit with a LoRA loaded (its application in every edit line), the
+    lora_effect measurement (no TF32 on a CPU: said so) and the graphed-vs-eager training check."""
+    out = tmp_path / "out"
+    result = _run_gpu_sh(["--dry-run", "--real-path"], out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    edits = [r for r in records if r["what"].startswith("edit_")]
+    assert edits and all(r["settings"]["lora_applied"] == "fused-fp32" for r in edits)
+    effect = {r["settings"].get("candidate"): r for r in records if r["what"] == "lora_effect"}
+    assert effect["fp32 (repeat)"]["max_r"] == 0.0 and "only on CUDA" in effect["tf32"]["skipped"]
+    assert effect["fp32-branch"]["max_abs_latent_difference"] <= 1e-5
+    assert next(r for r in records if r["what"] == "lora_effect_choice")["auto"] == "fp32"
+    check = next(r for r in records if r["what"] == "train_graph_check")
+    assert check["max_relative_loss_difference"] == 0.0 and check["max_relative_weight_difference"] == 0.0
+    assert "| lora_effect_choice |" in (out / "results.md").read_text()
+
+
+def test_command_timing_reports_each_repeat_and_the_peak_in_gib(tmp_path: Path) -> None:
+    """benchmarks/commands.py runs a selfage command in its own process: wall seconds per repeat (median
+    as ``seconds``), exit codes, and the peak memory the process reported, in GiB."""
+    from benchmarks.commands import _emit, run_command
+
+    runs = [run_command(["--help"], cwd=tmp_path) for _ in range(3)]
+    assert all(r["exit_code"] == 0 and r["seconds"] > 0 and r["peak_rss_bytes"] > 2**20 for r in runs)
+    recorder = harness.Recorder(model="tiny", device="cpu", dtype="fp32", out=None)
+    record = _emit(recorder, "command_help", {}, runs)
+    assert record["repeats"] == 3 and sorted(record["repeat_seconds"])[1] == record["seconds"]
+    assert record["peak_memory_gib"] == round(record["peak_memory_bytes"] / 2**30, 3)
+    assert record["peak_memory_kind"] == "process_ru_maxrss" and record["exit_codes"] == [0, 0, 0]
+    bad = run_command(["edit", "--bogus-option"], cwd=tmp_path)
+    assert bad["exit_code"] == 2 and "bogus" in bad["stderr_tail"]

@@ -158,3 +158,17 @@ def test_lengths_come_from_the_tokenizer(tokenizer):
     short.model_max_length = int(1e30)  # transformers' "no limit" default: the length is unknown
     with pytest.raises(ValueError, match="model_max_length"):
         token_length(short)
+
+
+def test_the_controller_reweights_the_whole_age_word_like_the_reference(tokenizer):
+    """The engine's re-weighting acts on "{age}-year-old" (every token of it), as the reference's
+    equaliser does, not on the bare age number alone."""
+    from selfage_cli.edit.p2p import P2PSettings, build_controller
+
+    prompts = build_prompts(30, [80, 5], "female")
+    controller = build_controller(prompts, tokenizer, P2PSettings(reweight=2.0), steps=3, latent_side=8)
+    eighty = word_token_indices(prompts.targets[0], "80-year-old", tokenizer)
+    five = word_token_indices(prompts.targets[1], "5-year-old", tokenizer)
+    assert len(eighty) == 6 and len(five) == 5  # digits, "-", "year", "-", "old"
+    for row, indices in ((controller.equalizers[0], eighty), (controller.equalizers[1], five)):
+        assert row[indices].tolist() == [2.0] * len(indices) and row.sum() == 77 + len(indices)

@@ -171,7 +171,7 @@ def test_edit_writes_outputs_records_them_and_reuses_the_inversion(
     assert record["target_ages"] == [10, 70]
     assert record["outputs"] == {"10": "edits/astronaut/10.png", "70": "edits/astronaut/70.png"}
     assert record["strip"] == "edits/astronaut/strip.png" and record["gif"] == "edits/astronaut/ages.gif"
-    assert record["lora"] is None
+    assert record["lora"] is None and record["lora_applied"] == "none"
     assert (project_dir / record["inversion_cache"]).is_file()
     assert record["settings"]["ddim_steps"] == 2 and record["settings"]["inversion"] == "null-text"
     # --no-lora drops the identifier: "photo of {placeholder} as {age}-year-old"
@@ -279,6 +279,7 @@ def test_lora_default_run_and_cache_miss_when_the_lora_changes(
     assert code == 0, output
     record = Project(project_dir).read()["edits"][0]
     assert record["lora"] == "runs/a/pytorch_lora_weights.safetensors" and record["lora_run"] == "a"
+    assert record["lora_applied"] == "fused-fp32"  # folded into the fp32 weights (edit/precision.py)
     assert record["prompts"]["source"] == "photo of sks woman as 40-year-old"
     assert stub_engine["edit_ages"][-1].targets == ["photo of sks woman as 20-year-old"]
     assert len(stub_engine["invert"]) == 1

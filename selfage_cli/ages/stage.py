@@ -314,14 +314,13 @@ def _run_estimator_if_needed(
         needing = items  # weights given explicitly: estimate everything, for the conflict warnings too
     if not needing:
         return preference
-    from PIL import Image
+    from selfage_cli.faces.loading import load_image
 
     images = []
     for item in needing:
         try:
-            with Image.open(item.image) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as exc:
+            images.append(load_image(item.image))  # upright: its EXIF orientation applied (--reg photos)
+        except (OSError, SyntaxError, ValueError, SelfageError) as exc:
             raise SelfageError(
                 f"{item.image}: cannot be read for the age estimate ({exc}); re-run `selfage align` or remove it."
             ) from None

@@ -59,6 +59,16 @@ EditBaseModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+EditDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="How the weights and the LoRA are held: auto (fp32, the fastest setting that keeps the LoRA's "
+        "effect in the lora_effect measurement, docs/benchmarks.md), fp32 (LoRA fused), tf32 (CUDA), bf16 "
+        "(LoRA branch in bf16), bf16-lora32 (LoRA as an fp32 branch), bf16-fused (fused in fp32, then cast), "
+        "fp16, fp16-vae32 (fp32 VAE). See docs/editing.md.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="Print only errors and a one-line summary (with --json: the JSON).")

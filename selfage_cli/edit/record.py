@@ -28,6 +28,7 @@ _PROVENANCE_KEYS = (
     "lora_source",
     "lora_sha256",
     "lora_run",
+    "lora_applied",
     "base_model",
     "settings",
     "inversion_cache",

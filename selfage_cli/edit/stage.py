@@ -24,6 +24,7 @@ from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, resolve_lora
 from selfage_cli.edit.outputs import EditOutputs, existing_outputs, outputs_held, plan_outputs, write_outputs
+from selfage_cli.edit.precision import apply_precision, resolve_edit_precision
 from selfage_cli.edit.progress import PhasedTask
 from selfage_cli.edit.record import record_edit
 from selfage_cli.errors import SelfageError, environment_error, is_out_of_memory
@@ -113,6 +114,7 @@ class _EditContext:
     resolution: int
     dex_weights: Path | None
     device: Any
+    lora_applied: str = "none"  # how the LoRA is applied (edit/precision.py): fused-fp32, branch-bf16, …
     cache: InversionCache = field(init=False)
     facts: Any = field(default=None, init=False)  # source age and gender when not given (edit/source.py)
 
@@ -169,19 +171,17 @@ def _load_context(
 ) -> _EditContext:
     """Load the base model (and the LoRA, checked against it) on this process's device."""
     from selfage_cli.models import (
-        dtype_name,
         load_pipeline,
         model_fingerprint,
         native_resolution,
         pipeline_fingerprint,
         resolve_device,
-        resolve_dtype,
     )
 
     torch_device = state.device if state is not None else resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    console.info(f"loading {base_model} on {torch_device} ({dtype_name(torch_dtype)})")
-    pipe = load_pipeline(base_model, device=torch_device, dtype=torch_dtype)
+    precision = resolve_edit_precision(dtype, torch_device)
+    console.info(f"loading {base_model} on {torch_device} ({precision.name})")
+    pipe = load_pipeline(base_model, device=torch_device, dtype=precision.load_dtype(lora is not None))
     if lora is not None:
         check_base_model(lora, base_model, pipe)
         load_lora(pipe, lora)
@@ -189,6 +189,7 @@ def _load_context(
         from selfage_cli.base_model import remember_base_model
 
         remember_base_model(project, base_model)  # the project's first model stage records its model
+    lora_applied = apply_precision(pipe, precision, with_lora=lora is not None)
     return _EditContext(
         project=project,
         config=config,
@@ -196,10 +197,11 @@ def _load_context(
         lora=lora,
         base_model=base_model,
         base_fingerprint=f"{model_fingerprint(base_model)}:{pipeline_fingerprint(pipe)}",
-        dtype=dtype_name(torch_dtype),
+        dtype=precision.name,
         resolution=native_resolution(pipe),
         dex_weights=dex_weights,
         device=torch_device,
+        lora_applied=lora_applied,
     )
 
 
@@ -398,6 +400,7 @@ def _edit_entry(
         "lora": None,
         **(ctx.lora.manifest_fields(project) if ctx.lora is not None else {}),
         "base_model": ctx.base_model,
+        "lora_applied": ctx.lora_applied,
         "prompts": {"source": prompts.source, "targets": list(prompts.targets)},
         "settings": {**config.to_json(), "dtype": ctx.dtype, "resolution": ctx.resolution},
         "inversion": {

@@ -155,13 +155,16 @@ def draw_seed(seed: int, process: int, micro_batch: int) -> int:
 
 
 def load_pixels(path: Path, resolution: int, notes: dict[str, list[str]]) -> torch.Tensor:
-    """An image as a 3×R×R tensor in [−1, 1]; square images of another size are resized (noted),
-    non-square ones are centre-cropped (noted)."""
+    """An image as a 3×R×R tensor in [−1, 1], upright (its EXIF orientation applied, as everywhere:
+    regularisation photos from ``--reg`` are read as they are); square images of another size are
+    resized (noted), non-square ones are centre-cropped (noted)."""
+    from selfage_cli.faces.errors import UnreadableImageError
+    from selfage_cli.faces.loading import load_image
+
     try:
-        with Image.open(path) as handle:
-            image = handle.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise SelfageError(f"{path}: cannot be read as an image ({exc}); remove it or replace it.") from exc
+        image = load_image(path)
+    except UnreadableImageError as exc:
+        raise SelfageError(f"{path}: cannot be read as an image ({exc.problem}); remove it or replace it.") from exc
     width, height = image.size
     if width != height:
         side = min(width, height)
