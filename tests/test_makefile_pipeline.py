@@ -33,8 +33,11 @@ def make(folder: Path, *args: str, model: Path) -> subprocess.CompletedProcess[s
         "EDIT_FLAGS=--ddim-steps 2 --inner-steps 1",
         "AGES=20,60",
     ]
+    # A user's own make, not a sub-make of `make test` (CI): without MAKELEVEL/MAKEFLAGS from the parent,
+    # make neither prints "Entering directory" lines nor joins the parent's job server.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
     return subprocess.run(
-        ["make", "-f", str(MAKEFILE), *knobs, *args], cwd=folder, capture_output=True, text=True, timeout=600
+        ["make", "-f", str(MAKEFILE), *knobs, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=600
     )
 
 
