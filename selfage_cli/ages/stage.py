@@ -154,7 +154,7 @@ def label_ages(
             _refuse_replacing_set(manifest, reg_folder)
         items.extend(reg_items)
 
-    _apply_names(items, given, summary)
+    _apply_names(items, given)
     for item in items:
         name_age = sources.age_from_filename(item.source.name if item.source is not None else item.id)
         if name_age is None:
@@ -228,7 +228,7 @@ def _regularisation_items(reg: Path, manifest: dict[str, Any], summary: StageSum
     return folder, items
 
 
-def _apply_names(items: list[AgeItem], given: dict[str, int], summary: StageSummary) -> None:
+def _apply_names(items: list[AgeItem], given: dict[str, int]) -> None:
     """Put ages from the ages file / NAME=AGE pairs on the images whose names they give."""
     unmatched: list[str] = []
     for name, age in given.items():

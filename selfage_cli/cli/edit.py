@@ -143,8 +143,8 @@ def edit(
         bool,
         typer.Option(
             "--compile",
-            help="torch.compile the inversion's UNet (GPU): ~2 min once per call, then null-text inversion "
-            "~3x faster (35 -> 11 s on an H100); worth it from ~5 photos per call.",
+            help="torch.compile the inversion's UNet (GPU): a compile of minutes once per call, then a faster "
+            "null-text inversion; worth it for many photos per call (docs/benchmarks.md).",
         ),
     ] = False,
     cuda_graph: Annotated[

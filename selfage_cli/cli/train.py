@@ -155,8 +155,8 @@ def train(
         bool,
         typer.Option(
             "--compile",
-            help="torch.compile the UNet (GPU): ~2 min to compile, then ~2x faster steps on an H100 "
-            "(0.10 vs 0.19-0.22 s); pays off beyond ~1,500 steps or with a warm compile cache.",
+            help="torch.compile the UNet (GPU): a compile of minutes, then faster steps; pays off on long "
+            "runs or with a warm compile cache (docs/benchmarks.md).",
         ),
     ] = False,
     compile_mode: Annotated[
@@ -172,7 +172,7 @@ def train(
         bool | None,
         typer.Option(
             "--cuda-graph/--no-cuda-graph",
-            help="Replay each step from one CUDA graph (same operations, about 2x faster on an H100; no "
+            help="Replay each step from one CUDA graph (same operations, faster steps on a GPU; no "
             "compile), checked against eager execution at its first replay, which it falls back to. "
             "Default: on wherever it works (a CUDA GPU, one process, no --compile, --gradient-accumulation, "
             "--gradient-checkpointing, --use-8bit-adam or fp16); --cuda-graph warns where it cannot.",

@@ -98,7 +98,7 @@ class P2PController:
             return SELF
         return SDPA
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self) -> None:
         if self.blend is not None:
             self.blend.begin_step()
 

@@ -104,10 +104,6 @@ class EditConfig:
             _check_int("--max-batch", self.max_batch, 1, 10_000)
         _check_int("--seed", self.seed, 0, 2**63 - 1)
 
-    @property
-    def needs_source_age(self) -> bool:
-        return self.source_age is None
-
     def prompt_age(self, age: float | int) -> float | int:
         """The age as it goes into the inversion prompt: rounded to an integer unless --no-round-source-age
         (which pastes a DEX float as it is, like the reference; integer ages stay integers)."""

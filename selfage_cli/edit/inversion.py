@@ -21,7 +21,7 @@ bf16 UNet gives the fp32 result within a tolerance).
 How the UNet runs (:func:`inversion_unet`): on a CUDA GPU it is replayed from CUDA graphs by
 default (``cuda_graph``; :mod:`selfage_cli.edit.graphs` checks the replays against eager execution and
 falls back to it), elsewhere eagerly; ``compile_unet`` runs its calls through ``torch.compile``
-instead (measured on an H100: 35.4 s → 10.6 s for 500 inner steps, after a 124 s compile).
+instead (faster per call after a one-off compile; figures in docs/benchmarks.md, "Latest figures: GPU").
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def sample_pass(
     targets = direct_targets(inversion, schedule.steps, device)
     with installed(pipe.unet, controller):
         for i, t in enumerate(schedule.timesteps):
-            controller.begin_step(i)
+            controller.begin_step()
             uncond = null[i : i + 1].to(dtype).expand(branches, -1, -1)
             out = pipe.unet(
                 torch.cat([latents, latents]).to(dtype),

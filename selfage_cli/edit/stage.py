@@ -183,7 +183,7 @@ def _load_context(
     console.info(f"loading {base_model} on {torch_device} ({precision.name})")
     pipe = load_pipeline(base_model, device=torch_device, dtype=precision.load_dtype(lora is not None))
     if lora is not None:
-        check_base_model(lora, base_model, pipe)
+        check_base_model(lora, base_model)
         load_lora(pipe, lora)
     if is_main(state):
         from selfage_cli.base_model import remember_base_model
@@ -407,7 +407,7 @@ def _edit_entry(
             "cached": cached,
             "mode": inversion.mode,
             "seconds": round(float(inversion.seconds), 3),
-            "inner_steps_run": int(sum(inversion.inner_steps_run or [])),
+            "inner_steps_run": inversion.total_inner_steps,
             "unet_runner": inversion.unet_runner,
         },
         "edit_seconds": round(float(result.seconds), 3),

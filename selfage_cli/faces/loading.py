@@ -71,18 +71,6 @@ def load_image(path: str | Path) -> Image.Image:
         ) from None
 
 
-def load_bytes(data: bytes, name: str = "image") -> Image.Image:
-    """Like :func:`load_image`, for encoded image bytes held in memory."""
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return to_rgb(_apply_exif_orientation(opened, name))
-    except UnidentifiedImageError:
-        raise UnreadableImageError(name, "not an image Pillow can read", f"give a {READABLE} image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UnreadableImageError(name, f"the image data is truncated or corrupt ({exc})") from None
-
-
 def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
     """The image turned upright per its EXIF orientation tag (no copy when it is already upright).
 

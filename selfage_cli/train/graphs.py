@@ -1,11 +1,10 @@
 """The whole training step as one CUDA graph (on by default on a GPU; ``train --no-cuda-graph`` turns it off).
 
-On an H100 the eager step of the paper configuration takes 0.18–0.29 s (depending on the host CPU),
-of which only ~0.1 s is GPU work: the rest is Python and the CUDA driver launching ~20,000 small
-kernels (LoRA, autocast casts, diffusers' blocks). Recording forward, loss, backward, gradient
-clipping and AdamW once and replaying them removes that cost without changing an operation: 0.098 s
-per step (H100, 2026-11-27; the first replay's loss equalled eager execution's; peak 10.8 GiB; see
-docs/benchmarks.md). The random draws (latent posterior samples, noise, timesteps, prompt choice)
+On a fast GPU the eager step of the paper configuration spends most of its time in Python and the
+CUDA driver launching ~20,000 small kernels (LoRA, autocast casts, diffusers' blocks), not in GPU
+work. Recording forward, loss, backward, gradient clipping and AdamW once and replaying them removes
+that cost without changing an operation (the figures are in docs/benchmarks.md, "Latest figures:
+GPU"). The random draws (latent posterior samples, noise, timesteps, prompt choice)
 stay outside the graph, eager and in the same order, so the run draws the same numbers as an eager
 one.
 

@@ -71,8 +71,8 @@ def lora_inputs_uncast(layers: list[Any]) -> Iterator[None]:
     back for the matmul: two copies of such a LoRA input, and two more in the backward pass, for
     bit-identical results (fp32 holds every bf16/fp16 value exactly). Inputs that autocast already
     made fp32 (layer-norm outputs, the text embeddings) are not cast by PEFT, so which layers gain
-    depends on autocast's per-op policy: 260 fewer copies a step measured on the CPU for SD 1.5's
-    layout with text-encoder LoRA. Only for forwards under autocast: without it the dtypes would not
+    depends on autocast's per-op policy (SD 1.5's layout with text-encoder LoRA saves a few hundred
+    copies a step). Only for forwards under autocast: without it the dtypes would not
     match.
     """
     saved = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
