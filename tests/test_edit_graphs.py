@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfage_cli.edit import graphs
+from selfage_cli.edit.engine import cuda_graph as graphs
 from selfage_cli.edit.engine import invert
-from selfage_cli.edit.inversion import inversion_unet, runner_name
+from selfage_cli.edit.engine.inversion import inversion_unet, runner_name
 from selfage_cli.edit.prompts import build_prompts
 
 PROMPT = build_prompts(35, [35], "female").source
@@ -40,7 +40,7 @@ def fake_recording(monkeypatch):
         return fn
 
     monkeypatch.setattr(graphs, "cuda_graphs_available", lambda pipe: True)
-    monkeypatch.setattr("selfage_cli.edit.inversion.cuda_graphs_available", lambda pipe: True)
+    monkeypatch.setattr("selfage_cli.edit.engine.inversion.cuda_graphs_available", lambda pipe: True)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
     monkeypatch.setattr(graphs.GraphedUNet, "_on_gpu", staticmethod(lambda sample: True))
     return recorded
@@ -64,7 +64,7 @@ def test_graph_path_routes_every_call_and_matches_eager(tiny_pipe, tiny_source_l
 
 
 def _pretend_gpu(monkeypatch, recorder):
-    monkeypatch.setattr("selfage_cli.edit.inversion.cuda_graphs_available", lambda pipe: True)
+    monkeypatch.setattr("selfage_cli.edit.engine.inversion.cuda_graphs_available", lambda pipe: True)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", recorder)
     monkeypatch.setattr(graphs.GraphedUNet, "_on_gpu", staticmethod(lambda sample: True))
 
@@ -249,6 +249,6 @@ def test_other_shapes_than_the_recorded_one_run_eagerly(tiny_pipe, tiny_source_l
 
 
 def graphs_frozen(module):
-    from selfage_cli.edit.inversion import frozen
+    from selfage_cli.edit.engine.inversion import frozen
 
     return frozen(module)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from selfage_cli.cli import app
 from selfage_cli.edit import engine
-from selfage_cli.faces.loading import load_image
+from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project
 
 runner = CliRunner()
@@ -49,7 +49,7 @@ def paste_only(project: Path, *args: str) -> tuple[int, str, dict | None]:
 @pytest.fixture
 def flat_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     """invert/edit_ages replaced by fast stand-ins: each target age comes back as one flat colour."""
-    from selfage_cli.edit.inversion import Inversion
+    from selfage_cli.edit.engine.inversion import Inversion
 
     def invert(pipe, image, prompt, *, steps=50, mode="null-text", guidance=7.5, **kwargs):
         side = image.width // int(pipe.vae_scale_factor)
@@ -286,7 +286,7 @@ def test_manifest_refuses_full_frame_paths_outside_the_project(project_dir: Path
 @pytest.mark.parametrize(("mode", "suffix"), [("L", ".png"), ("RGBA", ".png"), ("CMYK", ".jpg"), ("RGB", ".webp")])
 def test_any_pixel_mode_and_format(project_dir: Path, tmp_path: Path, astronaut_path: Path, mode: str, suffix: str):
     from selfage_cli.edit.paste_back import plan_full_outputs, source_photo, write_full_outputs
-    from selfage_cli.faces.align import align_image
+    from selfage_cli.faces.engine.align import align_image
     from selfage_cli.project import sha256_file
 
     upright = load_image(astronaut_path)

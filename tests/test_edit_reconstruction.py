@@ -1,6 +1,6 @@
 """Every edit scores its own inversion: the source branch's picture against the aligned input (PSNR,
 SSIM, dlib identity distance), recorded in the Edit entry, printed, in --json, and warned about below
-the documented thresholds (selfage_cli/edit/reconstruction.py).
+the documented thresholds (selfage_cli/edit/engine/reconstruction.py).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 from selfage_cli.cli import app
 from selfage_cli.edit import engine
-from selfage_cli.edit.reconstruction import (
+from selfage_cli.edit.engine.reconstruction import (
     PSNR_WARN_DB,
     SSIM_WARN,
     reconstruction_warning,
     score_reconstruction,
 )
-from selfage_cli.eval import metrics
+from selfage_cli.eval.engine import metrics
 from selfage_cli.project import Project
 
 runner = CliRunner()

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from selfage_cli.ages import builtin
+from selfage_cli.ages.engine import builtin
 from selfage_cli.cli import app
 from selfage_cli.edit.source import GENDER_THRESHOLD
-from selfage_cli.faces.loading import load_image
+from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project
 
 runner = CliRunner()
@@ -147,7 +147,7 @@ def test_no_round_source_age_pastes_the_same_float_every_run(
 def test_dex_preprocess_reference_is_the_reference_resize(
     project_dir, tiny_model_dir, aligned_portraits, dex_weights_path
 ) -> None:
-    from selfage_cli.ages.dex import expected_age, image_to_tensor, load_dex, resize_for_dex
+    from selfage_cli.ages.engine.dex import expected_age, image_to_tensor, load_dex, resize_for_dex
 
     code, output, _ = edit(
         project_dir,

@@ -94,7 +94,7 @@ def test_cache_key_depends_on_everything_the_inversion_depends_on() -> None:
 
 
 def test_cache_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
-    from selfage_cli.edit.inversion import Inversion
+    from selfage_cli.edit.engine.inversion import Inversion
 
     cache = InversionCache(Project(tmp_path))
     key = _key()
@@ -322,7 +322,7 @@ def test_aligned_inputs_are_read_like_the_align_stage(project_dir: Path, tmp_pat
     import numpy as np
 
     from selfage_cli.edit.inputs import register_aligned
-    from selfage_cli.faces.loading import load_image
+    from selfage_cli.faces.engine.loading import load_image
     from selfage_cli.summary import StageSummary
 
     project = Project(project_dir)

@@ -19,7 +19,7 @@ from selfage_cli.cli.common import (
     run,
 )
 
-# The options whose explicit use --resume checks (parameter name → TrainConfig field or train_project argument).
+# The options whose explicit use --resume checks (parameter name → TrainConfig field or run_train argument).
 RESUME_CHECKED = {
     "refs": "refs",
     "reg": "reg",
@@ -234,7 +234,7 @@ def train(
 
     def action():
         from selfage_cli.train.config import TrainConfig
-        from selfage_cli.train.stage import train_project
+        from selfage_cli.train.stage import run_train
 
         proj = common.open_project()
         config = TrainConfig(
@@ -264,7 +264,7 @@ def train(
             device=device,
             dtype=dtype,
         )
-        return train_project(
+        return run_train(
             proj,
             config,
             refs=refs,

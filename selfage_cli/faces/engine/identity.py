@@ -12,8 +12,8 @@ import statistics
 import numpy as np
 from PIL import Image
 
-from selfage_cli.faces import dlib_models
-from selfage_cli.faces.loading import to_rgb
+from selfage_cli.faces.engine import dlib_models
+from selfage_cli.faces.engine.loading import to_rgb
 
 SAME_PERSON_THRESHOLD = 0.6
 DESCRIPTOR_SIZE = 128
@@ -29,7 +29,7 @@ def face_descriptor(image: Image.Image | np.ndarray, landmarks: np.ndarray | Non
 
     rgb = np.ascontiguousarray(np.asarray(to_rgb(image), dtype=np.uint8))
     if landmarks is None:
-        from selfage_cli.faces.detect import find_faces
+        from selfage_cli.faces.engine.detect import find_faces
 
         faces = [c for c in find_faces(Image.fromarray(rgb)) if c.sane]
         if not faces:

@@ -19,10 +19,10 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from selfage_cli.edit.inversion import Inversion, Progress, invert_latent
-from selfage_cli.edit.p2p import EditResult, P2PSettings, edit_latents
+from selfage_cli.edit.engine.ddim import model_device
+from selfage_cli.edit.engine.inversion import Inversion, Progress, invert_latent
+from selfage_cli.edit.engine.p2p import EditResult, P2PSettings, edit_latents
 from selfage_cli.edit.prompts import EditPrompts
-from selfage_cli.edit.sampling import model_device
 from selfage_cli.models import native_resolution
 
 __all__ = [

@@ -1,7 +1,7 @@
 """A training checkpoint read whole before any of it is used, and the newest one that loads, for ``--resume``.
 
 A checkpoint (``runs/NAME/checkpoints/step-NNNNNN/``, written by
-:meth:`~selfage_cli.train.loop.Trainer.save_checkpoint`) holds ``unet.safetensors`` (and
+:meth:`~selfage_cli.train.engine.loop.Trainer.save_checkpoint`) holds ``unet.safetensors`` (and
 ``text_encoder.safetensors`` when the text encoder is trained), ``optimizer.pt``, ``rng.pt`` and
 ``state.json``. :func:`read_checkpoint` reads every file into memory and checks its kind, raising
 :class:`CheckpointUnusable` with the reason (missing, truncated, garbled, or a pickle that would run

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfage_cli.ages.estimator import AgeEstimate
+from selfage_cli.ages.engine.estimator import AgeEstimate
 from selfage_cli.errors import SelfageError
 
 NAME = "builtin"
@@ -249,7 +249,7 @@ def _networks(bundle: Bundle) -> _Networks:
 
 @functools.cache
 def _hog() -> Any:
-    from selfage_cli.faces.dlib_models import hog_detector
+    from selfage_cli.faces.engine.dlib_models import hog_detector
 
     return hog_detector()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from selfage_cli.faces.errors import UnreadableImageError
+from selfage_cli.faces.engine.errors import UnreadableImageError
 
 GREY_BACKGROUND = (128, 128, 128)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})

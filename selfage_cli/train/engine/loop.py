@@ -41,12 +41,12 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.files import atomic_write_bytes, atomic_write_json, resolves_inside
 from selfage_cli.processes import launched_processes
 from selfage_cli.torch_files import save_plain
-from selfage_cli.train.checkpoints import read_checkpoint
 from selfage_cli.train.config import TrainConfig
-from selfage_cli.train.contrastive import nt_xent_per_channel
-from selfage_cli.train.data import BatchPlan, LatentSource, TrainImage, draw_seed
-from selfage_cli.train.graphs import GraphedStep, StepInputs, graph_wanted
-from selfage_cli.train.lora import (
+from selfage_cli.train.engine.checkpoints import read_checkpoint
+from selfage_cli.train.engine.contrastive import nt_xent_per_channel
+from selfage_cli.train.engine.cuda_graph import GraphedStep, StepInputs, graph_wanted
+from selfage_cli.train.engine.data import BatchPlan, LatentSource, TrainImage, draw_seed
+from selfage_cli.train.engine.lora import (
     add_lora,
     cast_lora_fp32,
     lora_inputs_uncast,
@@ -302,7 +302,7 @@ class Trainer:
     def optimise(self, inputs: StepInputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One single-micro-batch step: loss, backward, clipping, AdamW; (loss terms, gradient norm).
 
-        No host sync (tested): this is what :class:`~selfage_cli.train.graphs.GraphedStep` records
+        No host sync (tested): this is what :class:`~selfage_cli.train.engine.cuda_graph.GraphedStep` records
         as one CUDA graph. Gradients are left in place (the eager caller drops them; a recorded
         graph overwrites them at every replay).
         """
@@ -343,7 +343,7 @@ class Trainer:
         """One optimisation step; returns its loss terms, gradient norm and seconds.
 
         Replayed from a CUDA graph where the set-up allows it, unless ``config.cuda_graph`` is False
-        (:mod:`selfage_cli.train.graphs`), else run eagerly.
+        (:mod:`selfage_cli.train.engine.cuda_graph`), else run eagerly.
         """
         start = time.perf_counter()
         self._training_mode()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from selfage_cli.edit.prompts import age_band as band  # the editor's placeholder bands
+from selfage_cli.ages.engine.bands import age_band as band  # the editor's placeholder bands
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5

@@ -10,7 +10,7 @@ one.
 
 The recipe is PyTorch's whole-network capture: the first :data:`WARMUP_STEPS` steps run eagerly on a
 side stream (they are real steps), then the step body (:meth:`Trainer.optimise
-<selfage_cli.train.loop.Trainer.optimise>`) is recorded on static input tensors, into which every
+<selfage_cli.train.engine.loop.Trainer.optimise>`) is recorded on static input tensors, into which every
 later step copies its inputs before the replay. AdamW keeps its step count on the GPU
 (``capturable=True``), autocast's weight cache is off (the docs' rule for graphs).
 
@@ -39,7 +39,7 @@ from selfage_cli import console
 
 if TYPE_CHECKING:
     from selfage_cli.train.config import TrainConfig
-    from selfage_cli.train.loop import Trainer
+    from selfage_cli.train.engine.loop import Trainer
 
 WARMUP_STEPS = 2  # eager steps on a side stream before recording (cuBLAS/cuDNN set-up, optimiser state)
 LOSS_TOLERANCE = 2e-2  # |replayed − eager| / |eager| loss at the first replay
@@ -118,7 +118,7 @@ class CudaGraphs:
 
 
 class GraphedStep:
-    """Runs a :class:`~selfage_cli.train.loop.Trainer`'s steps, from one CUDA graph after a warm-up."""
+    """Runs a :class:`~selfage_cli.train.engine.loop.Trainer`'s steps, from one CUDA graph after a warm-up."""
 
     def __init__(self, trainer: Trainer, backend: Any = None):
         self.trainer = trainer

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfage_cli.edit.blend import LocalBlend
+from selfage_cli.edit.engine.blend import LocalBlend
 
 SDPA, CROSS, SELF = "sdpa", "cross", "self"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from selfage_cli.faces.ffhq import ffhq_geometry
+from selfage_cli.faces.engine.ffhq import ffhq_geometry
 
 FEATHER = 0.1  # width of the mask's soft border, as a fraction of the crop's side
 INSET = 0.01  # the crop's outermost pixels (resampling edge effects) are not pasted at all

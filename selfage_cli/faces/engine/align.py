@@ -2,7 +2,7 @@
 
 :func:`align_image` works in memory (``make-reg`` aligns generated images, ``edit`` its inputs);
 :func:`align_file` reads a photo robustly first. Both return one :class:`AlignedFace` per aligned face
-and raise a :class:`~selfage_cli.faces.errors.FaceError` subclass (one sentence naming the file) when
+and raise a :class:`~selfage_cli.faces.engine.errors.FaceError` subclass (one sentence naming the file) when
 the image cannot be aligned. Warnings (several faces, faces skipped as too small) go to
 :func:`selfage_cli.console.warn`.
 """
@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image
 
 from selfage_cli.errors import SelfageError
-from selfage_cli.faces.detect import MIN_EYE_DISTANCE, check_detector, choose_faces, find_faces
-from selfage_cli.faces.errors import FaceError, FaceTooSmallError, NoFaceError, UnreadableImageError
-from selfage_cli.faces.ffhq import FFHQQuad, ffhq_align, source_to_aligned
-from selfage_cli.faces.loading import load_image, to_rgb
+from selfage_cli.faces.engine.detect import MIN_EYE_DISTANCE, check_detector, choose_faces, find_faces
+from selfage_cli.faces.engine.errors import FaceError, FaceTooSmallError, NoFaceError, UnreadableImageError
+from selfage_cli.faces.engine.ffhq import FFHQQuad, ffhq_align, source_to_aligned
+from selfage_cli.faces.engine.loading import load_image, to_rgb
 
 __all__ = [
     "AlignedFace",

@@ -12,14 +12,14 @@
   embedding is the null embedding of every step.
 * ``direct`` (PnP Inversion / Direct Inversion, Ju et al. 2024) skips it too: the null embedding stays
   ``""`` and the DDIM-inversion latents x_0 … x_T are kept (``trajectory``), so that editing can put the
-  source branch back on them at every step (:func:`selfage_cli.edit.p2p.correct_source`).
+  source branch back on them at every step (:func:`selfage_cli.edit.engine.p2p.correct_source`).
 
 The optimisation runs in fp32 on the embedding, the latents and the loss whatever the UNet's weight
 dtype (fp16/bf16 weights only change the UNet's internal arithmetic; the test suite checks that a
 bf16 UNet gives the fp32 result within a tolerance).
 
 How the UNet runs (:func:`inversion_unet`): on a CUDA GPU it is replayed from CUDA graphs by
-default (``cuda_graph``; :mod:`selfage_cli.edit.graphs` checks the replays against eager execution and
+default (``cuda_graph``; :mod:`selfage_cli.edit.engine.cuda_graph` checks the replays against eager execution and
 falls back to it), elsewhere eagerly; ``compile_unet`` runs its calls through ``torch.compile``
 instead (faster per call after a one-off compile; figures in docs/benchmarks.md, "Latest figures: GPU").
 """
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 from torch.optim import Adam
 
-from selfage_cli.edit.graphs import GraphedUNet, cuda_graphs_available
-from selfage_cli.edit.sampling import DDIMSchedule, compiled_unet, encode_text, unet_epsilon
+from selfage_cli.edit.engine.cuda_graph import GraphedUNet, cuda_graphs_available
+from selfage_cli.edit.engine.ddim import DDIMSchedule, compiled_unet, encode_text, unet_epsilon
 
 Progress = Callable[[int, int], None] | None
 
@@ -197,7 +197,7 @@ def invert_latent(
     ``compile_unet`` (off by default): run the inversion's UNet calls through ``torch.compile``
     (``True``: ``mode="reduce-overhead"``, i.e. CUDA graphs on a GPU; a dict: torch.compile's options).
     ``cuda_graph`` (on by default; only acts on a CUDA GPU and without ``compile_unet``): replay the
-    UNet calls from CUDA graphs, checked against eager execution (:mod:`selfage_cli.edit.graphs`).
+    UNet calls from CUDA graphs, checked against eager execution (:mod:`selfage_cli.edit.engine.cuda_graph`).
     """
     if mode not in MODES:
         raise ValueError(f"inversion mode {mode!r} is not one of {MODES}")

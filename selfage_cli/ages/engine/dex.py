@@ -301,7 +301,7 @@ def estimate_ages(
 
 # ---- the estimator interface ----------------------------------------------------------------------
 class DexEstimator:
-    """DEX behind :class:`selfage_cli.ages.estimator.AgeEstimator`: the same numbers as :func:`estimate_ages`,
+    """DEX behind :class:`selfage_cli.ages.engine.estimator.AgeEstimator`: the same numbers as :func:`estimate_ages`,
     plus the spread of the 101-class distribution as the uncertainty. DEX has no gender."""
 
     name = "dex"
@@ -317,7 +317,7 @@ class DexEstimator:
     def estimate(self, images: Sequence[Image.Image | np.ndarray], progress: bool = True) -> list[Any]:
         """One estimate per image; the age is :func:`expected_age` of the same batches :func:`estimate_ages` runs."""
         from selfage_cli import console
-        from selfage_cli.ages.estimator import AgeEstimate
+        from selfage_cli.ages.engine.estimator import AgeEstimate
 
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from selfage_cli.faces import dlib_models
-from selfage_cli.faces.errors import FaceTooSmallError, NoFaceError
-from selfage_cli.faces.loading import detection_copy
+from selfage_cli.faces.engine import dlib_models
+from selfage_cli.faces.engine.errors import FaceTooSmallError, NoFaceError
+from selfage_cli.faces.engine.loading import detection_copy
 
 DETECTORS = ("hog", "cnn")
 DETECT_MAX_SIDE = {"hog": 1280, "cnn": 1024}

@@ -3,8 +3,8 @@
 The prompt-to-prompt pass always carries the source branch, which re-creates the input from the
 inversion; it is decoded with the target ages (``EditResult.images[0]``), so scoring it costs no UNet
 call. :func:`score_reconstruction` gives its PSNR and SSIM against the aligned input (the eval stage's
-definitions, :mod:`selfage_cli.eval.metrics`) and, when the faces stage's dlib models are installed,
-the dlib identity distance between the two faces (:mod:`selfage_cli.faces.identity`; ``None`` without
+definitions, :mod:`selfage_cli.eval.engine.metrics`) and, when the faces stage's dlib models are installed,
+the dlib identity distance between the two faces (:mod:`selfage_cli.faces.engine.identity`; ``None`` without
 the models or when either picture shows no face).
 
 :func:`reconstruction_warning` flags an inversion that did not hold. The thresholds (docs/editing.md,
@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from selfage_cli.eval import metrics
+from selfage_cli.eval.engine import metrics
 
 PSNR_WARN_DB = 20.0
 SSIM_WARN = 0.6
@@ -35,7 +35,7 @@ def identity_models_present() -> bool:
     try:
         import dlib  # noqa: F401
 
-        from selfage_cli.faces import dlib_models
+        from selfage_cli.faces.engine import dlib_models
 
         dlib_models.model_path(dlib_models.SHAPE_PREDICTOR_68)
         dlib_models.model_path(dlib_models.FACE_RECOGNITION)
@@ -48,7 +48,7 @@ def identity_distance(input_image: Image.Image, reconstruction: Image.Image) -> 
     """dlib descriptor distance of the two faces; None without the models or when a face is not found."""
     if not identity_models_present():
         return None
-    from selfage_cli.faces.identity import descriptor_distance, face_descriptor
+    from selfage_cli.faces.engine.identity import descriptor_distance, face_descriptor
 
     source = face_descriptor(input_image.convert("RGB"))
     if source is None:

@@ -1,9 +1,8 @@
-"""Training data: which references and regularisation images, their prompts, the batch order, and
-the latent-distribution cache.
+"""Training data: the training images and their prompts, the batch order, and the latent-distribution cache.
 
-* References: the manifest's aligned references that have an age, ordered by the source file name
-  (then id); the first ``--num-refs`` are used.
-* Regularisation: every labelled image of ``regularisation.images``.
+Which images a run uses is the stage's choice (:mod:`selfage_cli.train.images` reads them from the
+manifest); this module takes them as :class:`TrainImage` values.
+
 * Order: each "epoch" has L = max(#refs, #reg) items; item k of an epoch pairs reference
   ``perm_a[k] mod #refs`` with regularisation image ``perm_b[k] mod #reg``, where perm_a, perm_b are
   two random permutations of 0..L−1 drawn from (seed, epoch). So the references repeat cyclically,
@@ -47,78 +46,6 @@ class TrainImage:
         return {"id": self.id, "file": self.stored_as, "age": self.age, "prompt": self.prompt}
 
 
-def _sort_key(entry: dict[str, Any]) -> tuple[str, str]:
-    name = Path(str(entry.get("source") or entry.get("aligned") or "")).name
-    return (name, str(entry.get("id", "")))
-
-
-def select_references(project: Any, manifest: dict[str, Any], num_refs: int, instance_prompt: str) -> list[TrainImage]:
-    """The first ``num_refs`` aligned, labelled references by source file name (SelfageError if none)."""
-    refs = [e for e in manifest.get("references", []) if e.get("aligned")]
-    if not refs:
-        raise SelfageError(
-            "the project has no aligned references; pass your photos with `selfage train --refs DIR` "
-            "(or run `selfage align DIR` and `selfage label-ages` first)."
-        )
-    labelled = [e for e in refs if e.get("age") is not None]
-    if not labelled:
-        raise SelfageError(
-            f"none of the project's {len(refs)} references has an age; name the photos like 34_beach.jpg, "
-            "pass --ages-file or --birth-date with --refs, or run `selfage label-ages`."
-        )
-    if len(labelled) < len(refs):
-        missing = ", ".join(str(e.get("id")) for e in refs if e.get("age") is None)
-        console.warn(f"references without an age are not used: {missing}; label them with `selfage label-ages`.")
-    labelled.sort(key=_sort_key)
-    chosen = labelled[:num_refs]
-    if len(chosen) < num_refs:
-        console.warn(
-            f"--num-refs {num_refs} asked for, but only {len(chosen)} labelled reference(s) exist; training with those."
-        )
-    out = []
-    for entry in chosen:
-        age = int(round(float(entry["age"])))
-        out.append(
-            TrainImage(
-                str(entry.get("id")),
-                project.path(entry["aligned"]),
-                age,
-                f"{instance_prompt} as {age}-year-old",
-                str(entry["aligned"]),
-            )
-        )
-    return out
-
-
-def select_regularisation(project: Any, manifest: dict[str, Any], class_prompt: str) -> list[TrainImage]:
-    """Every labelled regularisation image (SelfageError with the way to get some if there are none)."""
-    images = (manifest.get("regularisation") or {}).get("images") or []
-    hint = (
-        "pass --reg DIR (a folder of other people's aligned faces, ages in file names or labelled by DEX), "
-        "or run `selfage label-ages --reg DIR` or `selfage make-reg` first."
-    )
-    if not images:
-        raise SelfageError(f"the project has no regularisation set; {hint}")
-    out = []
-    for entry in images:
-        if entry.get("age") is None:
-            continue
-        if entry.get("aligned"):
-            path, stored = project.path(entry["aligned"]), str(entry["aligned"])
-        elif entry.get("source"):
-            path, stored = Path(entry["source"]), str(entry["source"])
-        else:
-            continue
-        if not path.is_file():
-            console.warn(f"regularisation image {path} is missing; skipped.")
-            continue
-        age = int(round(float(entry["age"])))
-        out.append(TrainImage(str(entry.get("id")), path, age, f"{class_prompt} as {age}-year-old", stored))
-    if not out:
-        raise SelfageError(f"the project's regularisation images have no ages (or are missing); {hint}")
-    return out
-
-
 class BatchPlan:
     """Which reference and regularisation images make up micro-batch m (a pure function of seed, m)."""
 
@@ -158,8 +85,8 @@ def load_pixels(path: Path, resolution: int, notes: dict[str, list[str]]) -> tor
     """An image as a 3×R×R tensor in [−1, 1], upright (its EXIF orientation applied, as everywhere:
     regularisation photos from ``--reg`` are read as they are); square images of another size are
     resized (noted), non-square ones are centre-cropped (noted)."""
-    from selfage_cli.faces.errors import UnreadableImageError
-    from selfage_cli.faces.loading import load_image
+    from selfage_cli.faces.engine.errors import UnreadableImageError
+    from selfage_cli.faces.engine.loading import load_image
 
     try:
         image = load_image(path)
