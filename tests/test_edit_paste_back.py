@@ -20,30 +20,20 @@ from selfage_cli.cli import app
 from selfage_cli.edit import engine
 from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project
+from tests.edit_cli import json_summary, run_edit
 
 runner = CliRunner()
-FAST = ["--ddim-steps", "2", "--inner-steps", "1", "--device", "cpu", "--dtype", "fp32"]
 AGE_COLOURS = {0: (200, 40, 40), 1: (40, 200, 40), 2: (40, 40, 200)}
 
 
 def edit(project: Path, model: Path, *args: str) -> tuple[int, str, dict | None]:
-    result = runner.invoke(
-        app, ["edit", *args, *FAST, "-p", str(project), "--base-model", str(model)], terminal_width=200
-    )
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, result.output, summary
+    result = run_edit(project, model, *args)
+    return result.exit_code, result.output, json_summary(result.stdout)
 
 
 def paste_only(project: Path, *args: str) -> tuple[int, str, dict | None]:
     result = runner.invoke(app, ["edit", "--paste-back-only", *args, "-p", str(project)], terminal_width=200)
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, result.output, summary
+    return result.exit_code, result.output, json_summary(result.stdout)
 
 
 @pytest.fixture

@@ -21,20 +21,14 @@ from typer.testing import CliRunner
 from selfage_cli.cli import app
 from selfage_cli.edit import engine
 from selfage_cli.project import Project, sha256_file
+from tests.edit_cli import FAST, json_summary, run_edit
 
 runner = CliRunner()
-FAST = ["--ddim-steps", "2", "--inner-steps", "1", "--device", "cpu", "--dtype", "fp32"]
 
 
 def edit(project: Path, model: Path, *args: str) -> tuple[int, str, dict | None]:
-    result = runner.invoke(
-        app, ["edit", *args, *FAST, "-p", str(project), "--base-model", str(model)], terminal_width=200
-    )
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, result.output, summary
+    result = run_edit(project, model, *args)
+    return result.exit_code, result.output, json_summary(result.stdout)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ Preprocessing (input: RGB in [-1, 1]):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,8 +269,6 @@ def estimate_ages(
     progress: bool = True,
 ) -> list[float]:
     """DEX age estimate (a float in [0, 100]) of each image, in batches, with a progress bar."""
-    from selfage_cli import console
-
     check_preprocess(preprocess)
     if batch_size < 1:
         raise SelfageError(f"DEX batch size {batch_size} must be at least 1.")
@@ -280,23 +278,38 @@ def estimate_ages(
     model = model.to(device)
     dtype = next(model.parameters()).dtype
     ages: list[float] = []
-    show = progress and len(images) > 0
 
-    def run_batches(advance) -> None:
+    def one_batch(chunk: Sequence[Image.Image | np.ndarray]) -> None:
+        batch = preprocess_images(chunk, preprocess).to(device=device, dtype=dtype)
+        ages.extend(float(a) for a in model.ages(batch).cpu())
+
+    _in_batches(images, batch_size, one_batch, progress)
+    return ages
+
+
+def _in_batches(
+    images: Sequence[Image.Image | np.ndarray],
+    batch_size: int,
+    one_batch: Callable[[Sequence[Image.Image | np.ndarray]], None],
+    progress: bool,
+) -> None:
+    """Call ``one_batch`` on consecutive batches of ``images`` in inference mode, under a transient
+    "DEX ages" progress bar when ``progress`` (and there are images)."""
+    from selfage_cli import console
+
+    def run_batches(advance: Callable[[int], None]) -> None:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
-                batch = preprocess_images(chunk, preprocess).to(device=device, dtype=dtype)
-                ages.extend(float(a) for a in model.ages(batch).cpu())
+                one_batch(chunk)
                 advance(len(chunk))
 
-    if show:
+    if progress and len(images) > 0:
         with console.progress(transient=True) as bar:
             task = console.new_task(bar, "DEX ages", total=len(images))
             run_batches(lambda n: bar.update(task, advance=n))
     else:
         run_batches(lambda n: None)
-    return ages
 
 
 # ---- the estimator interface ----------------------------------------------------------------------
@@ -316,31 +329,21 @@ class DexEstimator:
 
     def estimate(self, images: Sequence[Image.Image | np.ndarray], progress: bool = True) -> list[Any]:
         """One estimate per image; the age is :func:`expected_age` of the same batches :func:`estimate_ages` runs."""
-        from selfage_cli import console
         from selfage_cli.ages.engine.estimator import AgeEstimate
 
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         out: list[AgeEstimate] = []
 
-        def run_batches(advance) -> None:
-            with torch.inference_mode():
-                for start in range(0, len(images), 16):
-                    chunk = images[start : start + 16]
-                    batch = preprocess_images(chunk, self.preprocess).to(device=device, dtype=dtype)
-                    logits = self.model(batch)
-                    ages = expected_age(logits)
-                    probs = torch.softmax(logits.float(), dim=-1)
-                    classes = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
-                    spread = (probs * (classes[None] - ages[:, None]) ** 2).sum(-1).sqrt()
-                    for age, sd, p in zip(ages.cpu(), spread.cpu(), probs.cpu(), strict=True):
-                        out.append(AgeEstimate(float(age), self.name, float(sd), float(p.max())))
-                    advance(len(chunk))
+        def one_batch(chunk: Sequence[Image.Image | np.ndarray]) -> None:
+            batch = preprocess_images(chunk, self.preprocess).to(device=device, dtype=dtype)
+            logits = self.model(batch)
+            ages = expected_age(logits)
+            probs = torch.softmax(logits.float(), dim=-1)
+            classes = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+            spread = (probs * (classes[None] - ages[:, None]) ** 2).sum(-1).sqrt()
+            for age, sd, p in zip(ages.cpu(), spread.cpu(), probs.cpu(), strict=True):
+                out.append(AgeEstimate(float(age), self.name, float(sd), float(p.max())))
 
-        if progress and images:
-            with console.progress(transient=True) as bar:
-                task = console.new_task(bar, "DEX ages", total=len(images))
-                run_batches(lambda n: bar.update(task, advance=n))
-        else:
-            run_batches(lambda n: None)
+        _in_batches(images, 16, one_batch, progress)
         return out

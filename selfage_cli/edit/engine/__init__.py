@@ -12,7 +12,7 @@ The method (reference behaviour, the maths and its quirks) is described in docs/
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -24,6 +24,9 @@ from selfage_cli.edit.engine.inversion import Inversion, Progress, invert_latent
 from selfage_cli.edit.engine.p2p import EditResult, P2PSettings, edit_latents
 from selfage_cli.edit.prompts import EditPrompts
 from selfage_cli.models import native_resolution
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 __all__ = [
     "EditResult",
@@ -37,7 +40,7 @@ __all__ = [
 
 
 @torch.no_grad()
-def encode_image(pipe: Any, image: PIL.Image.Image) -> Tensor:
+def encode_image(pipe: StableDiffusionPipeline, image: PIL.Image.Image) -> Tensor:
     """The photo resized to the model's native resolution → VAE posterior mean × scaling factor, fp32.
 
     Returns (1, C, h, w) on the pipeline's device.
@@ -55,7 +58,7 @@ def encode_image(pipe: Any, image: PIL.Image.Image) -> Tensor:
 
 
 @torch.no_grad()
-def decode_latents(pipe: Any, latents: Tensor) -> list[PIL.Image.Image]:
+def decode_latents(pipe: StableDiffusionPipeline, latents: Tensor) -> list[PIL.Image.Image]:
     """Latents (N, C, h, w) / scaling factor → VAE decoder → N RGB images."""
     vae = pipe.vae
     vae_param = next(vae.parameters())
@@ -67,49 +70,25 @@ def decode_latents(pipe: Any, latents: Tensor) -> list[PIL.Image.Image]:
     return images
 
 
-def invert(
-    pipe: Any,
-    image: PIL.Image.Image | Tensor,
-    prompt: str,
-    *,
-    mode: str = "null-text",
-    steps: int = 50,
-    guidance: float = 7.5,
-    inner_steps: int = 10,
-    progress: Progress = None,
-    keep_trajectory: bool = False,
-    compile_unet: bool | dict[str, Any] = False,
-    cuda_graph: bool = True,
-) -> Inversion:
+def invert(pipe: StableDiffusionPipeline, image: PIL.Image.Image | Tensor, prompt: str, **options: Any) -> Inversion:
     """Invert a photo (PIL image, or an already encoded latent) with ``prompt``.
 
-    ``mode``: ``null-text`` (the paper's), ``negative-prompt`` or ``direct`` (no optimisation; direct
-    keeps the DDIM-inversion latents, which its editing's source branch follows). ``progress`` is
-    called as ``progress(done, total)`` after each DDIM step (inversion, then optimisation).
-    ``keep_trajectory`` keeps the T + 1 DDIM-inversion latents; ``compile_unet`` (off by default)
-    runs the inversion's UNet through ``torch.compile`` (``True``: ``mode="reduce-overhead"``);
-    ``cuda_graph`` (on; acts only on a CUDA GPU) replays its calls from CUDA graphs, checked against
-    eager execution.
+    Args:
+        image: the aligned photo, or its latent from :func:`encode_image`.
+        prompt: the source prompt (``EditPrompts.source``).
+        options: the keyword options of :func:`~selfage_cli.edit.engine.inversion.invert_latent` (mode,
+            steps, guidance, inner_steps, progress, keep_trajectory, compile_unet, cuda_graph).
+
+    Returns:
+        The :class:`Inversion`: x_T, one null embedding per step, and how it ran.
     """
     latent = image if isinstance(image, Tensor) else encode_image(pipe, image)
     latent = latent.to(model_device(pipe), torch.float32)
-    return invert_latent(
-        pipe,
-        latent,
-        prompt,
-        mode=mode,
-        steps=steps,
-        guidance=guidance,
-        inner_steps=inner_steps,
-        progress=progress,
-        keep_trajectory=keep_trajectory,
-        compile_unet=compile_unet,
-        cuda_graph=cuda_graph,
-    )
+    return invert_latent(pipe, latent, prompt, **options)
 
 
 def edit_ages(
-    pipe: Any,
+    pipe: StableDiffusionPipeline,
     inversion: Inversion,
     prompts: EditPrompts,
     *,
@@ -121,9 +100,19 @@ def edit_ages(
 ) -> EditResult:
     """Prompt-to-prompt edit of an inverted photo to every target age of ``prompts``.
 
-    One pass holds the source branch and one branch per target (× 2 for guidance); ``max_batch``
-    caps the targets per pass (each pass re-runs the source branch; 1 = the reference's per-age
-    loop). ``progress(done, total)`` is called after each UNet step (total = steps × passes).
+    One pass holds the source branch and one branch per target (× 2 for guidance).
+
+    Args:
+        inversion: the photo's inversion from :func:`invert` (same prompt as ``prompts.source``).
+        prompts: the source prompt and one target prompt per age.
+        settings: the prompt-to-prompt settings (replacement fractions, blend, re-weighting).
+        max_batch: at most this many targets per pass (each pass re-runs the source branch; 1 = the
+            reference's per-age loop); None: all in one pass.
+        progress: called as ``progress(done, total)`` after each UNet step (total = steps × passes).
+        decode: decode the latents to images (``result.images``).
+
+    Returns:
+        The :class:`EditResult`: latents (and images) of the source reconstruction, then one per target.
     """
     result = edit_latents(
         pipe,

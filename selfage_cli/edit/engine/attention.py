@@ -25,13 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from selfage_cli.edit.engine.blend import LocalBlend
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 SDPA, CROSS, SELF = "sdpa", "cross", "self"
 
@@ -211,7 +214,7 @@ class P2PAttnProcessor:
 
 
 @contextmanager
-def installed(unet: Any, controller: P2PController | None) -> Iterator[dict[str, P2PAttnProcessor]]:
+def installed(unet: UNet2DConditionModel, controller: P2PController | None) -> Iterator[dict[str, P2PAttnProcessor]]:
     """Install our processor on every attention layer for the duration; restore the originals after."""
     original = dict(unet.attn_processors)
     ours = {name: P2PAttnProcessor(name, controller) for name in original}

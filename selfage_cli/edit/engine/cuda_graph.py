@@ -24,12 +24,15 @@ inversions, ``edit_graph_check``); the figures are in docs/benchmarks.md ("Lates
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from selfage_cli import console
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 # Largest |graph − eager| allowed, relative to the largest |eager| value, by the UNet's weight dtype.
 # The graph replays the eager kernels, so the two agree to rounding; a replay that read stale or
@@ -49,7 +52,7 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
     return AGREEMENT_TOLERANCE if dtype in (torch.float32, torch.float64) else REDUCED_PRECISION_TOLERANCE
 
 
-def cuda_graphs_available(pipe: Any) -> bool:
+def cuda_graphs_available(pipe: StableDiffusionPipeline) -> bool:
     """Whether the pipe's UNet sits on a CUDA device (CUDA graphs need one)."""
     return next(pipe.unet.parameters()).device.type == "cuda"
 

@@ -13,10 +13,13 @@ Every model call returns ε: a v-prediction model's output is converted with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 
 @dataclass
@@ -30,7 +33,7 @@ class DDIMSchedule:
     prediction_type: str
 
     @classmethod
-    def from_pipe(cls, pipe: Any, steps: int) -> DDIMSchedule:
+    def from_pipe(cls, pipe: StableDiffusionPipeline, steps: int) -> DDIMSchedule:
         """The pipeline's betas and prediction type with the reference's DDIM settings."""
         from diffusers import DDIMScheduler
 
@@ -83,16 +86,16 @@ class DDIMSchedule:
 
 
 # ---- model calls ---------------------------------------------------------------------------------
-def model_device(pipe: Any) -> torch.device:
+def model_device(pipe: StableDiffusionPipeline) -> torch.device:
     return next(pipe.unet.parameters()).device
 
 
-def model_dtype(pipe: Any) -> torch.dtype:
+def model_dtype(pipe: StableDiffusionPipeline) -> torch.dtype:
     return next(pipe.unet.parameters()).dtype
 
 
 @torch.no_grad()
-def encode_text(pipe: Any, prompts: list[str]) -> Tensor:
+def encode_text(pipe: StableDiffusionPipeline, prompts: list[str]) -> Tensor:
     """Text-encoder hidden states of prompts padded to the tokenizer's length L (77 in SD), fp32, (N, L, D)."""
     tokens = pipe.tokenizer(
         prompts,
@@ -107,7 +110,7 @@ def encode_text(pipe: Any, prompts: list[str]) -> Tensor:
 
 
 def unet_epsilon(
-    pipe: Any, schedule: DDIMSchedule, latents: Tensor, t: int, context: Tensor, unet: Any = None
+    pipe: StableDiffusionPipeline, schedule: DDIMSchedule, latents: Tensor, t: int, context: Tensor, unet: Any = None
 ) -> Tensor:
     """ε predicted by the UNet for fp32 ``latents`` at timestep ``t`` (fp32 out; weights in any dtype).
 
@@ -127,7 +130,7 @@ def unet_epsilon(
     return schedule.to_epsilon(out, t, latents)
 
 
-def compiled_unet(pipe: Any, compile_unet: bool | dict[str, Any]) -> Any:
+def compiled_unet(pipe: StableDiffusionPipeline, compile_unet: bool | dict[str, Any]) -> Any:
     """``None`` (use ``pipe.unet``), or ``torch.compile(pipe.unet, **options)`` without touching the pipe.
 
     ``True`` means ``mode="reduce-overhead"`` (CUDA graphs on GPUs: the batch-1 inversion is

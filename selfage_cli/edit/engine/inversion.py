@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +38,9 @@ from torch.optim import Adam
 
 from selfage_cli.edit.engine.cuda_graph import GraphedUNet, cuda_graphs_available
 from selfage_cli.edit.engine.ddim import DDIMSchedule, compiled_unet, encode_text, unet_epsilon
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 Progress = Callable[[int, int], None] | None
 
@@ -108,7 +111,12 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def ddim_inversion(
-    pipe, schedule: DDIMSchedule, latent: Tensor, cond: Tensor, progress: Progress = None, unet: Any = None
+    pipe: StableDiffusionPipeline,
+    schedule: DDIMSchedule,
+    latent: Tensor,
+    cond: Tensor,
+    progress: Progress = None,
+    unet: Any = None,
 ) -> list[Tensor]:
     """x_0 → x_T with the conditional ε (no guidance); returns all T + 1 latents, fp32."""
     x = latent.float()
@@ -179,7 +187,7 @@ def null_text_optimisation(
 
 
 def invert_latent(
-    pipe,
+    pipe: StableDiffusionPipeline,
     latent: Tensor,
     prompt: str,
     *,
@@ -194,10 +202,22 @@ def invert_latent(
 ) -> Inversion:
     """Invert an encoded latent (1, C, h, w) with the given prompt and mode.
 
-    ``compile_unet`` (off by default): run the inversion's UNet calls through ``torch.compile``
-    (``True``: ``mode="reduce-overhead"``, i.e. CUDA graphs on a GPU; a dict: torch.compile's options).
-    ``cuda_graph`` (on by default; only acts on a CUDA GPU and without ``compile_unet``): replay the
-    UNet calls from CUDA graphs, checked against eager execution (:mod:`selfage_cli.edit.engine.cuda_graph`).
+    Args:
+        latent: the photo's latent (:func:`selfage_cli.edit.engine.encode_image`), fp32.
+        prompt: the source prompt (``EditPrompts.source``).
+        mode: ``null-text`` (the paper's), ``negative-prompt`` or ``direct`` (no optimisation; direct
+            keeps the DDIM-inversion latents, which its editing's source branch follows).
+        steps, guidance: DDIM steps and classifier-free guidance scale of the later edit.
+        inner_steps: null-text optimisation steps per DDIM step (at most; early stopping).
+        progress: called as ``progress(done, total)`` after each DDIM step (inversion, then optimisation).
+        keep_trajectory: keep the T + 1 DDIM-inversion latents.
+        compile_unet: run the UNet calls through ``torch.compile`` (``True``: ``mode="reduce-overhead"``,
+            i.e. CUDA graphs on a GPU; a dict: torch.compile's options); off by default.
+        cuda_graph: replay the UNet calls from CUDA graphs, checked against eager execution
+            (:mod:`selfage_cli.edit.engine.cuda_graph`); acts only on a CUDA GPU and without ``compile_unet``.
+
+    Returns:
+        The :class:`Inversion`: x_T, one null embedding per step, and how it ran.
     """
     if mode not in MODES:
         raise ValueError(f"inversion mode {mode!r} is not one of {MODES}")
@@ -256,7 +276,9 @@ def invert_latent(
     )
 
 
-def inversion_unet(pipe: Any, mode: str, compile_unet: bool | dict[str, Any], cuda_graph: bool) -> Any:
+def inversion_unet(
+    pipe: StableDiffusionPipeline, mode: str, compile_unet: bool | dict[str, Any], cuda_graph: bool
+) -> Any:
     """The UNet callable the inversion uses (``None``: ``pipe.unet`` itself)."""
     if compile_unet:
         return compiled_unet(pipe, compile_unet)

@@ -25,15 +25,18 @@ one word and six tokens (3, 0, -, year, -, old).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
 SD_MAX_TOKENS = 77  # CLIP's context length in Stable Diffusion 1.x/2.x; only a documented example here
 
 
-def token_length(tokenizer: Any) -> int:
+def token_length(tokenizer: CLIPTokenizer) -> int:
     """The padded prompt length of ``tokenizer`` (its ``model_max_length``; 77 for SD's CLIP).
 
     ``encode_text`` pads every prompt to this length, so the mapper, the re-weighting vector and the
@@ -49,12 +52,12 @@ def token_length(tokenizer: Any) -> int:
     return length
 
 
-def word_token_counts(prompt: str, tokenizer: Any) -> list[int]:
+def word_token_counts(prompt: str, tokenizer: CLIPTokenizer) -> list[int]:
     """Number of CLIP tokens of each space-separated word of ``prompt``."""
     return [len(tokenizer(word, add_special_tokens=False).input_ids) for word in prompt.split(" ")]
 
 
-def word_positions(prompt: str, tokenizer: Any) -> list[list[int]]:
+def word_positions(prompt: str, tokenizer: CLIPTokenizer) -> list[list[int]]:
     """Token positions (BOS = 0, so the first word starts at 1) of each space-separated word."""
     positions: list[list[int]] = []
     start = 1
@@ -64,7 +67,7 @@ def word_positions(prompt: str, tokenizer: Any) -> list[list[int]]:
     return positions
 
 
-def word_token_indices(prompt: str, word: str | int, tokenizer: Any) -> list[int]:
+def word_token_indices(prompt: str, word: str | int, tokenizer: CLIPTokenizer) -> list[int]:
     """Token positions of a word given by text (every occurrence) or by its word index."""
     words = prompt.split(" ")
     places = [i for i, w in enumerate(words) if w == word] if isinstance(word, str) else [word]
@@ -73,7 +76,7 @@ def word_token_indices(prompt: str, word: str | int, tokenizer: Any) -> list[int
     return [p for place in places for p in positions[place] if p < limit]
 
 
-def replacement_mapper(source: str, target: str, tokenizer: Any, max_len: int | None = None) -> Tensor:
+def replacement_mapper(source: str, target: str, tokenizer: CLIPTokenizer, max_len: int | None = None) -> Tensor:
     """The reference's word-swap mapper (``get_replacement_mapper_``) from ``source`` to ``target``.
 
     ``max_len``: the matrix size, by default :func:`token_length` of the tokenizer.
@@ -114,7 +117,7 @@ def replacement_mapper(source: str, target: str, tokenizer: Any, max_len: int | 
     return mapper
 
 
-def equalizer(target: str, word: str, value: float, tokenizer: Any, max_len: int | None = None) -> Tensor:
+def equalizer(target: str, word: str, value: float, tokenizer: CLIPTokenizer, max_len: int | None = None) -> Tensor:
     """Re-weighting vector (N,): ``value`` on the tokens of ``word`` in ``target``, 1 elsewhere."""
     weights = torch.ones(token_length(tokenizer) if max_len is None else max_len)
     weights[word_token_indices(target, word, tokenizer)] = value

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import PIL.Image
 import torch
@@ -34,6 +34,10 @@ from selfage_cli.edit.engine.ddim import DDIMSchedule, encode_text, model_device
 from selfage_cli.edit.engine.inversion import Inversion
 from selfage_cli.edit.engine.mapper import equalizer, replacement_mapper, token_length, word_token_indices
 from selfage_cli.edit.prompts import EditPrompts
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
 Progress = Callable[[int, int], None] | None
 
@@ -79,7 +83,7 @@ def chunk_indices(count: int, max_batch: int | None) -> list[list[int]]:
     return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
 
-def blend_word_weights(prompts: EditPrompts, tokenizer: Any) -> Tensor:
+def blend_word_weights(prompts: EditPrompts, tokenizer: CLIPTokenizer) -> Tensor:
     """(1 + K, N): 1 on the tokens of each branch's blend words (source words for branch 0).
 
     N is the tokenizer's padded prompt length (``token_length``; 77 for SD's CLIP).
@@ -93,7 +97,7 @@ def blend_word_weights(prompts: EditPrompts, tokenizer: Any) -> Tensor:
 
 
 def build_controller(
-    prompts: EditPrompts, tokenizer: Any, settings: P2PSettings, steps: int, latent_side: int
+    prompts: EditPrompts, tokenizer: CLIPTokenizer, settings: P2PSettings, steps: int, latent_side: int
 ) -> P2PController:
     """The controller of one pass (source + the targets of ``prompts``)."""
     mappers = torch.stack([replacement_mapper(prompts.source, t, tokenizer) for t in prompts.targets])
@@ -146,7 +150,7 @@ def direct_targets(inversion: Inversion, steps: int, device: torch.device) -> li
 
 @torch.no_grad()
 def sample_pass(
-    pipe: Any,
+    pipe: StableDiffusionPipeline,
     schedule: DDIMSchedule,
     inversion: Inversion,
     context: Tensor,
@@ -188,7 +192,7 @@ def sample_pass(
 
 
 def edit_latents(
-    pipe: Any,
+    pipe: StableDiffusionPipeline,
     inversion: Inversion,
     prompts: EditPrompts,
     *,

@@ -15,12 +15,15 @@ every age, R = ‖candidate − fp32‖ / ‖fp32 without the LoRA − fp32‖. 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_MODES = ("fused", "branch", "branch-fp32")
@@ -95,7 +98,7 @@ def resolve_edit_precision(dtype: str | None, device: torch.device) -> EditPreci
     return precision
 
 
-def apply_precision(pipe: Any, precision: EditPrecision, with_lora: bool) -> str:
+def apply_precision(pipe: StableDiffusionPipeline, precision: EditPrecision, with_lora: bool) -> str:
     """Put a loaded pipeline (its LoRA, if any, loaded by ``load_lora_weights``) into ``precision``;
     returns :meth:`EditPrecision.lora_applied`.
 
@@ -136,7 +139,7 @@ def _quietly_cast(model: Any, dtype: torch.dtype) -> None:
         diffusers_logging.set_verbosity(level)
 
 
-def _lora_parameters_to(pipe: Any, dtype: torch.dtype) -> None:
+def _lora_parameters_to(pipe: StableDiffusionPipeline, dtype: torch.dtype) -> None:
     for model in (pipe.unet, pipe.text_encoder):
         for name, param in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:

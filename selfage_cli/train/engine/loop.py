@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ from selfage_cli.train.engine.lora import (
     save_lora,
     trainable_parameters,
 )
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 CHECKPOINT_PREFIX = "step-"
 LOSS_LOG = "loss.jsonl"
@@ -134,7 +137,7 @@ class Trainer:
 
     def __init__(
         self,
-        pipe: Any,
+        pipe: StableDiffusionPipeline,
         config: TrainConfig,
         refs: list[TrainImage],
         regs: list[TrainImage],
