@@ -23,6 +23,15 @@ settings.load_profile("selfage")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(autouse=True)
+def _console_speaks() -> None:
+    """Every test starts with the console as a fresh process has it: a CLI call with --quiet/--json, or
+    a process muted as a launcher's non-main rank, would otherwise hide later tests' warnings."""
+    from selfage_cli import console
+
+    console._state.update(quiet=False, muted=False, hide_warnings=False)
+
+
 def faces_folder() -> Path:
     return Path(str(resources.files("selfage_cli") / "data" / "faces"))
 
