@@ -60,9 +60,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     compile: bool = False
     compile_mode: str = "reduce-overhead"  # torch.compile mode when compile is on (the fastest measured)
-    cuda_graph: bool | None = (
-        None  # replay each step from one CUDA graph: None wherever it works (train/engine/cuda_graph.py)
-    )
+    cuda_graph: bool | None = None  # one CUDA graph per step: None wherever it works (engine/cuda_graph.py)
     latent_cache: bool = True
     validate_ages: str | None = None
     device: str = "auto"
