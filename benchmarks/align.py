@@ -87,7 +87,7 @@ def bench_align(
     warm-up; ``peak_rss_mb``: the process's peak resident memory while aligning them, models included)
     and ``pooled`` (``photos`` photos through the stage's process pool, wall time / photos, worker
     start-up and model loading included)."""
-    from selfage_cli.faces import dlib_models
+    from selfage_cli.faces.engine import dlib_models
     from selfage_cli.faces.stage import AlignJob, _run_jobs, _workers, run_job
 
     results: list[dict[str, Any]] = []

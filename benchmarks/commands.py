@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def write_random_dex(path: Path, seed: int = 1234) -> Path:
     """A full-size random DEX VGG-16 checkpoint (the SAM naming, ``fc8-101``), He-initialised (~540 MB)."""
-    from selfage_cli.ages.dex import expected_shapes
+    from selfage_cli.ages.engine.dex import expected_shapes
 
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}

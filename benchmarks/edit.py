@@ -11,7 +11,7 @@ For each inversion mode (``null-text``, ``negative-prompt``, ``direct``):
   with ``ratio`` = naive seconds / batched seconds;
 - ``edit_whole``: inversion + batched editing seconds, and the peak memory of that span, with the
   reconstruction the edit records (its source branch against the photo at the model's resolution:
-  ``reconstruction_psnr`` in dB, ``reconstruction_ssim``; selfage_cli/edit/reconstruction.py) and, in
+  ``reconstruction_psnr`` in dB, ``reconstruction_ssim``; selfage_cli/edit/engine/reconstruction.py) and, in
   latent space, ``reconstruction_latent_rmse`` against the encoded photo (what the inversion itself
   keeps, without the VAE's loss).
 
@@ -250,7 +250,7 @@ def bench_edit(
 
 def reconstruction(photo: Image.Image, rebuilt: Image.Image) -> dict[str, Any]:
     """The edit's own reconstruction scores (PSNR, SSIM; no identity: random weights draw no face)."""
-    from selfage_cli.edit.reconstruction import score_reconstruction
+    from selfage_cli.edit.engine.reconstruction import score_reconstruction
 
     return score_reconstruction(photo, rebuilt, identity=False)
 

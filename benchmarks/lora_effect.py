@@ -5,7 +5,7 @@
    training precision (``train_dtype``, bf16: bf16 frozen weights under bf16 autocast, TF32 on a GPU).
 2. Edit one photo (the packaged astronaut) to ``ages`` (10, 40, 80) with null-text inversion and
    prompt-to-prompt: (a) fp32 with the fp32 LoRA, (b) fp32 without a LoRA, (c) each candidate
-   ``--dtype`` of ``selfage edit`` (:mod:`selfage_cli.edit.precision`) with the LoRA, plus
+   ``--dtype`` of ``selfage edit`` (:mod:`selfage_cli.edit.engine.precision`) with the LoRA, plus
    ``fp32-branch`` (the LoRA as PEFT's unfused branch in fp32, which ``fp32`` fuses) and a repeat of (a).
 3. Per age: R = ‖c − a‖ / ‖b − a‖ on the decoded images (values 0–1) and on the edited latents.
    R ≤ 0.1 means the candidate's own error is at most a tenth of the LoRA's effect.
@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from benchmarks.harness import Recorder, synchronize, time_call
-from selfage_cli.edit.precision import PRECISIONS, EditPrecision, apply_precision, set_tf32
+from selfage_cli.edit.engine.precision import PRECISIONS, EditPrecision, apply_precision, set_tf32
 
 R_GOAL = 0.1  # edit precision: R ≤ 0.1 at every age
 R_TRAIN_GOAL = 0.2  # training precision
@@ -81,7 +81,7 @@ def train_lora(
     from benchmarks.train import train_images, write_training_images
     from selfage_cli.models import native_resolution
     from selfage_cli.train.config import TrainConfig
-    from selfage_cli.train.loop import Trainer
+    from selfage_cli.train.engine.loop import Trainer
 
     pipe = make_pipe()
     resolution = native_resolution(pipe)
@@ -167,7 +167,7 @@ def edit_pipeline(
     """The edit benchmark's pipeline in ``precision``: plain (``lora="none"``), or with a random rank-``rank``
     LoRA (``"random"``: B ~ N(0, 8e-4), about what 800 Adam steps at lr 1e-6 can move it) loaded from a
     file as ``selfage edit`` loads one; (pipeline, lora_applied)."""
-    from selfage_cli.train.lora import add_lora, save_lora
+    from selfage_cli.train.engine.lora import add_lora, save_lora
 
     if lora == "none":
         pipe = make_pipe(precision.load_dtype(False))
@@ -379,7 +379,7 @@ def inner_step(
     null embedding, batch 1) without and with the LoRA, at ``precision``, alternating in one process."""
     import statistics
 
-    from selfage_cli.edit.sampling import encode_text
+    from selfage_cli.edit.engine.ddim import encode_text
 
     seconds: dict[str, list[float]] = {"without": [], "with": []}
     applied = {}

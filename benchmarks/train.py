@@ -60,7 +60,7 @@ def _save_square(source: Path, transform: Callable[[Image.Image], Image.Image], 
 
 def train_images(refs: list[Path], regs: list[Path], config: Any) -> tuple[list[Any], list[Any]]:
     """:class:`TrainImage` lists with the method's prompts and integer ages."""
-    from selfage_cli.train.data import TrainImage
+    from selfage_cli.train.engine.data import TrainImage
 
     ref_images = [
         TrainImage(p.stem, p, age, config.prompt(age, instance=True), str(p))
@@ -98,8 +98,8 @@ def bench_train(
     step replayed from one CUDA graph); its eager warm-up and recording then fall in the untimed steps.
     """
     from selfage_cli.train.config import TrainConfig
-    from selfage_cli.train.graphs import WARMUP_STEPS
-    from selfage_cli.train.loop import Trainer
+    from selfage_cli.train.engine.cuda_graph import WARMUP_STEPS
+    from selfage_cli.train.engine.loop import Trainer
 
     records = []
     with tempfile.TemporaryDirectory(prefix="selfage-bench-train-") as tmp:
@@ -251,8 +251,8 @@ def bench_train_graph_check(
     per-step losses and of the final LoRA weights. Off a CUDA GPU both runs are eager (``step_runner``
     says so) and agree exactly."""
     from selfage_cli.train.config import TrainConfig
-    from selfage_cli.train.loop import Trainer
-    from selfage_cli.train.lora import lora_state
+    from selfage_cli.train.engine.loop import Trainer
+    from selfage_cli.train.engine.lora import lora_state
 
     runs: dict[bool, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="selfage-bench-graph-") as tmp:

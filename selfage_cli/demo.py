@@ -89,14 +89,14 @@ def demo_stages(
     project: Project, model: Path, refs: Path, to_edit: Path
 ) -> list[tuple[str, Callable[[], StageSummary]]]:
     """Each stage of the demo as (name, call), with small settings that run in seconds on a CPU."""
-    from selfage_cli.ages.reg import make_reg
-    from selfage_cli.ages.stage import label_ages
+    from selfage_cli.ages.regularisation import run_make_reg
+    from selfage_cli.ages.stage import run_label_ages
     from selfage_cli.edit.config import EditConfig
-    from selfage_cli.edit.stage import edit_project
-    from selfage_cli.eval.stage import evaluate_project
-    from selfage_cli.faces.stage import align_photos
+    from selfage_cli.edit.stage import run_edit
+    from selfage_cli.eval.stage import run_evaluate
+    from selfage_cli.faces.stage import run_align
     from selfage_cli.train.config import TrainConfig
-    from selfage_cli.train.stage import train_project
+    from selfage_cli.train.stage import run_train
 
     base = str(model)
     train_config = TrainConfig(
@@ -116,18 +116,18 @@ def demo_stages(
     )
     cpu = {"device": "cpu", "dtype": "fp32"}
     return [
-        ("align", lambda: align_photos(project, [refs], role="refs", size=128)),
-        ("label-ages", lambda: label_ages(project, device="cpu")),
+        ("align", lambda: run_align(project, [refs], role="refs", size=128)),
+        ("label-ages", lambda: run_label_ages(project, device="cpu")),
         (
             "make-reg",
-            lambda: make_reg(
+            lambda: run_make_reg(
                 project, count=4, age_range="10-70", verify=False, steps=4, force=True, base_model=base, **cpu
             ),
         ),
-        ("train", lambda: train_project(project, train_config, run_name="demo", force=True)),
+        ("train", lambda: run_train(project, train_config, run_name="demo", force=True)),
         (
             "edit",
-            lambda: edit_project(
+            lambda: run_edit(
                 project,
                 edit_config,
                 images=[to_edit],
@@ -140,7 +140,7 @@ def demo_stages(
                 **cpu,
             ),
         ),
-        ("eval", lambda: evaluate_project(project, edits=[], report_dir=None, dex_weights=None, device="cpu")),
+        ("eval", lambda: run_evaluate(project, edits=[], report_dir=None, dex_weights=None, device="cpu")),
     ]
 
 

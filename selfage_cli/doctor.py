@@ -135,7 +135,7 @@ def check_dex(dex_weights: Path | None, project: Project | None) -> Check:
     path = Path(path).expanduser()
     if not path.is_file():
         return Check("DEX weights", False, f"{path} does not exist", fix)
-    from selfage_cli.ages.dex import read_dex_state_dict
+    from selfage_cli.ages.engine.dex import read_dex_state_dict
 
     try:  # loaded as every stage loads it: a file that would run code, or is garbled, is not "ok"
         read_dex_state_dict(path)
@@ -146,7 +146,7 @@ def check_dex(dex_weights: Path | None, project: Project | None) -> Check:
 
 def check_builtin_estimator() -> Check:
     """The builtin age/gender estimator: package version and model checksums (the files are hashed, not loaded)."""
-    from selfage_cli.ages.builtin import INSTALL_FIX, load_bundle
+    from selfage_cli.ages.engine.builtin import INSTALL_FIX, load_bundle
 
     if importlib.util.find_spec("onnxruntime") is None:
         return Check("builtin age estimator", False, "onnxruntime is not installed", INSTALL_FIX)
@@ -164,7 +164,7 @@ def check_builtin_estimator() -> Check:
 
 def check_age_estimator(choice: str, dex_weights: Path | None, project: Project | None) -> Check:
     """Which estimator --age-estimator would use here."""
-    from selfage_cli.ages import estimator
+    from selfage_cli.ages.engine import estimator
 
     try:
         name = estimator.choose(choice, dex_weights, project)

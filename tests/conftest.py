@@ -23,6 +23,15 @@ settings.load_profile("selfage")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(autouse=True)
+def _console_speaks() -> None:
+    """Every test starts with the console as a fresh process has it: a CLI call with --quiet/--json, or
+    a process muted as a launcher's non-main rank, would otherwise hide later tests' warnings."""
+    from selfage_cli import console
+
+    console._state.update(quiet=False, muted=False, hide_warnings=False)
+
+
 def faces_folder() -> Path:
     return Path(str(resources.files("selfage_cli") / "data" / "faces"))
 
@@ -66,7 +75,7 @@ def project_dir(tmp_path: Path) -> Path:
 
 
 # ---- DEX age classifier checkpoint (ages helper) ----------------------------------------------------------
-# The layer table of issue 4, written out here by hand (not taken from selfage_cli.ages.dex), so tests
+# The layer table of issue 4, written out here by hand (not taken from selfage_cli.ages.engine.dex), so tests
 # of the loader check our module against the specification rather than against itself.
 DEX_LAYER_TABLE: list[tuple[str, tuple[int, ...]]] = [
     *[
@@ -162,7 +171,7 @@ def tiny_inversion(tiny_pipe, tiny_source_latent: torch.Tensor):
 @pytest.fixture(scope="session")
 def builtin_estimator():
     """The bundled ONNX age/gender networks (sessions built once per test session)."""
-    from selfage_cli.ages.builtin import BuiltinEstimator
+    from selfage_cli.ages.engine.builtin import BuiltinEstimator
 
     return BuiltinEstimator()
 
@@ -170,7 +179,7 @@ def builtin_estimator():
 @pytest.fixture(scope="session")
 def aligned_portraits(tmp_path_factory: pytest.TempPathFactory, astronaut_path: Path, hopper_path: Path) -> dict:
     """The two packaged portraits FFHQ-aligned at 512 px by the align stage: {name: path of the PNG}."""
-    from selfage_cli.faces.align import align_file
+    from selfage_cli.faces.engine.align import align_file
 
     folder = tmp_path_factory.mktemp("aligned_portraits")
     paths = {}

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from selfage_cli import console
-from selfage_cli.ages import builtin, estimator
-from selfage_cli.ages.stage import label_ages
+from selfage_cli.ages.engine import builtin, estimator
+from selfage_cli.ages.stage import run_label_ages
 from selfage_cli.errors import SelfageError
-from selfage_cli.faces.align import align_file
+from selfage_cli.faces.engine.align import align_file
 from selfage_cli.project import Project
 
 
@@ -113,7 +113,7 @@ def test_label_ages_reg_without_dex_uses_the_builtin_estimator(
 ) -> None:
     reg = _reg_folder(tmp_path / "reg", aligned_portraits)
     project = Project(project_dir)
-    summary = label_ages(project, reg=reg)
+    summary = run_label_ages(project, reg=reg)
     assert summary.exit_code == 0 and summary.data["by_source"] == {"builtin": 2}
     images = {img["id"]: img for img in project.read()["regularisation"]["images"]}
     expected = builtin_estimator.estimate_one(Image.open(aligned_portraits["hopper"])).age
@@ -125,7 +125,7 @@ def test_label_ages_reg_without_dex_uses_the_builtin_estimator(
     # DEX weights known later (here from the environment): the builtin estimates are re-estimated by DEX,
     # and both stay in the candidates.
     monkeypatch.setenv("SELFAGE_DEX_WEIGHTS", str(dex_weights_path))
-    summary = label_ages(project, reg=reg)
+    summary = run_label_ages(project, reg=reg)
     assert summary.data["by_source"] == {"dex": 2}
     images = {img["id"]: img for img in project.read()["regularisation"]["images"]}
     assert set(images["hopper"]["age_candidates"]) == {"builtin", "dex"}
@@ -158,7 +158,7 @@ def test_label_ages_reg_with_a_dex_checkpoint_uses_dex(project_dir, tmp_path, al
     assert [img["age_source"] for img in images] == ["builtin", "builtin"]
     assert all(set(img["age_candidates"]) == {"dex", "builtin"} for img in images)
     # With auto again (the weights are remembered), the recorded DEX estimates win without re-running anything.
-    summary = label_ages(Project(project_dir), reg=reg)
+    summary = run_label_ages(Project(project_dir), reg=reg)
     assert summary.data["by_source"] == {"dex": 2}
 
 

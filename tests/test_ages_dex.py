@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from selfage_cli.ages import dex
+from selfage_cli.ages.engine import dex
 from selfage_cli.errors import SelfageError
 
 

@@ -11,8 +11,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from selfage_cli import console
-from selfage_cli.ages import reg as reg_module
-from selfage_cli.ages.reg import make_reg, parse_age_range, spread_ages
+from selfage_cli.ages import regularisation as reg_module
+from selfage_cli.ages.engine.regularisation import parse_age_range, spread_ages
+from selfage_cli.ages.regularisation import run_make_reg
 from selfage_cli.cli import app
 from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project
@@ -118,13 +119,13 @@ def test_make_reg_aligns_faces_and_verifies_with_dex(
         assert resolution == 128  # the tiny model's native resolution
         return [face if seed % 2 == 0 else noise for seed in seeds]
 
-    monkeypatch.setattr(reg_module, "_generate", fake_generate)
+    monkeypatch.setattr(reg_module, "generate_images", fake_generate)
     project = Project(project_dir)
     (project_dir / "reg" / "generated").mkdir(parents=True)
     (project_dir / "reg" / "generated" / "old.png").write_bytes(b"old")
     project.set_config(base_model=str(tiny_model_dir))
     with pytest.raises(SelfageError, match="--force"):
-        make_reg(
+        run_make_reg(
             project,
             count=2,
             age_range="20-40",
@@ -138,7 +139,7 @@ def test_make_reg_aligns_faces_and_verifies_with_dex(
             device="cpu",
             dtype="fp32",
         )
-    summary = make_reg(
+    summary = run_make_reg(
         project,
         count=2,
         age_range="20-40",

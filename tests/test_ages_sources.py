@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from selfage_cli.ages import sources
-from selfage_cli.ages.sources import ExifDateError, age_at, age_from_exif, age_from_filename, parse_ages_file
+from selfage_cli.ages.engine import sources
+from selfage_cli.ages.engine.sources import ExifDateError, age_at, age_from_exif, age_from_filename, parse_ages_file
 from selfage_cli.errors import SelfageError
 
 # ---- file names -------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from selfage_cli import console
-from selfage_cli.ages import sources
-from selfage_cli.ages.stage import label_ages
+from selfage_cli.ages.engine import sources
+from selfage_cli.ages.stage import run_label_ages
 from selfage_cli.cli import app
 from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project, sha256_file
@@ -191,12 +191,12 @@ def test_unreadable_exif_date_is_an_error_only_when_needed(project_dir, raw, ast
     ]
     project = _register(project_dir, photos, astronaut_path)
     with pytest.raises(SelfageError) as info:
-        label_ages(project, pairs=[], reg=None, ages_file=None, birth_date="1990-01-01", dex_weights=None)
+        run_label_ages(project, pairs=[], reg=None, ages_file=None, birth_date="1990-01-01", dex_weights=None)
     assert "broken_clock.jpg" in str(info.value) and "not a valid date" in str(info.value)
     assert "30_ok.jpg" not in str(info.value)
     assert _ages(project) == {"30_ok": (None, None), "broken_clock": (None, None)}
     console.configure()
-    summary = label_ages(
+    summary = run_label_ages(
         project, pairs=["broken_clock=29"], reg=None, ages_file=None, birth_date="1990-01-01", dex_weights=None
     )
     assert summary.exit_code == 0
@@ -241,10 +241,10 @@ def test_reg_folder_with_dex_fills_the_regularisation_set(
     def no_dex(*args, **kwargs):
         raise AssertionError("DEX should not be loaded")
 
-    monkeypatch.setattr("selfage_cli.ages.dex.load_dex", no_dex)
+    monkeypatch.setattr("selfage_cli.ages.engine.dex.load_dex", no_dex)
     (reg / "broken.png").unlink()
     console.configure()
-    summary = label_ages(project, pairs=["b=61"], reg=reg, ages_file=None, birth_date=None, dex_weights=None)
+    summary = run_label_ages(project, pairs=["b=61"], reg=reg, ages_file=None, birth_date=None, dex_weights=None)
     assert summary.exit_code == 0
     assert _ages(project, "regularisation") == {"25_a": (25, "filename"), "sub/b": (61, "file")}
 
@@ -258,7 +258,7 @@ def test_reg_image_needing_dex_uses_the_remembered_weights(
     reg.mkdir()
     shutil.copy(astronaut_path, reg / "face.png")
     calls = []
-    from selfage_cli.ages import dex
+    from selfage_cli.ages.engine import dex
 
     real_estimate = dex.DexEstimator.estimate
 
@@ -267,7 +267,7 @@ def test_reg_image_needing_dex_uses_the_remembered_weights(
         return real_estimate(self, images, **kwargs)
 
     monkeypatch.setattr(dex.DexEstimator, "estimate", counting_estimate)
-    summary = label_ages(
+    summary = run_label_ages(
         project, pairs=[], reg=reg, ages_file=None, birth_date=None, dex_weights=None, dex_preprocess="reference"
     )
     assert summary.exit_code == 0
@@ -277,13 +277,15 @@ def test_reg_image_needing_dex_uses_the_remembered_weights(
 
 def test_label_ages_after_the_real_align_stage(project_dir, raw, astronaut_path, hopper_path):
     """The entries `selfage align` writes are the ones label-ages reads (source name for file-name ages)."""
-    from selfage_cli.faces.stage import align_photos
+    from selfage_cli.faces.stage import run_align
 
     shutil.copy(astronaut_path, raw / "34_astronaut.png")
     shutil.copy(hopper_path, raw / "hopper.jpg")
     project = Project(project_dir)
-    aligned = align_photos(project, [raw], workers=1)
+    aligned = run_align(project, [raw], workers=1)
     assert aligned.exit_code == 0 and len(aligned.done) == 2
-    summary = label_ages(project, pairs=["hopper.jpg=79"], reg=None, ages_file=None, birth_date=None, dex_weights=None)
+    summary = run_label_ages(
+        project, pairs=["hopper.jpg=79"], reg=None, ages_file=None, birth_date=None, dex_weights=None
+    )
     assert summary.exit_code == 0
     assert _ages(project) == {"34_astronaut": (34, "filename"), "hopper": (79, "file")}

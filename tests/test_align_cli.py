@@ -153,13 +153,13 @@ def test_force_realigns_without_duplicates(photos, aligned, tmp_path):
 
 
 def test_mirror_image_is_the_same_person_in_a_process_pool(astronaut_path, tmp_path):
-    from selfage_cli.faces.stage import align_photos
+    from selfage_cli.faces.stage import run_align
 
     folder = tmp_path / "me"
     folder.mkdir()
     shutil.copy(astronaut_path, folder / "me_a.png")
     ImageOps.mirror(Image.open(astronaut_path).convert("RGB")).save(folder / "me_b.png")
-    summary = align_photos(Project(tmp_path / "proj"), [folder], workers=2)
+    summary = run_align(Project(tmp_path / "proj"), [folder], workers=2)
     assert summary.data["workers"] == 2
     assert sorted(d["id"] for d in summary.done) == ["me_a", "me_b"]
     assert summary.data["distances"]["me_a"]["me_b"] < 0.6

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from selfage_cli.faces.align import align_file, align_image
-from selfage_cli.faces.detect import MIN_EYE_DISTANCE, choose_faces, find_faces
-from selfage_cli.faces.errors import FaceTooSmallError, NoFaceError, UnreadableImageError
-from selfage_cli.faces.ffhq import ffhq_align, ffhq_quad, source_to_aligned
-from selfage_cli.faces.identity import SAME_PERSON_THRESHOLD, descriptor_distance, face_descriptor
-from selfage_cli.faces.loading import GREY_BACKGROUND, load_image, to_rgb
+from selfage_cli.faces.engine.align import align_file, align_image
+from selfage_cli.faces.engine.detect import MIN_EYE_DISTANCE, choose_faces, find_faces
+from selfage_cli.faces.engine.errors import FaceTooSmallError, NoFaceError, UnreadableImageError
+from selfage_cli.faces.engine.ffhq import ffhq_align, ffhq_quad, source_to_aligned
+from selfage_cli.faces.engine.identity import SAME_PERSON_THRESHOLD, descriptor_distance, face_descriptor
+from selfage_cli.faces.engine.loading import GREY_BACKGROUND, load_image, to_rgb
 
 # Bounds for "aligns to nearly the same image": mean absolute error (0–255 scale) over the central
 # 256×256 of the 512² output (the face; the corners hold padding or canvas, which differ by design).
@@ -354,7 +354,7 @@ def test_in_memory_array_input(astronaut):
 
 def test_missing_model_files_name_the_fix(tmp_path, monkeypatch):
     from selfage_cli.errors import SelfageError
-    from selfage_cli.faces import dlib_models
+    from selfage_cli.faces.engine import dlib_models
 
     monkeypatch.setenv("SELFAGE_DLIB_MODELS", str(tmp_path))
     with pytest.raises(SelfageError, match=r"shape_predictor_68_face_landmarks\.dat: dlib model file not found; pip"):

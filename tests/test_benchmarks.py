@@ -152,6 +152,7 @@ def _run_gpu_sh(args: list[str], out: Path, timeout: int = 600) -> subprocess.Co
     )
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = _run_gpu_sh(["--dry-run"], out)
@@ -189,6 +190,7 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert "align skipped" in result.stderr
 
 
+@pytest.mark.slow
 def test_gpu_script_variants_dry_run(tmp_path: Path) -> None:
     """``--variants``: the graph check (eager on a CPU, so identical), the profiled and plain train steps."""
     out = tmp_path / "out"
@@ -213,6 +215,7 @@ def test_gpu_script_variants_dry_run(tmp_path: Path) -> None:
     assert "latent cache on, --cuda-graph refused, 1 timed steps |" in table
 
 
+@pytest.mark.slow
 def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:
     import torch
 
@@ -225,6 +228,7 @@ def test_gpu_script_without_gpu_says_so(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
 
 
+@pytest.mark.slow
 def test_lora_effect_short_form(tmp_path: Path) -> None:
     """The lora_effect measurement in a short form: R computed and finite, the (a) repeat at R = 0,
     fused and unfused fp32 within 1e-5, R_train computed, the choice among the passing candidates."""
@@ -272,6 +276,7 @@ def test_lora_effect_short_form(tmp_path: Path) -> None:
     assert by[("lora_effect_inner_step", None)]["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_script_real_path_dry_run(tmp_path: Path) -> None:
     """``--real-path``: the 9-age edit with a LoRA loaded (its application in every edit line), the
     lora_effect measurement (no TF32 on a CPU: said so) and the graphed-vs-eager training check."""

@@ -20,7 +20,7 @@ from selfage_cli.cli import app
 from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project, find
 from selfage_cli.torch_files import CODE_REFUSED, CodeRefused, is_code_refusal, load_plain
-from selfage_cli.train.loop import Trainer
+from selfage_cli.train.engine.loop import Trainer
 
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -94,7 +94,7 @@ def test_dex_weights_that_would_run_code_are_refused_and_doctor_does_not_call_th
     text = runner.invoke(app, ["doctor", "-p", str(project), "--dex-weights", str(evil)], terminal_width=300)
     assert "unusable DEX weights" in one_line(text.output) and "ok      DEX" not in text.output
 
-    from selfage_cli.ages.dex import load_dex
+    from selfage_cli.ages.engine.dex import load_dex
 
     with pytest.raises(SelfageError) as info:
         load_dex(evil, "cpu")

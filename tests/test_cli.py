@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from selfage_cli.ages.engine.sources import parse_age_list
 from selfage_cli.cli import app
-from selfage_cli.cli.common import parse_int_list
 from selfage_cli.errors import SelfageError
 
 COMMANDS = ["align", "label-ages", "make-reg", "train", "edit", "eval", "demo", "doctor", "random-model"]
@@ -37,6 +37,7 @@ def test_stage_commands_share_the_common_options() -> None:
             assert option in text, (command, option)
 
 
+@pytest.mark.slow
 def test_version_and_module_entry_point() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "selfage_cli", "--version"], capture_output=True, text=True, check=False
@@ -97,8 +98,8 @@ def test_doctor_reports_missing_pieces_with_fixes(tmp_path: Path) -> None:
 )
 def test_age_lists_are_validated(value: str, message: str) -> None:
     with pytest.raises(SelfageError, match=message):
-        parse_int_list(value, "--ages")
-    assert parse_int_list("0, 20,80", "--ages") == [0, 20, 80]
+        parse_age_list(value, "--ages")
+    assert parse_age_list("0, 20,80", "--ages") == [0, 20, 80]
 
 
 def test_help_prose_is_one_line_per_paragraph_and_examples_stay_indented() -> None:

@@ -31,8 +31,8 @@ def captured(monkeypatch) -> dict[str, Any]:
 
         return stage
 
-    monkeypatch.setattr("selfage_cli.train.stage.train_project", keep("train"))
-    monkeypatch.setattr("selfage_cli.edit.stage.edit_project", keep("edit"))
+    monkeypatch.setattr("selfage_cli.train.stage.run_train", keep("train"))
+    monkeypatch.setattr("selfage_cli.edit.stage.run_edit", keep("edit"))
     return seen
 
 

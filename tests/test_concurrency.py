@@ -31,6 +31,7 @@ def selfage(*args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 def test_a_second_train_of_the_same_run_is_refused_while_the_first_trains(
     tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:
@@ -67,6 +68,7 @@ def test_a_second_train_of_the_same_run_is_refused_while_the_first_trains(
     assert not lock_file_for(folder).exists()  # the lock file goes with its holder
 
 
+@pytest.mark.slow
 def test_a_second_edit_of_the_same_photo_is_refused_while_the_first_writes(
     project_dir: Path, tiny_model_dir: Path, astronaut_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -12,6 +13,7 @@ from selfage_cli.cli import app
 from selfage_cli.project import Project
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path, dex_weights_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("SELFAGE_DEX_WEIGHTS", raising=False)
     folder = tmp_path / "demo"

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfage_cli.edit import p2p
 from selfage_cli.edit.cache import InversionCache, InversionKey
-from selfage_cli.edit.engine import P2PSettings, edit_ages, invert
+from selfage_cli.edit.engine import P2PSettings, edit_ages, invert, p2p
+from selfage_cli.edit.engine.ddim import encode_text
 from selfage_cli.edit.prompts import build_prompts
-from selfage_cli.edit.sampling import encode_text
 from selfage_cli.project import Project
 
 SOURCE_AGE = 30

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from selfage_cli.edit import inversion as inversion_module
-from selfage_cli.edit.attention import CROSS, SDPA, SELF, P2PAttnProcessor
 from selfage_cli.edit.engine import P2PSettings, decode_latents, edit_ages, invert
-from selfage_cli.edit.p2p import build_controller, sample_pass
+from selfage_cli.edit.engine import inversion as inversion_module
+from selfage_cli.edit.engine.attention import CROSS, SDPA, SELF, P2PAttnProcessor
+from selfage_cli.edit.engine.ddim import DDIMSchedule, encode_text
+from selfage_cli.edit.engine.p2p import build_controller, sample_pass
 from selfage_cli.edit.prompts import build_prompts
-from selfage_cli.edit.sampling import DDIMSchedule, encode_text
 from selfage_cli.models import SCHEDULER_CONFIG
 
 SOURCE_AGE = 30
@@ -196,6 +196,7 @@ def test_negative_prompt_inversion_uses_the_prompt_as_null(tiny_pipe, tiny_inver
     assert squared_error(result.latents[0], tiny_source_latent) < squared_error(plain.latents[0], tiny_source_latent)
 
 
+@pytest.mark.slow
 def test_half_precision_weights_match_the_fp32_optimisation(tiny_pipe, tiny_source_latent):
     """bf16 UNet weights, fp32 embedding/latents/loss: the same optimisation within tolerance.
 
@@ -365,6 +366,7 @@ def test_progress_reports_every_step(tiny_pipe, tiny_source_latent):
     assert ticks == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
+@pytest.mark.slow
 def test_compiled_unet_option_gives_the_same_inversion(tiny_pipe, tiny_source_latent):
     """The optional torch.compile path (eager backend here: the plumbing, not the speed) changes nothing."""
     prompt = build_prompts(SOURCE_AGE, [SOURCE_AGE], GENDER).source
@@ -376,7 +378,7 @@ def test_compiled_unet_option_gives_the_same_inversion(tiny_pipe, tiny_source_la
 
 
 def test_chunks_split_targets_by_max_batch():
-    from selfage_cli.edit.p2p import chunk_indices
+    from selfage_cli.edit.engine.p2p import chunk_indices
 
     assert chunk_indices(9, None) == [list(range(9))]
     assert chunk_indices(3, 2) == [[0, 1], [2]]
@@ -386,7 +388,7 @@ def test_chunks_split_targets_by_max_batch():
 
 def test_local_blend_mask_by_hand():
     """One-hot attention at a 4×4 blend layer → 3×3 max-pool → nearest ×2 → /max → > 0.3 → OR source."""
-    from selfage_cli.edit.blend import LocalBlend
+    from selfage_cli.edit.engine.blend import LocalBlend
 
     weights = torch.zeros(2, 77)
     weights[0, 1] = 1.0  # the source's blend word is token 1

@@ -18,38 +18,28 @@ from typer.testing import CliRunner
 
 from selfage_cli.cli import app
 from selfage_cli.edit import engine
-from selfage_cli.faces.loading import load_image
+from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project
+from tests.edit_cli import json_summary, run_edit
 
 runner = CliRunner()
-FAST = ["--ddim-steps", "2", "--inner-steps", "1", "--device", "cpu", "--dtype", "fp32"]
 AGE_COLOURS = {0: (200, 40, 40), 1: (40, 200, 40), 2: (40, 40, 200)}
 
 
 def edit(project: Path, model: Path, *args: str) -> tuple[int, str, dict | None]:
-    result = runner.invoke(
-        app, ["edit", *args, *FAST, "-p", str(project), "--base-model", str(model)], terminal_width=200
-    )
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, result.output, summary
+    result = run_edit(project, model, *args)
+    return result.exit_code, result.output, json_summary(result.stdout)
 
 
 def paste_only(project: Path, *args: str) -> tuple[int, str, dict | None]:
     result = runner.invoke(app, ["edit", "--paste-back-only", *args, "-p", str(project)], terminal_width=200)
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, result.output, summary
+    return result.exit_code, result.output, json_summary(result.stdout)
 
 
 @pytest.fixture
 def flat_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     """invert/edit_ages replaced by fast stand-ins: each target age comes back as one flat colour."""
-    from selfage_cli.edit.inversion import Inversion
+    from selfage_cli.edit.engine.inversion import Inversion
 
     def invert(pipe, image, prompt, *, steps=50, mode="null-text", guidance=7.5, **kwargs):
         side = image.width // int(pipe.vae_scale_factor)
@@ -286,7 +276,7 @@ def test_manifest_refuses_full_frame_paths_outside_the_project(project_dir: Path
 @pytest.mark.parametrize(("mode", "suffix"), [("L", ".png"), ("RGBA", ".png"), ("CMYK", ".jpg"), ("RGB", ".webp")])
 def test_any_pixel_mode_and_format(project_dir: Path, tmp_path: Path, astronaut_path: Path, mode: str, suffix: str):
     from selfage_cli.edit.paste_back import plan_full_outputs, source_photo, write_full_outputs
-    from selfage_cli.faces.align import align_image
+    from selfage_cli.faces.engine.align import align_image
     from selfage_cli.project import sha256_file
 
     upright = load_image(astronaut_path)

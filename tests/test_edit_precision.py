@@ -1,4 +1,4 @@
-"""How an edit holds its weights and applies the LoRA (``edit --dtype``, selfage_cli/edit/precision.py).
+"""How an edit holds its weights and applies the LoRA (``edit --dtype``, selfage_cli/edit/engine/precision.py).
 
 Each test loads its own pipelines from the tiny model's folder: fusing changes a pipeline's weights, so
 the shared ``tiny_pipe`` is never used for it (and is checked to stay untouched).
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfage_cli.edit.precision import PRECISIONS, EditPrecision, apply_precision, resolve_edit_precision
+from selfage_cli.edit.engine.precision import PRECISIONS, EditPrecision, apply_precision, resolve_edit_precision
 from selfage_cli.errors import SelfageError
 from selfage_cli.models import load_pipeline
 from selfage_cli.project import sha256_file
@@ -23,7 +23,7 @@ FP32_BRANCH = EditPrecision("fp32-branch", "fp32", "branch", "fp32")
 @pytest.fixture(scope="module")
 def lora_file(tiny_pipe, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A rank-4 LoRA on the tiny UNet and text encoder with non-zero B, saved as `selfage train` saves it."""
-    from selfage_cli.train.lora import add_lora, save_lora
+    from selfage_cli.train.engine.lora import add_lora, save_lora
 
     unet, text_encoder = copy.deepcopy(tiny_pipe.unet), copy.deepcopy(tiny_pipe.text_encoder)
     add_lora(unet, text_encoder, rank=4, seed=3)
@@ -43,7 +43,7 @@ def _pipe(model: Path, precision: EditPrecision, lora: Path | None):
 
 def _outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-encoder states of a prompt and the UNet's ε on them (fixed inputs), fp32."""
-    from selfage_cli.edit.sampling import encode_text
+    from selfage_cli.edit.engine.ddim import encode_text
 
     context = encode_text(pipe, ["photo of sks person as 40-year-old"])
     side = int(pipe.unet.config.sample_size)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from selfage_cli.edit.mapper import (
+from selfage_cli.edit.engine.mapper import (
     SD_MAX_TOKENS,
     equalizer,
     replacement_mapper,
@@ -15,7 +15,7 @@ from selfage_cli.edit.mapper import (
     word_token_counts,
     word_token_indices,
 )
-from selfage_cli.edit.p2p import blend_word_weights
+from selfage_cli.edit.engine.p2p import blend_word_weights
 from selfage_cli.edit.prompts import age_word, build_prompts, placeholder
 from selfage_cli.errors import SelfageError
 from selfage_cli.models import load_clip_tokenizer
@@ -163,7 +163,7 @@ def test_lengths_come_from_the_tokenizer(tokenizer):
 def test_the_controller_reweights_the_whole_age_word_like_the_reference(tokenizer):
     """The engine's re-weighting acts on "{age}-year-old" (every token of it), as the reference's
     equaliser does, not on the bare age number alone."""
-    from selfage_cli.edit.p2p import P2PSettings, build_controller
+    from selfage_cli.edit.engine.p2p import P2PSettings, build_controller
 
     prompts = build_prompts(30, [80, 5], "female")
     controller = build_controller(prompts, tokenizer, P2PSettings(reweight=2.0), steps=3, latent_side=8)

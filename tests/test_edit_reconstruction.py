@@ -1,11 +1,10 @@
 """Every edit scores its own inversion: the source branch's picture against the aligned input (PSNR,
 SSIM, dlib identity distance), recorded in the Edit entry, printed, in --json, and warned about below
-the documented thresholds (selfage_cli/edit/reconstruction.py).
+the documented thresholds (selfage_cli/edit/engine/reconstruction.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,31 +12,24 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from selfage_cli.cli import app
 from selfage_cli.edit import engine
-from selfage_cli.edit.reconstruction import (
+from selfage_cli.edit.engine.reconstruction import (
     PSNR_WARN_DB,
     SSIM_WARN,
     reconstruction_warning,
     score_reconstruction,
 )
-from selfage_cli.eval import metrics
+from selfage_cli.eval.engine import metrics
 from selfage_cli.project import Project
+from tests.edit_cli import json_summary, run_edit
 
 runner = CliRunner()
-FAST = ["--ddim-steps", "2", "--inner-steps", "1", "--device", "cpu", "--dtype", "fp32"]
 ARGS = ["--aligned", "--source-age", "40", "--no-lora", "--ages", "10,70"]
 
 
 def edit(project: Path, model: Path, *args: str) -> tuple[int, str, dict | None, str]:
-    result = runner.invoke(
-        app, ["edit", *args, *FAST, "-p", str(project), "--base-model", str(model)], terminal_width=400
-    )
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, result.output, summary, result.stderr or ""
+    result = run_edit(project, model, *args, width=400)
+    return result.exit_code, result.output, json_summary(result.stdout), result.stderr or ""
 
 
 def test_null_text_edit_records_prints_and_warns_about_its_reconstruction(

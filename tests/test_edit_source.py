@@ -8,7 +8,6 @@ the tiny model in 2 DDIM steps.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,14 +18,15 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from selfage_cli.ages import builtin
-from selfage_cli.cli import app
+from selfage_cli.ages.engine import builtin
 from selfage_cli.edit.source import GENDER_THRESHOLD
-from selfage_cli.faces.loading import load_image
+from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project
+from tests import edit_cli
+from tests.edit_cli import json_summary, run_edit
 
 runner = CliRunner()
-FAST = ["--ddim-steps", "2", "--inner-steps", "1", "--device", "cpu", "--dtype", "fp32", "--no-lora"]
+FAST = [*edit_cli.FAST, "--no-lora"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +36,8 @@ def _no_dex_from_the_environment(monkeypatch):
 
 
 def edit(project: Path, model: Path, *args: str) -> tuple[int, str, dict | None]:
-    result = runner.invoke(
-        app, ["edit", *args, *FAST, "-p", str(project), "--base-model", str(model)], terminal_width=200
-    )
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, " ".join(result.output.split()), summary
+    result = run_edit(project, model, *args, fast=FAST)
+    return result.exit_code, " ".join(result.output.split()), json_summary(result.stdout)
 
 
 def test_builtin_source_age_and_gender_above_the_threshold(
@@ -147,7 +141,7 @@ def test_no_round_source_age_pastes_the_same_float_every_run(
 def test_dex_preprocess_reference_is_the_reference_resize(
     project_dir, tiny_model_dir, aligned_portraits, dex_weights_path
 ) -> None:
-    from selfage_cli.ages.dex import expected_age, image_to_tensor, load_dex, resize_for_dex
+    from selfage_cli.ages.engine.dex import expected_age, image_to_tensor, load_dex, resize_for_dex
 
     code, output, _ = edit(
         project_dir,

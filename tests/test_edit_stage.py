@@ -21,20 +21,14 @@ from typer.testing import CliRunner
 from selfage_cli.cli import app
 from selfage_cli.edit import engine
 from selfage_cli.project import Project, sha256_file
+from tests.edit_cli import FAST, json_summary, run_edit
 
 runner = CliRunner()
-FAST = ["--ddim-steps", "2", "--inner-steps", "1", "--device", "cpu", "--dtype", "fp32"]
 
 
 def edit(project: Path, model: Path, *args: str) -> tuple[int, str, dict | None]:
-    result = runner.invoke(
-        app, ["edit", *args, *FAST, "-p", str(project), "--base-model", str(model)], terminal_width=200
-    )
-    summary = None
-    for line in (result.stdout or "").splitlines():
-        if line.startswith("{"):
-            summary = json.loads(line)
-    return result.exit_code, result.output, summary
+    result = run_edit(project, model, *args)
+    return result.exit_code, result.output, json_summary(result.stdout)
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> dict:
 
     Returns the calls: ``{"invert": [prompt, ...], "edit_ages": [EditPrompts, ...], "settings": [P2PSettings, ...]}``.
     """
-    from selfage_cli.edit.inversion import Inversion
+    from selfage_cli.edit.engine.inversion import Inversion
 
     seen: dict = {"invert": [], "edit_ages": [], "settings": []}
 
@@ -115,7 +109,7 @@ def _plain_result(calls: dict[str, int], pipe, inversion, prompts, **kwargs):
 
 def _make_lora(pipe, folder: Path, seed: int, meta: dict | None) -> Path:
     """A real diffusers-format LoRA for the tiny pipeline, written the way `selfage train` writes it."""
-    from selfage_cli.train.lora import add_lora, save_lora
+    from selfage_cli.train.engine.lora import add_lora, save_lora
 
     unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     add_lora(unet, text_encoder, rank=2, seed=seed)
@@ -279,7 +273,7 @@ def test_lora_default_run_and_cache_miss_when_the_lora_changes(
     assert code == 0, output
     record = Project(project_dir).read()["edits"][0]
     assert record["lora"] == "runs/a/pytorch_lora_weights.safetensors" and record["lora_run"] == "a"
-    assert record["lora_applied"] == "fused-fp32"  # folded into the fp32 weights (edit/precision.py)
+    assert record["lora_applied"] == "fused-fp32"  # folded into the fp32 weights (edit/engine/precision.py)
     assert record["prompts"]["source"] == "photo of sks woman as 40-year-old"
     assert stub_engine["edit_ages"][-1].targets == ["photo of sks woman as 20-year-old"]
     assert len(stub_engine["invert"]) == 1
@@ -371,8 +365,8 @@ def test_dex_source_age_is_rounded_recorded_and_reused(
     monkeypatch: pytest.MonkeyPatch,
     stub_engine: dict,
 ) -> None:
-    import selfage_cli.ages.dex as dex
-    from selfage_cli.ages.estimator import AgeEstimate
+    import selfage_cli.ages.engine.dex as dex
+    from selfage_cli.ages.engine.estimator import AgeEstimate
 
     estimates: list[int] = []
 

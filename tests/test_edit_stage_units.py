@@ -94,7 +94,7 @@ def test_cache_key_depends_on_everything_the_inversion_depends_on() -> None:
 
 
 def test_cache_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
-    from selfage_cli.edit.inversion import Inversion
+    from selfage_cli.edit.engine.inversion import Inversion
 
     cache = InversionCache(Project(tmp_path))
     key = _key()
@@ -205,7 +205,7 @@ def test_lora_option_takes_file_or_folder_and_warns_without_json(tmp_path: Path)
         resolve_lora(project, tmp_path / "empty", no_lora=False)
 
 
-def test_lora_for_another_base_model_is_refused(tiny_model_dir: Path, tiny_pipe) -> None:
+def test_lora_for_another_base_model_is_refused(tiny_model_dir: Path) -> None:
     from selfage_cli.models import model_fingerprint
 
     good = ResolvedLora(
@@ -213,13 +213,13 @@ def test_lora_for_another_base_model_is_refused(tiny_model_dir: Path, tiny_pipe)
         origin="t",
         meta={"base_model": str(tiny_model_dir), "base_model_fingerprint": model_fingerprint(tiny_model_dir)},
     )
-    check_base_model(good, str(tiny_model_dir), tiny_pipe)
+    check_base_model(good, str(tiny_model_dir))
     other = ResolvedLora(
         path=Path("x"), origin="t", meta={"base_model": "someone/else", "base_model_fingerprint": "0" * 16}
     )
     with pytest.raises(SelfageError, match="trained on someone/else"):
-        check_base_model(other, str(tiny_model_dir), tiny_pipe)
-    check_base_model(ResolvedLora(path=Path("x"), origin="t", meta=None), str(tiny_model_dir), tiny_pipe)
+        check_base_model(other, str(tiny_model_dir))
+    check_base_model(ResolvedLora(path=Path("x"), origin="t", meta=None), str(tiny_model_dir))
 
 
 def test_identifier_comes_from_the_training_prompt() -> None:
@@ -322,7 +322,7 @@ def test_aligned_inputs_are_read_like_the_align_stage(project_dir: Path, tmp_pat
     import numpy as np
 
     from selfage_cli.edit.inputs import register_aligned
-    from selfage_cli.faces.loading import load_image
+    from selfage_cli.faces.engine.loading import load_image
     from selfage_cli.summary import StageSummary
 
     project = Project(project_dir)

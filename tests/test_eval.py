@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from selfage_cli.eval import metrics
+from selfage_cli.eval.engine import metrics
 from selfage_cli.project import Project
 
 # The DEX layer table (issue 4), written out here rather than taken from our module.
@@ -142,16 +142,16 @@ def eval_project(tmp_path_factory: pytest.TempPathFactory, astronaut_path: Path,
 @pytest.fixture(scope="module")
 def dex_report(eval_project: Project, dex_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """One full evaluation (DEX + identity + reconstruction), shared by the tests below."""
-    from selfage_cli.eval.stage import evaluate_project
+    from selfage_cli.eval.stage import run_evaluate
 
     folder = tmp_path_factory.mktemp("report")
-    summary = evaluate_project(eval_project, edits=[], report_dir=folder, dex_weights=dex_checkpoint, device="cpu")
+    summary = run_evaluate(eval_project, edits=[], report_dir=folder, dex_weights=dex_checkpoint, device="cpu")
     return summary, folder
 
 
 @pytest.fixture(scope="module")
 def descriptors(eval_project: Project) -> dict[str, np.ndarray]:
-    from selfage_cli.faces.identity import face_descriptor
+    from selfage_cli.faces.engine.identity import face_descriptor
 
     out = {}
     for rel in (
@@ -275,9 +275,9 @@ def test_eval_without_any_age_estimator_reports_identity(eval_project: Project, 
 
 
 def test_eval_with_a_missing_dex_file_downgrades(eval_project: Project, tmp_path: Path) -> None:
-    from selfage_cli.eval.stage import evaluate_project
+    from selfage_cli.eval.stage import run_evaluate
 
-    summary = evaluate_project(
+    summary = run_evaluate(
         eval_project, edits=["hopper"], report_dir=tmp_path / "r", dex_weights=tmp_path / "nope.pth", device="cpu"
     )
     assert summary.exit_code == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfage_cli.eval import metrics
+from selfage_cli.eval.engine import metrics
 
 
 def _naive_ssim(x: np.ndarray, y: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""Paste-back geometry and blending (``selfage_cli.faces.paste_back``), without the diffusion model.
+"""Paste-back geometry and blending (``selfage_cli.faces.engine.paste_back``), without the diffusion model.
 
 Each test aligns a photo with the align stage's own code and pastes a crop back: the aligned crop
 itself (identity: the photo must come back), or a flat colour (locality: where exactly it lands).
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfage_cli.faces import paste_back as pb
-from selfage_cli.faces.align import align_image
-from selfage_cli.faces.ffhq import ffhq_quad
-from selfage_cli.faces.loading import load_image
+from selfage_cli.faces.engine import paste_back as pb
+from selfage_cli.faces.engine.align import align_image
+from selfage_cli.faces.engine.ffhq import ffhq_quad
+from selfage_cli.faces.engine.loading import load_image
 
 MIN_PSNR = 35.0  # dB inside the mask, the issue's bound
 MAX_SEAM_MAE = 2.0  # grey levels on the mask's boundary ring
@@ -162,7 +162,7 @@ def test_shrunk_alignment_and_model_sized_crop(hopper):
     """A photo large enough for the recipe's shrink step, and a crop at another side than the aligned one."""
     big = hopper.resize((hopper.width * 3, hopper.height * 3), Image.Resampling.LANCZOS)
     face = align_image(big, size=160, name="big")[0]
-    from selfage_cli.faces.ffhq import ffhq_geometry
+    from selfage_cli.faces.engine.ffhq import ffhq_geometry
 
     assert ffhq_geometry(face.landmarks, big.size, 160).shrink >= 2
     crop = face.image.resize((128, 128), Image.Resampling.LANCZOS)  # the model's resolution

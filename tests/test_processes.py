@@ -53,8 +53,8 @@ def first_step_loss(model: Path, project: Project, process: int) -> float:
     from accelerate.state import AcceleratorState
 
     from selfage_cli.models import load_pipeline
-    from selfage_cli.train.data import select_references, select_regularisation
-    from selfage_cli.train.loop import Trainer
+    from selfage_cli.train.engine.loop import Trainer
+    from selfage_cli.train.images import select_references, select_regularisation
 
     class AsProcess(Accelerator):
         process_index = process
@@ -71,6 +71,7 @@ def first_step_loss(model: Path, project: Project, process: int) -> float:
     return float(loss.detach())
 
 
+@pytest.mark.slow
 def test_training_with_two_processes(
     tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:
@@ -99,6 +100,7 @@ def test_training_with_two_processes(
     assert log[0]["loss"] == pytest.approx(sum(losses) / 2, abs=2e-5)
 
 
+@pytest.mark.slow
 def test_an_error_of_the_main_process_is_printed_once(
     tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:
@@ -114,6 +116,7 @@ def test_an_error_of_the_main_process_is_printed_once(
     assert (project.root / "runs" / "taken" / "loss.jsonl").read_text() == ""  # nothing touched
 
 
+@pytest.mark.slow
 def test_editing_with_two_processes_splits_the_photos(
     tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:
@@ -160,6 +163,7 @@ def test_single_process_commands_refuse_a_launcher(rank: str, tmp_path: Path, mo
     assert not (tmp_path / "proj").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_after_the_same_step_and_the_run_resumes_bit_identically(
     tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:

@@ -16,11 +16,11 @@ from test_train_run import make_train_project
 from typer.testing import CliRunner
 
 from selfage_cli.cli import app
-from selfage_cli.edit.attention import CROSS, SDPA, SELF
 from selfage_cli.edit.engine import P2PSettings, edit_ages, encode_image, invert
-from selfage_cli.edit.p2p import build_controller, sample_pass
+from selfage_cli.edit.engine.attention import CROSS, SDPA, SELF
+from selfage_cli.edit.engine.ddim import DDIMSchedule, encode_text
+from selfage_cli.edit.engine.p2p import build_controller, sample_pass
 from selfage_cli.edit.prompts import build_prompts
-from selfage_cli.edit.sampling import DDIMSchedule, encode_text
 from selfage_cli.models import load_pipeline, native_resolution, save_random_model
 
 STEPS = 10
@@ -91,6 +91,7 @@ def test_attention_control_finds_the_layers_by_resolution(sd2_pipe, inversion) -
     assert controller.calls[SDPA] == 20 * STEPS - controller.calls[SELF] - controller.calls[CROSS]
 
 
+@pytest.mark.slow
 def test_train_then_edit_from_the_command_line(
     sd2_dir: Path, tmp_path: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:

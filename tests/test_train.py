@@ -14,9 +14,10 @@ from PIL import Image
 from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project
 from selfage_cli.train.config import TrainConfig
-from selfage_cli.train.contrastive import nt_xent_per_channel
-from selfage_cli.train.data import BatchPlan, load_pixels, select_references, select_regularisation
-from selfage_cli.train.loop import Trainer
+from selfage_cli.train.engine.contrastive import nt_xent_per_channel
+from selfage_cli.train.engine.data import BatchPlan, load_pixels
+from selfage_cli.train.engine.loop import Trainer
+from selfage_cli.train.images import select_references, select_regularisation
 
 CHECK_PRED = [[[[1, 0]], [[0, 1]]], [[[0, 1]], [[1, 1]]]]
 CHECK_TARGET = [[[[1, 1]], [[0, 1]]], [[[1, 0]], [[1, -1]]]]
@@ -194,7 +195,7 @@ def test_resolution_multiple_comes_from_the_loaded_model(tiny_pipe: object) -> N
 def test_a_stop_request_waits_for_the_step_unless_ctrl_c_comes_again(monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
-    from selfage_cli.train import loop
+    from selfage_cli.train.engine import loop
 
     clock = iter([100.0, 100.2, 101.5])
     monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from selfage_cli.cli import app
 from selfage_cli.project import Project, find
-from selfage_cli.train.loop import Trainer
+from selfage_cli.train.engine.loop import Trainer
 
 runner = CliRunner()
 FAST = [
@@ -163,6 +163,7 @@ def test_force_replaces_a_finished_run(from_raw_photos: dict[str, Any]) -> None:
     assert len(runs) == 1 and runs[0]["finished"] is True
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_current_step_and_saves_it(
     tmp_path: Path, tiny_model_dir: Path, astronaut_path: Path, hopper_path: Path
 ) -> None:

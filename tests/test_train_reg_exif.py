@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfage_cli.train.data import LatentSource, TrainImage, load_pixels
+from selfage_cli.train.engine.data import LatentSource, TrainImage, load_pixels
 
 ORIENTATION = 0x0112
 

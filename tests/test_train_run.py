@@ -18,8 +18,8 @@ from selfage_cli import console
 from selfage_cli.errors import EXIT_INTERRUPTED, InterruptedRun, SelfageError
 from selfage_cli.project import Project, find
 from selfage_cli.train.config import TrainConfig
-from selfage_cli.train.loop import Trainer
-from selfage_cli.train.stage import train_project
+from selfage_cli.train.engine.loop import Trainer
+from selfage_cli.train.stage import run_train
 
 REF_AGES = (30, 40, 50)
 REG_AGES = (8, 25, 65, 80)
@@ -76,7 +76,7 @@ def tiny_config(model: Path, **overrides: Any) -> TrainConfig:
 def run(project: Project, config: TrainConfig, name: str, **kwargs: Any):
     args = dict(refs=None, reg=None, birth_date=None, ages_file=None, run_name=name, resume=False, force=False)
     args.update(kwargs)
-    return train_project(project, config, **args)
+    return run_train(project, config, **args)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def trained(
         mp.setattr(AutoencoderKL, "encode", spy_encode)
         mp.setattr(models, "load_pipeline", capture_load)
         mp.setattr(Trainer, "on_step_end", capture_trainer)
-        mp.setattr("selfage_cli.train.validate.VALIDATION_STEPS", 2)
+        mp.setattr("selfage_cli.train.engine.validate.VALIDATION_STEPS", 2)
         summary = run(project, tiny_config(tiny_model_dir, validate_ages="20,60"), "full")
     yield {"project": project, "summary": summary, "encoded": encoded, **captured}
 
@@ -321,7 +321,7 @@ def test_v_prediction_models_train_on_the_velocity(trained: dict[str, Any], tiny
     assert not torch.allclose(seen["target"], seen["noise"])
 
 
-# ---- the whole-step CUDA graph (train/graphs.py), on the CPU with stand-in recorders -------------------
+# ---- the whole-step CUDA graph (train/engine/cuda_graph.py), on the CPU with stand-in recorders -------------------
 class StandInGraphs:
     """Records nothing: a replay runs the recorded body again, on the very tensors it was given, with
     fresh gradients (a real replay rewrites the gradient buffers its recording created)."""
@@ -384,7 +384,7 @@ class BrokenGraphs(StandInGraphs):
 
 
 def _graph_run(trained: dict[str, Any], tiny_pipe: Any, backend: Any, steps: int = 5) -> tuple[list[float], Trainer]:
-    from selfage_cli.train.graphs import GraphedStep
+    from selfage_cli.train.engine.cuda_graph import GraphedStep
 
     refs, regs = trained["trainer"].refs, trained["trainer"].regs
     config = tiny_config(Path(trained["trainer"].config.base_model))
@@ -422,7 +422,7 @@ def test_graphed_fit_checkpoints_and_resumes_to_the_eager_run(
 ) -> None:
     """fit() with the graphed step: checkpoints taken between replays, a resume that warms up and records
     again, and the end of training (the graph released) give the weights and losses of an eager run."""
-    from selfage_cli.train.graphs import GraphedStep
+    from selfage_cli.train.engine.cuda_graph import GraphedStep
 
     refs, regs = trained["trainer"].refs, trained["trainer"].regs
     config = tiny_config(Path(trained["trainer"].config.base_model), steps=6, checkpoint_every=2)
@@ -483,7 +483,7 @@ def test_a_wrong_or_failed_graph_is_undone_and_training_goes_on_eagerly(
 def test_cuda_graph_is_refused_with_a_reason_where_it_cannot_work(
     trained: dict[str, Any], tiny_pipe: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from selfage_cli.train.graphs import why_not_graphed
+    from selfage_cli.train.engine.cuda_graph import why_not_graphed
 
     refs, regs = trained["trainer"].refs, trained["trainer"].regs
     config = tiny_config(Path(trained["trainer"].config.base_model), cuda_graph=True)
@@ -521,7 +521,7 @@ def test_cuda_graph_is_refused_with_a_reason_where_it_cannot_work(
 def test_cuda_graph_is_used_wherever_it_works_unless_turned_off(
     capsys: pytest.CaptureFixture[str], asked: bool | None, device: str, wanted: bool, warned: bool
 ) -> None:
-    from selfage_cli.train.graphs import graph_wanted
+    from selfage_cli.train.engine.cuda_graph import graph_wanted
 
     config = TrainConfig(cuda_graph=asked)
     assert graph_wanted(config, device, torch.bfloat16, 1) is wanted

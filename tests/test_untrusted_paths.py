@@ -14,7 +14,7 @@ from selfage_cli.cli import app
 from selfage_cli.edit.outputs import plan_outputs
 from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project
-from selfage_cli.train.loop import list_checkpoints
+from selfage_cli.train.engine.loop import list_checkpoints
 
 runner = CliRunner()
 

@@ -223,7 +223,7 @@ def test_train_names_only_ways_to_give_an_age_that_train_accepts(
 
 
 def test_a_damaged_exif_block_gives_our_sentence_not_pillows_warning(tmp_path: Path) -> None:
-    from selfage_cli.ages.sources import ExifDateError, exif_date
+    from selfage_cli.ages.engine.sources import ExifDateError, exif_date
 
     exif = Image.Exif()
     exif[0x010F] = "Camera"  # a Make tag, no date
@@ -239,7 +239,7 @@ def test_a_damaged_exif_block_gives_our_sentence_not_pillows_warning(tmp_path: P
         warnings.simplefilter("error")  # any warning leaking out fails the test
         with pytest.raises(ExifDateError, match="its EXIF block is damaged"):
             exif_date(photo)
-        from selfage_cli.faces.loading import load_image
+        from selfage_cli.faces.engine.loading import load_image
 
         load_image(photo)
 

@@ -1,2 +1,3 @@
-"""Ages: ``label-ages`` (stage.py), the age sources (sources.py), the DEX classifier (dex.py) and the
-regularisation set (reg.py: ``--reg`` folders and ``make-reg``). See docs/ages.md."""
+"""Ages: ``label-ages`` (stage.py) and the regularisation set (regularisation.py: ``--reg`` folders
+and ``make-reg``); the estimators, age sources and image generation they call are in engine/.
+See docs/ages.md."""

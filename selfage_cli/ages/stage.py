@@ -7,7 +7,7 @@ Sources (names used by ``--prefer`` and recorded as ``age_source``):
 * ``exif``: the EXIF date of the raw photo with ``--birth-date`` (references only: a birth date
   belongs to one person);
 * ``estimate``: an age estimator's estimate on the aligned image, rounded to whole years: DEX or the
-  builtin networks (``--age-estimator``, :mod:`selfage_cli.ages.estimator`); recorded under the
+  builtin networks (``--age-estimator``, :mod:`selfage_cli.ages.engine.estimator`); recorded under the
   estimator's name (``age_source: "dex"`` or ``"builtin"``, and in ``age_candidates``). ``dex`` and
   ``builtin`` are accepted in ``--prefer`` as other names of this slot.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from selfage_cli import console
-from selfage_cli.ages import sources
+from selfage_cli.ages.engine import sources
 from selfage_cli.errors import SelfageError
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
@@ -97,7 +97,7 @@ def parse_prefer(prefer: str) -> list[str]:
     return names
 
 
-def label_ages(
+def run_label_ages(
     project: Project,
     *,
     pairs: list[str] | None = None,
@@ -117,12 +117,12 @@ def label_ages(
     ``force``: ``reg`` may replace a regularisation set recorded before (generated, or another folder);
     without it that is refused (exit 2). ``ways_to_give_an_age``: the fix named when an image has no age
     (the calling command's options)."""
-    from selfage_cli.ages.dex import check_preprocess
+    from selfage_cli.ages.engine.dex import check_preprocess
 
     summary = StageSummary("label-ages")
     order = parse_prefer(prefer)
     check_preprocess(dex_preprocess)
-    from selfage_cli.ages.estimator import check_choice
+    from selfage_cli.ages.engine.estimator import check_choice
 
     age_estimator = check_choice(age_estimator)
     given = sources.parse_ages_file(ages_file) if ages_file is not None else {}
@@ -154,7 +154,7 @@ def label_ages(
             _refuse_replacing_set(manifest, reg_folder)
         items.extend(reg_items)
 
-    _apply_names(items, given, summary)
+    _apply_names(items, given)
     for item in items:
         name_age = sources.age_from_filename(item.source.name if item.source is not None else item.id)
         if name_age is None:
@@ -209,7 +209,7 @@ def _previous_candidates(entry: dict[str, Any]) -> dict[str, float]:
 
 
 def _regularisation_items(reg: Path, manifest: dict[str, Any], summary: StageSummary) -> tuple[Path, list[AgeItem]]:
-    from selfage_cli.ages.reg import scan_reg_folder
+    from selfage_cli.ages.engine.regularisation import scan_reg_folder
 
     folder, images, unreadable = scan_reg_folder(reg)
     for path, reason in unreadable:
@@ -228,7 +228,7 @@ def _regularisation_items(reg: Path, manifest: dict[str, Any], summary: StageSum
     return folder, items
 
 
-def _apply_names(items: list[AgeItem], given: dict[str, int], summary: StageSummary) -> None:
+def _apply_names(items: list[AgeItem], given: dict[str, int]) -> None:
     """Put ages from the ages file / NAME=AGE pairs on the images whose names they give."""
     unmatched: list[str] = []
     for name, age in given.items():
@@ -296,7 +296,7 @@ def _run_estimator_if_needed(
     Returns the order in which recorded estimates are preferred: the estimator asked for explicitly
     first; with ``auto``, DEX's (an earlier DEX estimate is kept when only the builtin one could run).
     """
-    from selfage_cli.ages import estimator
+    from selfage_cli.ages.engine import estimator
 
     if ESTIMATE not in order or not items:
         return ESTIMATOR_PREFERENCE
@@ -314,7 +314,7 @@ def _run_estimator_if_needed(
         needing = items  # weights given explicitly: estimate everything, for the conflict warnings too
     if not needing:
         return preference
-    from selfage_cli.faces.loading import load_image
+    from selfage_cli.faces.engine.loading import load_image
 
     images = []
     for item in needing:

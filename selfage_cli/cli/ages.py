@@ -115,7 +115,7 @@ def label_ages(
     common = Common(command="label-ages", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
 
     def action():
-        from selfage_cli.ages.stage import label_ages as label
+        from selfage_cli.ages.stage import run_label_ages as label
 
         return label(
             common.open_project(),
@@ -182,7 +182,7 @@ def make_reg(
     )
 
     def action():
-        from selfage_cli.ages.reg import make_reg as generate
+        from selfage_cli.ages.regularisation import run_make_reg as generate
 
         proj = common.open_project()
         return generate(

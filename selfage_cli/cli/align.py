@@ -64,12 +64,12 @@ def align(
     common = Common(command="align", project=project, json=json_out, quiet=quiet, debug=debug)
 
     def action():
-        from selfage_cli.faces.stage import align_photos, check_identity
+        from selfage_cli.faces.stage import check_identity, run_align
 
         proj = common.open_project()
         if check:
             return check_identity(proj)
-        return align_photos(
+        return run_align(
             proj,
             sources or [],
             role=role,

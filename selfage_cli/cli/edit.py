@@ -17,7 +17,6 @@ from selfage_cli.cli.common import (
     JsonOpt,
     ProjectOpt,
     QuietOpt,
-    parse_int_list,
     run,
 )
 
@@ -143,8 +142,8 @@ def edit(
         bool,
         typer.Option(
             "--compile",
-            help="torch.compile the inversion's UNet (GPU): ~2 min once per call, then null-text inversion "
-            "~3x faster (35 -> 11 s on an H100); worth it from ~5 photos per call.",
+            help="torch.compile the inversion's UNet (GPU): a compile of minutes once per call, then a faster "
+            "null-text inversion; worth it for many photos per call (docs/benchmarks.md).",
         ),
     ] = False,
     cuda_graph: Annotated[
@@ -197,8 +196,9 @@ def edit(
     )
 
     def action():
+        from selfage_cli.ages.engine.sources import parse_age_list
         from selfage_cli.edit.config import EditConfig
-        from selfage_cli.edit.stage import edit_project
+        from selfage_cli.edit.stage import run_edit
 
         proj = common.open_project()
         if paste_back_only:
@@ -207,7 +207,7 @@ def edit(
             check_call(aligned, True)
             return paste_back_recorded(proj, images or [], side_by_side=side_by_side, gif=gif, force=force)
         config = EditConfig(
-            ages=parse_int_list(ages, "--ages"),
+            ages=parse_age_list(ages, "--ages"),
             side_by_side=side_by_side,
             gif=gif,
             source_age=int(source_age) if source_age is not None and float(source_age).is_integer() else source_age,
@@ -230,7 +230,7 @@ def edit(
             age_estimator=age_estimator,
             dex_preprocess=dex_preprocess,
         )
-        return edit_project(
+        return run_edit(
             proj,
             config,
             images=images or [],

@@ -67,9 +67,9 @@ def evaluate(
     common = Common(command="eval", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
 
     def action():
-        from selfage_cli.eval.stage import evaluate_project
+        from selfage_cli.eval.stage import run_evaluate
 
-        return evaluate_project(
+        return run_evaluate(
             common.open_project(),
             edits=edits or [],
             report_dir=report,

@@ -19,7 +19,7 @@ from selfage_cli.cli.common import (
     run,
 )
 
-# The options whose explicit use --resume checks (parameter name → TrainConfig field or train_project argument).
+# The options whose explicit use --resume checks (parameter name → TrainConfig field or run_train argument).
 RESUME_CHECKED = {
     "refs": "refs",
     "reg": "reg",
@@ -155,8 +155,8 @@ def train(
         bool,
         typer.Option(
             "--compile",
-            help="torch.compile the UNet (GPU): ~2 min to compile, then ~2x faster steps on an H100 "
-            "(0.10 vs 0.19-0.22 s); pays off beyond ~1,500 steps or with a warm compile cache.",
+            help="torch.compile the UNet (GPU): a compile of minutes, then faster steps; pays off on long "
+            "runs or with a warm compile cache (docs/benchmarks.md).",
         ),
     ] = False,
     compile_mode: Annotated[
@@ -172,7 +172,7 @@ def train(
         bool | None,
         typer.Option(
             "--cuda-graph/--no-cuda-graph",
-            help="Replay each step from one CUDA graph (same operations, about 2x faster on an H100; no "
+            help="Replay each step from one CUDA graph (same operations, faster steps on a GPU; no "
             "compile), checked against eager execution at its first replay, which it falls back to. "
             "Default: on wherever it works (a CUDA GPU, one process, no --compile, --gradient-accumulation, "
             "--gradient-checkpointing, --use-8bit-adam or fp16); --cuda-graph warns where it cannot.",
@@ -234,7 +234,7 @@ def train(
 
     def action():
         from selfage_cli.train.config import TrainConfig
-        from selfage_cli.train.stage import train_project
+        from selfage_cli.train.stage import run_train
 
         proj = common.open_project()
         config = TrainConfig(
@@ -264,7 +264,7 @@ def train(
             device=device,
             dtype=dtype,
         )
-        return train_project(
+        return run_train(
             proj,
             config,
             refs=refs,

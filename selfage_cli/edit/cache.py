@@ -23,7 +23,7 @@ from selfage_cli import console
 from selfage_cli.files import atomic_save
 
 if TYPE_CHECKING:
-    from selfage_cli.edit.inversion import Inversion
+    from selfage_cli.edit.engine.inversion import Inversion
     from selfage_cli.project import Project
 
 CACHE_DIR = ("cache", "inversions")
@@ -124,7 +124,7 @@ class InversionCache:
 def _read(path: Path, key: InversionKey) -> Inversion:
     from safetensors import safe_open
 
-    from selfage_cli.edit.inversion import Inversion
+    from selfage_cli.edit.engine.inversion import Inversion
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from selfage_cli.ages.sources import MAX_AGE, MIN_AGE, check_age_list
+from selfage_cli.ages.engine.sources import MAX_AGE, MIN_AGE, check_age_list
 from selfage_cli.edit.prompts import GENDERS
 from selfage_cli.errors import SelfageError
 
@@ -42,8 +42,8 @@ class EditConfig:
     compile: bool = False  # torch.compile the inversion's UNet (engineering only: same method)
     cuda_graph: bool = True  # replay the inversion's UNet from CUDA graphs on a GPU (same kernels, checked)
     paste_back: bool = False  # also write each age pasted back into the source photo (edit/paste_back.py)
-    age_estimator: str = "auto"  # who estimates a missing source age: dex, builtin or auto (ages/estimator.py)
-    dex_preprocess: str = "antialias"  # DEX's resize, as in label-ages (ages/dex.py)
+    age_estimator: str = "auto"  # who estimates a missing source age: dex, builtin or auto (ages/engine/estimator.py)
+    dex_preprocess: str = "antialias"  # DEX's resize, as in label-ages (ages/engine/dex.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,8 +72,8 @@ class EditConfig:
                     "out (estimated)."
                 )
             self.gender = gender
-        from selfage_cli.ages.dex import check_preprocess
-        from selfage_cli.ages.estimator import check_choice
+        from selfage_cli.ages.engine.dex import check_preprocess
+        from selfage_cli.ages.engine.estimator import check_choice
 
         self.age_estimator = check_choice(self.age_estimator)
         check_preprocess(self.dex_preprocess)
@@ -103,10 +103,6 @@ class EditConfig:
         if self.max_batch is not None:
             _check_int("--max-batch", self.max_batch, 1, 10_000)
         _check_int("--seed", self.seed, 0, 2**63 - 1)
-
-    @property
-    def needs_source_age(self) -> bool:
-        return self.source_age is None
 
     def prompt_age(self, age: float | int) -> float | int:
         """The age as it goes into the inversion prompt: rounded to an integer unless --no-round-source-age

@@ -1,6 +1,6 @@
 """The photos an edit works on: registering them as project inputs and loading them for the model.
 
-Raw photos go through the align stage's own code (``selfage_cli.faces.stage.align_photos`` with
+Raw photos go through the align stage's own code (``selfage_cli.faces.stage.run_align`` with
 ``role="inputs"``). With ``--aligned`` the photos are taken as FFHQ-aligned squares: each is copied,
 resized to the model's native resolution, into ``inputs/aligned/<id>.png`` and registered (the
 original file is never modified). Without IMAGES every registered input is edited.
@@ -15,8 +15,8 @@ from typing import Any
 from PIL import Image
 
 from selfage_cli.errors import SelfageError
-from selfage_cli.faces.errors import UnreadableImageError
-from selfage_cli.faces.loading import IMAGE_SUFFIXES, load_image
+from selfage_cli.faces.engine.errors import UnreadableImageError
+from selfage_cli.faces.engine.loading import IMAGE_SUFFIXES, load_image
 from selfage_cli.faces.stage import safe_id, taken_ids, unique_id
 from selfage_cli.files import atomic_save
 from selfage_cli.project import Project, now_iso, sha256_file, upsert
@@ -138,9 +138,9 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
 
 def register_raw(project: Project, files: list[Path], resolution: int, summary: StageSummary) -> list[InputPhoto]:
     """Align raw photos with the align stage's code (role ``inputs``) and return their entries."""
-    from selfage_cli.faces.stage import align_photos
+    from selfage_cli.faces.stage import run_align
 
-    aligned = align_photos(project, files, role="inputs", size=max(ALIGN_MIN_SIZE, resolution))
+    aligned = run_align(project, files, role="inputs", size=max(ALIGN_MIN_SIZE, resolution))
     summary.warnings.extend(aligned.warnings)
     reasons = {failure.item: failure.reason for failure in aligned.failures}
     out: list[InputPhoto] = []

@@ -24,7 +24,7 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.errors import ModelNotFoundError, SelfageError
 from selfage_cli.project import Project, sha256_file
-from selfage_cli.train.lora import META_NAME, WEIGHT_NAME
+from selfage_cli.train.engine.lora import META_NAME, WEIGHT_NAME
 
 DEFAULT_IDENTIFIER = "sks"
 
@@ -221,7 +221,7 @@ def _default_run(project: Project) -> ResolvedLora:
     return ResolvedLora(path=file, origin=f"latest finished run {run.get('name')}", meta=meta, run=run.get("name"))
 
 
-def check_base_model(resolved: ResolvedLora, base_model: str, pipe: Any) -> None:
+def check_base_model(resolved: ResolvedLora, base_model: str) -> None:
     """Refuse (exit 2) a LoRA whose JSON records another base model than the one loaded.
 
     The JSON's ``base_model_fingerprint`` is compared with the content fingerprint of

@@ -2,7 +2,7 @@
 
 Per edited age, ``edits/<id>/<age>_full.<ext>`` is the source photo (EXIF orientation applied, as the
 user sees it) with the edited crop blended back where it was aligned from
-(:mod:`selfage_cli.faces.paste_back`); JPEG photos give JPEG files (quality :data:`JPEG_QUALITY`, 4:4:4,
+(:mod:`selfage_cli.faces.engine.paste_back`); JPEG photos give JPEG files (quality :data:`JPEG_QUALITY`, 4:4:4,
 the photo's RGB colour profile and EXIF kept, orientation tag dropped), all others PNG. With
 ``--side-by-side`` and ``--gif`` also ``strip_full.<ext>`` (the photo then every age, each tile at most
 :data:`STRIP_TILE_WIDTH` px wide, labelled) and ``ages_full.gif`` (at most :data:`GIF_SIDE` px).
@@ -138,8 +138,8 @@ def write_full_outputs(
 ) -> dict[str, Any]:
     """Paste every age's crop into the photo and write the files; returns the Edit entry's keys
     (``full_outputs``, ``strip_full``, ``gif_full``; project-relative)."""
-    from selfage_cli.faces.loading import load_image
-    from selfage_cli.faces.paste_back import Placement, paste_into
+    from selfage_cli.faces.engine.loading import load_image
+    from selfage_cli.faces.engine.paste_back import Placement, paste_into
 
     photo = load_image(source.path)
     save_kwargs = _save_options(source.path, source.suffix)

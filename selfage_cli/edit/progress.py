@@ -34,7 +34,7 @@ class PhasedTask:
         self.bar.update(self.task, completed=done, total=total)
 
     def inversion(self, steps: int) -> Callable[[int, int], None]:
-        """The callback for :func:`~selfage_cli.edit.inversion.invert`, which counts its two phases as one
+        """The callback for :func:`~selfage_cli.edit.engine.inversion.invert`, which counts its two phases as one
         (``total`` = 2 × ``steps`` with null-text optimisation): split there into two phases."""
         self.start("inverting (DDIM)", steps)
 

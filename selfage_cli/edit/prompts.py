@@ -10,22 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from selfage_cli.ages.engine.bands import age_band
 from selfage_cli.errors import SelfageError
 
 GENDERS = ("female", "male")
-# The placeholder's age bands, (name, first age); eval reports age errors per band.
-AGE_BANDS: tuple[tuple[str, int], ...] = (("baby", 0), ("child", 5), ("adult", 15), ("elderly", 65))
-_BAND_WORDS = {  # band → (female, male, no gender)
+_BAND_WORDS = {  # age band (selfage_cli.ages.engine.bands) → (female, male, no gender)
     "baby": ("baby", "baby", "baby"),
     "child": ("girl", "boy", "child"),
     "adult": ("woman", "man", "person"),
     "elderly": ("elderly", "elderly", "elderly"),
 }
-
-
-def age_band(age: float) -> str:
-    """The band of an age: baby < 5, child 5–14, adult 15–64, elderly ≥ 65 (ages below 0 count as baby)."""
-    return next((name for name, first in reversed(AGE_BANDS) if age >= first), AGE_BANDS[0][0])
 
 
 def placeholder(age: float, gender: str | None) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from selfage_cli import console
-from selfage_cli.ages.estimator import AgeEstimate, AgeEstimator
-from selfage_cli.faces.loading import load_image
+from selfage_cli.ages.engine.estimator import AgeEstimate, AgeEstimator
+from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project, find
 
 GENDER_THRESHOLD = 0.9  # the builtin gender call is used only at this confidence or above
@@ -46,7 +46,7 @@ class SourceFacts:
     # ---- estimators ----
     def estimator(self, name: str) -> AgeEstimator:
         if name not in self._estimators:
-            from selfage_cli.ages import estimator
+            from selfage_cli.ages.engine import estimator
 
             self._estimators[name] = estimator.load(
                 name,
@@ -58,7 +58,7 @@ class SourceFacts:
         return self._estimators[name]
 
     def chosen(self) -> str:
-        from selfage_cli.ages import estimator
+        from selfage_cli.ages.engine import estimator
 
         return estimator.choose(getattr(self.config, "age_estimator", "auto"), self.dex_weights, self.project)
 
@@ -119,7 +119,7 @@ class SourceFacts:
             return None, "none", None
         if given is not None:
             return given, "option", None
-        from selfage_cli.ages.builtin import available
+        from selfage_cli.ages.engine.builtin import available
 
         ok, why = available()
         if not ok:

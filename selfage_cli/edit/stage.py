@@ -22,9 +22,9 @@ from selfage_cli.edit import inputs as input_photos
 from selfage_cli.edit import paste_back
 from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
+from selfage_cli.edit.engine.precision import apply_precision, resolve_edit_precision
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, load_lora, resolve_lora
 from selfage_cli.edit.outputs import EditOutputs, existing_outputs, outputs_held, plan_outputs, write_outputs
-from selfage_cli.edit.precision import apply_precision, resolve_edit_precision
 from selfage_cli.edit.progress import PhasedTask
 from selfage_cli.edit.record import record_edit
 from selfage_cli.errors import SelfageError, environment_error, is_out_of_memory
@@ -41,7 +41,7 @@ from selfage_cli.project import Project, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
 
-def edit_project(
+def run_edit(
     project: Project,
     config: EditConfig,
     *,
@@ -114,7 +114,7 @@ class _EditContext:
     resolution: int
     dex_weights: Path | None
     device: Any
-    lora_applied: str = "none"  # how the LoRA is applied (edit/precision.py): fused-fp32, branch-bf16, …
+    lora_applied: str = "none"  # how the LoRA is applied (edit/engine/precision.py): fused-fp32, branch-bf16, …
     cache: InversionCache = field(init=False)
     facts: Any = field(default=None, init=False)  # source age and gender when not given (edit/source.py)
 
@@ -183,7 +183,7 @@ def _load_context(
     console.info(f"loading {base_model} on {torch_device} ({precision.name})")
     pipe = load_pipeline(base_model, device=torch_device, dtype=precision.load_dtype(lora is not None))
     if lora is not None:
-        check_base_model(lora, base_model, pipe)
+        check_base_model(lora, base_model)
         load_lora(pipe, lora)
     if is_main(state):
         from selfage_cli.base_model import remember_base_model
@@ -299,9 +299,9 @@ def _edit_one(
 
 
 def _reconstruction(photo_id: str, image: Any, rebuilt: Any, mode: str) -> dict[str, Any]:
-    """The source branch's picture scored against the aligned input (edit/reconstruction.py); warns
+    """The source branch's picture scored against the aligned input (edit/engine/reconstruction.py); warns
     when the inversion did not hold."""
-    from selfage_cli.edit.reconstruction import reconstruction_warning, score_reconstruction
+    from selfage_cli.edit.engine.reconstruction import reconstruction_warning, score_reconstruction
 
     scores = score_reconstruction(image, rebuilt)
     message = reconstruction_warning(photo_id, scores, mode)
@@ -407,7 +407,7 @@ def _edit_entry(
             "cached": cached,
             "mode": inversion.mode,
             "seconds": round(float(inversion.seconds), 3),
-            "inner_steps_run": int(sum(inversion.inner_steps_run or [])),
+            "inner_steps_run": inversion.total_inner_steps,
             "unet_runner": inversion.unet_runner,
         },
         "edit_seconds": round(float(result.seconds), 3),
@@ -428,11 +428,11 @@ def _check_source_age_available(
     """Exit 2 early when a photo would need an estimate but no estimator can run and --source-age is not given."""
     if config.source_age is not None:
         return
-    from selfage_cli.ages.builtin import available
+    from selfage_cli.ages.engine.builtin import available
 
     if config.age_estimator != "dex" and available()[0]:
         return  # the builtin estimator needs no download
-    from selfage_cli.ages.dex import find_dex_weights
+    from selfage_cli.ages.engine.dex import find_dex_weights
 
     if find_dex_weights(dex_weights, project) is not None:
         return
@@ -500,7 +500,7 @@ def _report_line(record: dict[str, Any]) -> str:
     extras = "".join(f", {k} {record[k]}" for k in ("strip", "gif") if record.get(k))
     extras += paste_back.report_suffix(record)
     if record.get("reconstruction"):
-        from selfage_cli.edit.reconstruction import summary_text
+        from selfage_cli.edit.engine.reconstruction import summary_text
 
         extras += f", {summary_text(record['reconstruction'])}"
     return (

@@ -15,16 +15,16 @@ from typing import Any
 from selfage_cli.errors import SelfageError
 
 CHOICES = ("auto", "dex", "builtin", "both")
+DEX_PREPROCESS = "antialias"  # how eval resizes a face for DEX (ages.engine.dex.check_preprocess)
 
 
 def load_estimators(
     choice: str, dex_weights: Path | None, project: Any, device: str
 ) -> tuple[list[Any], str | None, list[str]]:
     """(estimators in report order, the DEX weights' path or None, notes)."""
-    from selfage_cli.ages import estimator
-    from selfage_cli.ages.builtin import available
-    from selfage_cli.ages.dex import MISSING_WEIGHTS_HELP, find_dex_weights
-    from selfage_cli.eval.stage import DEX_PREPROCESS
+    from selfage_cli.ages.engine import estimator
+    from selfage_cli.ages.engine.builtin import available
+    from selfage_cli.ages.engine.dex import MISSING_WEIGHTS_HELP, find_dex_weights
 
     choice = estimator.check_choice(choice, CHOICES)
     notes: list[str] = []

@@ -30,15 +30,14 @@ from PIL import Image
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
-from selfage_cli.eval import metrics
+from selfage_cli.eval.engine import metrics
+from selfage_cli.eval.estimators import DEX_PREPROCESS
 from selfage_cli.eval.report import REPORT_FILES
-from selfage_cli.faces.errors import UnreadableImageError
-from selfage_cli.faces.identity import SAME_PERSON_THRESHOLD
-from selfage_cli.faces.loading import load_image
+from selfage_cli.faces.engine.errors import UnreadableImageError
+from selfage_cli.faces.engine.identity import SAME_PERSON_THRESHOLD
+from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
-
-DEX_PREPROCESS = "antialias"
 
 
 @dataclass
@@ -153,7 +152,7 @@ class _Identity:
         self.note: str | None = None
         self._cache: dict[Path, np.ndarray | None] = {}
         try:
-            from selfage_cli.faces import identity
+            from selfage_cli.faces.engine import identity
         except ImportError as exc:  # dlib or the model files missing
             self.note = f"identity not measured: the face models could not be loaded ({exc}); run `selfage doctor`."
             self._identity = None
@@ -239,7 +238,7 @@ _Tiles = dict[tuple[str, int | str], Image.Image]
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
-def evaluate_project(
+def run_evaluate(
     project: Project,
     *,
     edits: list[str],

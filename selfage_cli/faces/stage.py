@@ -1,6 +1,6 @@
 """The ``selfage align`` stage: photos and folders in, aligned PNGs and manifest entries out.
 
-:func:`align_photos` hashes every photo, skips those already aligned (same sha256) unless ``force``,
+:func:`run_align` hashes every photo, skips those already aligned (same sha256) unless ``force``,
 aligns the rest in a process pool (each worker loads the dlib models once), writes the PNGs, and
 registers the successes in one locked manifest update. After references it runs the identity check
 (:func:`check_identity`), which ``selfage align --check`` also runs alone.
@@ -72,10 +72,10 @@ def _peak_rss_mb() -> float | None:
 
 def run_job(job: AlignJob) -> JobResult:
     """Align one photo (runs in a worker process or in-process); never raises for a bad photo."""
-    from selfage_cli.faces.align import align_loaded
-    from selfage_cli.faces.errors import FaceError
-    from selfage_cli.faces.identity import face_descriptor
-    from selfage_cli.faces.loading import load_image
+    from selfage_cli.faces.engine.align import align_loaded
+    from selfage_cli.faces.engine.errors import FaceError
+    from selfage_cli.faces.engine.identity import face_descriptor
+    from selfage_cli.faces.engine.loading import load_image
 
     start = time.perf_counter()
     result = JobResult(source=job.source)
@@ -110,7 +110,7 @@ def run_job(job: AlignJob) -> JobResult:
 # ---- sources ----------------------------------------------------------------------------------
 def collect_sources(sources: list[Path], project: Project | None = None) -> list[Path]:
     """Files as given and image files found recursively in folders (hidden ones and project outputs skipped)."""
-    from selfage_cli.faces.loading import is_image_name
+    from selfage_cli.faces.engine.loading import is_image_name
 
     excluded = [project.root / d for d in OUTPUT_DIRS] if project is not None else []
     found: list[Path] = []
@@ -211,7 +211,7 @@ def _run_jobs(jobs: list[AlignJob], workers: int, on_result: Callable[[JobResult
 
 
 # ---- the stage -----------------------------------------------------------------------------------
-def align_photos(
+def run_align(
     project: Project,
     sources: list[Path],
     *,
@@ -255,8 +255,8 @@ def align_photos(
 
 def _check_options(sources: list[Path], role: str, size: int, detector: str) -> tuple[int, str]:
     """Validate the options (raising SelfageError with the fix); return the checked size and detector."""
-    from selfage_cli.faces.align import check_size
-    from selfage_cli.faces.detect import check_detector
+    from selfage_cli.faces.engine.align import check_size
+    from selfage_cli.faces.engine.detect import check_detector
 
     if role not in ROLES:
         raise SelfageError(f"--role {role!r} is not known; use refs (photos for training) or inputs (photos to edit).")
@@ -457,7 +457,7 @@ def check_identity(project: Project) -> StageSummary:
     A reference whose median distance to the others exceeds 0.6 (dlib's same-person threshold) is a
     suspect: a warning names its file.
     """
-    from selfage_cli.faces.identity import (
+    from selfage_cli.faces.engine.identity import (
         SAME_PERSON_THRESHOLD,
         distance_table,
         format_table,
@@ -504,7 +504,7 @@ def _descriptor_of_aligned(project: Project, aligned: str, summary: StageSummary
     """The descriptor computed from an aligned PNG, or None (with a warning) when unreadable or faceless."""
     from PIL import Image
 
-    from selfage_cli.faces.identity import face_descriptor
+    from selfage_cli.faces.engine.identity import face_descriptor
 
     path = project.path(aligned)
     try:
@@ -522,7 +522,7 @@ def _warn_suspects(
     summary: StageSummary, references: list[dict[str, Any]], flagged: list[str], medians: dict[str, float]
 ) -> None:
     """Warn about each suspect reference, naming its aligned file and source photo."""
-    from selfage_cli.faces.identity import SAME_PERSON_THRESHOLD
+    from selfage_cli.faces.engine.identity import SAME_PERSON_THRESHOLD
 
     by_id = {str(e.get("id")): e for e in references}
     for key in flagged:

@@ -51,7 +51,7 @@ class TrainConfig:
     instance_prompt: str = "photo of sks person"
     class_prompt: str = "photo of person"
     train_text_encoder: bool = True
-    resolution: int | None = None  # None: the base model's native resolution (SD 1.5: 512), set by train_project
+    resolution: int | None = None  # None: the base model's native resolution (SD 1.5: 512), set by run_train
     seed: int = 42
     gradient_accumulation: int = 1
     checkpoint_every: int = 200
@@ -60,7 +60,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     compile: bool = False
     compile_mode: str = "reduce-overhead"  # torch.compile mode when compile is on (the fastest measured)
-    cuda_graph: bool | None = None  # replay each step from one CUDA graph: None wherever it works (train/graphs.py)
+    cuda_graph: bool | None = None  # one CUDA graph per step: None wherever it works (engine/cuda_graph.py)
     latent_cache: bool = True
     validate_ages: str | None = None
     device: str = "auto"
@@ -81,9 +81,9 @@ class TrainConfig:
         """``--validate-ages`` parsed into integers (empty when not asked for)."""
         if not self.validate_ages:
             return []
-        from selfage_cli.cli.common import parse_int_list
+        from selfage_cli.ages.engine.sources import parse_age_list
 
-        return parse_int_list(str(self.validate_ages), "--validate-ages")
+        return parse_age_list(str(self.validate_ages), "--validate-ages")
 
     def check(self) -> None:
         """Raise SelfageError (exit 2) for option values that cannot work."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
-from selfage_cli.faces.loading import IMAGE_SUFFIXES
+from selfage_cli.faces.engine.loading import IMAGE_SUFFIXES
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
@@ -50,10 +50,10 @@ def _ensure_references(
     entries = project.read().get("references", [])
     known = {str(Path(e["source"]).resolve()) for e in entries if e.get("source") and e.get("aligned")}
     if any(str(p.resolve()) not in known for p in photos):
-        from selfage_cli.faces.stage import align_photos
+        from selfage_cli.faces.stage import run_align
 
         console.info(f"aligning the photos of {refs} (selfage align) …")
-        _merge(summary, align_photos(project, [refs], role="refs", size=config.resolution), "align")
+        _merge(summary, run_align(project, [refs], role="refs", size=config.resolution), "align")
     entries = project.read().get("references", [])
     if not any(e.get("aligned") for e in entries):
         raise SelfageError(
@@ -87,9 +87,9 @@ def _label(
     ages_file: Path | None,
 ) -> None:
     """Run the label-ages stage (references, or ``reg`` as the regularisation set) into ``summary``."""
-    from selfage_cli.ages.stage import WAYS_TO_GIVE_AN_AGE_TO_TRAIN, label_ages
+    from selfage_cli.ages.stage import WAYS_TO_GIVE_AN_AGE_TO_TRAIN, run_label_ages
 
-    sub = label_ages(
+    sub = run_label_ages(
         project,
         reg=reg,
         ages_file=ages_file,

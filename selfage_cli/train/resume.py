@@ -24,7 +24,7 @@ from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.train.config import METHOD_FIELDS, TrainConfig
 
-# Inputs of a fresh run that a resumed run cannot take (the names of train_project's arguments).
+# Inputs of a fresh run that a resumed run cannot take (the names of run_train's arguments).
 NEW_INPUTS = {"refs": "--refs", "reg": "--reg", "birth_date": "--birth-date", "ages_file": "--ages-file"}
 # TrainConfig fields whose option name is not "--" + the field name with dashes.
 _OPTION_NAMES = {"train_text_encoder": "--no-train-text-encoder"}

@@ -1,8 +1,8 @@
-"""``selfage train`` as a library call: :func:`train_project`.
+"""``selfage train`` as a library call: :func:`run_train`.
 
 Runs the align and label-ages stages first when ``--refs``/``--reg`` name photos the project does not
 hold yet (through the same code as ``selfage align`` / ``selfage label-ages``), selects the training
-images, trains (:class:`~selfage_cli.train.loop.Trainer`) and writes, in ``runs/NAME/``:
+images, trains (:class:`~selfage_cli.train.engine.loop.Trainer`) and writes, in ``runs/NAME/``:
 
 * ``pytorch_lora_weights.safetensors`` — diffusers LoRA format (``unet.…``, ``text_encoder.…`` keys),
   loadable with ``StableDiffusionPipeline.load_lora_weights``;
@@ -32,15 +32,16 @@ from selfage_cli.processes import decided_by_main, is_main, met_by_all, process_
 from selfage_cli.project import Project, find
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
-from selfage_cli.train.data import TrainImage, select_references, select_regularisation
-from selfage_cli.train.loop import LOSS_LOG, Trainer, list_checkpoints, resolve_precision, truncate_loss_log
-from selfage_cli.train.lora import WEIGHT_NAME
+from selfage_cli.train.engine.data import TrainImage
+from selfage_cli.train.engine.loop import LOSS_LOG, Trainer, list_checkpoints, resolve_precision, truncate_loss_log
+from selfage_cli.train.engine.lora import WEIGHT_NAME
+from selfage_cli.train.images import select_references, select_regularisation
 from selfage_cli.train.prepare import prepare_project
 from selfage_cli.train.record import RunRecorder
 from selfage_cli.train.runs import RunPlan, plan_run, remove_run
 
 
-def train_project(project: Project, config: TrainConfig, **options: Any) -> StageSummary | None:
+def run_train(project: Project, config: TrainConfig, **options: Any) -> StageSummary | None:
     """Train a personal LoRA in ``project`` (see :func:`_train_project`), holding the run folder's lock
     (:mod:`selfage_cli.locks`) throughout: a second process training the same run stops with exit 2."""
     with contextlib.ExitStack() as locks:
@@ -228,7 +229,7 @@ def _validation_grid(
     ages = plan.config.validation_ages()
     if not ages:
         return None, entry
-    from selfage_cli.train.validate import render_validation_grid
+    from selfage_cli.train.engine.validate import render_validation_grid
 
     grid = render_validation_grid(pipe, plan.config, ages, plan.run_dir / "validation.png", dtype=trainer.weight_dtype)
     with project.update() as manifest:
