@@ -61,6 +61,10 @@ class _Model(BaseModel):
 
     @model_serializer(mode="wrap")
     def _in_order(self, handler: Any) -> dict[str, Any]:
+        for name, info in type(self).model_fields.items():  # an absent section that a stage filled in is written
+            unset = name not in self.model_fields_set and info.default_factory is not None
+            if unset and getattr(self, name) != info.default_factory():
+                self.model_fields_set.add(name)
         data = handler(self)
         rank = {key: index for index, key in enumerate(self._order)}
         return dict(sorted(data.items(), key=lambda item: rank.get(item[0], len(rank))))

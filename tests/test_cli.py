@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from selfage_cli.ages.sources import parse_int_list
 from selfage_cli.cli import app
-from selfage_cli.cli.common import parse_int_list
 from selfage_cli.errors import SelfageError
 
 COMMANDS = ["align", "label-ages", "make-reg", "train", "edit", "eval", "demo", "doctor", "random-model"]

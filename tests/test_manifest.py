@@ -129,3 +129,12 @@ def test_ids_are_allocated_in_one_place(tmp_path: Path) -> None:
     taken = {"b"}
     assert mf.reuse_or_allocate_id("b_2", "b", taken) == "b_2" and "b_2" in taken
     assert mf.reuse_or_allocate_id("other", "b", taken) == "b_3"
+
+
+def test_a_section_absent_from_the_file_is_written_once_a_stage_fills_it(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "references": []}))
+    project = Project(tmp_path)
+    with mf.update(project) as typed:
+        typed.config.base_model = "some/model"
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["config"] == {"base_model": "some/model"}
+    assert "edits" not in json.loads((tmp_path / MANIFEST_NAME).read_text())

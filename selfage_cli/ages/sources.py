@@ -44,6 +44,22 @@ def check_age_list(values: list[Any], option: str = "--ages") -> list[int]:
     return seen
 
 
+def parse_int_list(value: str, option: str) -> list[int]:
+    """``"0,20,80"`` → [0, 20, 80]: integer ages 0–100, each once, not empty (else exit 2); ``option`` names
+    the option in the message (``--ages``, ``--validate-ages``)."""
+    numbers: list[int] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        try:
+            numbers.append(int(part))
+        except ValueError:
+            raise SelfageError(
+                f"{option}: {part!r} is not an integer; give integers such as {option} 0,20,80."
+            ) from None
+    return check_age_list(numbers, option)
+
+
 EXIF_IFD = 0x8769
 TAG_DATETIME_ORIGINAL = 36867
 TAG_DATETIME = 306

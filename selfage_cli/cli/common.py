@@ -196,20 +196,3 @@ def _print_one_line(summary: StageSummary) -> None:
     if summary.warnings:
         counts.append(f"{len(summary.warnings)} warning(s), shown without --quiet")
     out.print(f"{summary.command}: {', '.join(counts)}.")
-
-
-def parse_int_list(value: str, option: str) -> list[int]:
-    """``"0,20,80"`` → [0, 20, 80]: integer ages 0–100, each once, not empty (else exit 2)."""
-    from selfage_cli.ages.sources import check_age_list
-
-    numbers: list[int] = []
-    for part in (p.strip() for p in value.split(",")):
-        if not part:
-            continue
-        try:
-            numbers.append(int(part))
-        except ValueError:
-            raise SelfageError(
-                f"{option}: {part!r} is not an integer; give integers such as {option} 0,20,80."
-            ) from None
-    return check_age_list(numbers, option)

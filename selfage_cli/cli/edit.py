@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from selfage_cli.ages.sources import parse_int_list
 from selfage_cli.cli.ages import AgeEstimatorOpt
 from selfage_cli.cli.common import (
     Common,
@@ -17,7 +18,6 @@ from selfage_cli.cli.common import (
     JsonOpt,
     ProjectOpt,
     QuietOpt,
-    parse_int_list,
     run,
 )
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from selfage_cli import console
 from selfage_cli.errors import ModelNotFoundError, SelfageError
+from selfage_cli.manifest import META_NAME, WEIGHT_NAME
 from selfage_cli.project import Project, sha256_file
-from selfage_cli.train.lora import META_NAME, WEIGHT_NAME
 
 DEFAULT_IDENTIFIER = "sks"
 

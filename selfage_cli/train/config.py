@@ -81,12 +81,13 @@ class TrainConfig:
         """``--validate-ages`` parsed into integers (empty when not asked for)."""
         if not self.validate_ages:
             return []
-        from selfage_cli.cli.common import parse_int_list
+        from selfage_cli.ages.sources import parse_int_list
 
         return parse_int_list(str(self.validate_ages), "--validate-ages")
 
-    def check(self) -> None:
-        """Raise SelfageError (exit 2) for option values that cannot work."""
+    def __post_init__(self) -> None:
+        """Raise SelfageError (exit 2) for option values that cannot work (every config validates when it is
+        built; ``dataclasses.replace`` checks a changed one again)."""
         positive = {
             "--steps": self.steps,
             "--batch-size": self.batch_size,

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from selfage_cli.files import atomic_save
+from selfage_cli.manifest import WEIGHT_NAME
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the LoRA weights (diffusers format)
-META_NAME = "pytorch_lora_weights.json"  # our metadata beside them (written by train/record.py)
 
 
 def present_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:

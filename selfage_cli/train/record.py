@@ -9,11 +9,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from selfage_cli.files import atomic_write_json
+from selfage_cli.manifest import META_NAME
 from selfage_cli.project import Project, find, now_iso, upsert
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.data import TrainImage
 from selfage_cli.train.loop import LOSS_LOG, Trainer
-from selfage_cli.train.lora import META_NAME
 
 
 class RunRecorder:
