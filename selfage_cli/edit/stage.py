@@ -447,8 +447,9 @@ def _check_source_age_available(
             if entry is None or entry.get("age") is None:
                 unlabelled.append(file.name)
     else:
-        entries = [e for e in project.read().get("inputs", []) if e.get("aligned")]
-        unlabelled = [str(e.get("id")) for e in entries if e.get("age") is None]
+        from selfage_cli.manifest import load
+
+        unlabelled = [e.id for e in load(project).inputs if e.aligned and e.age is None]
     if unlabelled:
         shown = ", ".join(unlabelled[:5]) + (f" and {len(unlabelled) - 5} more" if len(unlabelled) > 5 else "")
         raise SelfageError(

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from selfage_cli.files import atomic_write_json
-from selfage_cli.manifest import META_NAME
-from selfage_cli.project import Project, find, now_iso, upsert
+from selfage_cli.manifest import META_NAME, Run, find, upsert
+from selfage_cli.manifest import update as update_manifest
+from selfage_cli.project import Project, now_iso
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.data import TrainImage
 from selfage_cli.train.loop import LOSS_LOG, Trainer
@@ -95,10 +96,9 @@ class RunRecorder:
             "references": [{"id": img.id, "age": img.age} for img in self.refs],
             "updated": now_iso(),
         }
-        with self.project.update() as manifest:
-            runs = manifest.setdefault("runs", [])
-            previous = find(runs, self.name, key="name")
-            if previous is not None and previous.get("validation_grid") and not finished:
-                entry["validation_grid"] = previous["validation_grid"]
-            upsert(runs, entry, key="name")
+        with update_manifest(self.project) as manifest:
+            previous = find(manifest.runs, self.name, key="name")
+            if previous is not None and previous.validation_grid and not finished:
+                entry["validation_grid"] = previous.validation_grid
+            upsert(manifest.runs, Run.model_validate(entry), key="name")
         return entry
