@@ -35,7 +35,7 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.ages import sources
 from selfage_cli.errors import SelfageError
-from selfage_cli.manifest import RegImage, Regularisation, set_age_label
+from selfage_cli.manifest import ALIGNED, RegImage, Regularisation, set_age_label
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
@@ -186,7 +186,7 @@ def _refuse_replacing_set(manifest: dict[str, Any], reg_folder: Path) -> None:
 # ---- the images ----------------------------------------------------------------------------------------
 def _reference_item(project: Project, entry: dict[str, Any]) -> AgeItem:
     ident = str(entry.get("id"))
-    aligned_rel = entry.get("aligned")
+    aligned_rel = entry.get(ALIGNED)
     if not aligned_rel:
         raise SelfageError(
             f"{project.manifest_path}: reference {ident!r} has no aligned image; run `selfage align` on its photo "

@@ -22,7 +22,7 @@ from typing import Any
 
 from selfage_cli.errors import SelfageError
 from selfage_cli.files import write_new
-from selfage_cli.manifest import ImageEntry, copy_age_label, find, reuse_or_allocate_id, safe_id, taken_ids
+from selfage_cli.manifest import ALIGNED, ImageEntry, copy_age_label, find, reuse_or_allocate_id, safe_id, taken_ids
 from selfage_cli.project import Project, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
@@ -30,7 +30,7 @@ ROLES = {"refs": ("references", ("refs", "aligned")), "inputs": ("inputs", ("inp
 # Folders of a project that hold selfage's own outputs: never aligned as sources.
 OUTPUT_DIRS = ("refs/aligned", "inputs/aligned", "edits", "runs", "cache", "reg")
 # The fields of an aligned face reported in the summary's ``done`` list.
-DONE_KEYS = ("id", "source", "aligned", "face_index", "faces_found", "score")
+DONE_KEYS = ("id", "source", ALIGNED, "face_index", "faces_found", "score")
 MIN_JOBS_PER_WORKER = 3
 
 
@@ -247,7 +247,7 @@ def _photos_to_align(
                 {
                     "id": existing.get("id"),
                     "source": str(path),
-                    "aligned": existing.get("aligned"),
+                    ALIGNED: existing.get(ALIGNED),
                     "reason": "already aligned (same sha256)",
                 }
             )
@@ -341,7 +341,7 @@ def _register(
         entry = _face_entry(entry_id, source, digest, project.relative(target), face, same_content)
         entries.append(entry)
         summary.done.append({key: entry[key] for key in DONE_KEYS})
-        summary.lines.append(f"{Path(source).name} → {entry['aligned']}")
+        summary.lines.append(f"{Path(source).name} → {entry[ALIGNED]}")
 
 
 def _remove_old_entries(
@@ -351,7 +351,7 @@ def _remove_old_entries(
     old = [e for e in entries if e.get("sha256") == digest or e.get("source") == source]
     for entry in old:
         entries.remove(entry)
-        aligned = entry.get("aligned")
+        aligned = entry.get(ALIGNED)
         if aligned:
             with contextlib.suppress(FileNotFoundError, SelfageError):
                 project.path(aligned)  # checked to lie inside the project; a link is deleted, not its target
@@ -363,7 +363,7 @@ def _face_entry(
     entry_id: str, source: str, digest: str, aligned: str, face: dict[str, Any], same_content: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The manifest entry of one aligned face; age labels are kept from the same content's entry of that id."""
-    entry: dict[str, Any] = {"id": entry_id, "source": source, "sha256": digest, "aligned": aligned}
+    entry: dict[str, Any] = {"id": entry_id, "source": source, "sha256": digest, ALIGNED: aligned}
     entry.update(face)
     previous = next((e for e in same_content if e.get("id") == entry_id), None)
     labelled = ImageEntry.model_validate(entry)
@@ -445,8 +445,8 @@ def _reference_descriptors(project: Project, references: list[dict[str, Any]], s
     descriptors: dict[str, Any] = {}
     for entry in references:
         descriptor = entry.get("descriptor")
-        if descriptor is None and entry.get("aligned"):
-            descriptor = _descriptor_of_aligned(project, entry["aligned"], summary)
+        if descriptor is None and entry.get(ALIGNED):
+            descriptor = _descriptor_of_aligned(project, entry[ALIGNED], summary)
         if descriptor is not None:
             descriptors[str(entry["id"])] = descriptor
     return descriptors
