@@ -39,9 +39,6 @@ ALIGNED = "aligned"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the LoRA weights (diffusers format)
 META_NAME = "pytorch_lora_weights.json"  # our metadata beside them (written by train/record.py)
 
-# The keys of an entry's age label (see AgeLabel).
-AGE_KEYS = ("age", "age_source", "age_candidates")
-
 Number = int | float  # kept as given: an int stays an int, a float a float (so a rewrite is byte-identical)
 
 
@@ -331,7 +328,6 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 # ---- find, upsert, ids ----------------------------------------------------------------------------------
-EntryT = TypeVar("EntryT")
 
 
 def find(entries: list[Any], value: Any, key: str = "id") -> Any:
