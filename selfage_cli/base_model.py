@@ -18,6 +18,8 @@ from typing import Any
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import load as load_manifest
+from selfage_cli.manifest import update as update_manifest
 
 
 def recorded_base_model(project: Any) -> str | None:
@@ -27,13 +29,12 @@ def recorded_base_model(project: Any) -> str | None:
 
     if project is None or not project.exists():
         return None
-    manifest = project.read()
-    recorded = (manifest.get("config") or {}).get("base_model")
-    if recorded:
-        return model_reference(str(recorded))
-    reg = manifest.get("regularisation") or {}
-    if reg.get("generated") and reg.get("base_model"):
-        return str(reg["base_model"])
+    manifest = load_manifest(project)
+    if manifest.config.base_model:
+        return model_reference(manifest.config.base_model)
+    reg = manifest.regularisation
+    if reg.generated and reg.base_model:
+        return reg.base_model
     return None
 
 
@@ -71,13 +72,12 @@ def remember_base_model(project: Any, used: str) -> None:
     this once the model has loaded, so a mistyped name is never recorded)."""
     from selfage_cli.models import model_reference
 
-    if project.exists() and project.config("base_model"):
+    if project.exists() and load_manifest(project).config.base_model:
         return
-    with project.update() as manifest:
-        config = manifest.setdefault("config", {})
-        if config.get("base_model"):
+    with update_manifest(project) as manifest:
+        if manifest.config.base_model:
             return
-        config["base_model"] = model_reference(used)
+        manifest.config.base_model = model_reference(used)
     console.info(f"recorded {model_reference(used)} as the project's base model (selfage.json config.base_model).")
 
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import ALIGNED
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
@@ -191,7 +192,7 @@ def written_files(project: Project, model: Path) -> dict[str, Any]:
         "project": str(project.root),
         "manifest": str(project.manifest_path),
         "model": str(model),
-        "aligned_references": [r["aligned"] for r in manifest["references"]],
+        "aligned_references": [r[ALIGNED] for r in manifest["references"]],
         "regularisation_images": len(manifest["regularisation"]["images"]),
         "lora": [run["lora"] for run in manifest["runs"]],
         "edits": [edit.get("outputs", {}) for edit in manifest["edits"]],

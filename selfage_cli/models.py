@@ -79,21 +79,13 @@ def model_reference(name: str | os.PathLike[str]) -> str:
     return str(path.resolve()) if path.is_dir() else str(name)
 
 
-def default_base_model(project: Any = None) -> str:
-    """The base model when no ``--base-model`` is given: the project's recorded one, else SD 1.5 from
-    the Hub (decided in :func:`selfage_cli.base_model.choose_base_model`)."""
-    from selfage_cli.base_model import choose_base_model
-
-    return choose_base_model(project, None)
-
-
 # ---- loading -------------------------------------------------------------------------------------
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
 
 
 def load_pipeline(
-    base_model: str | os.PathLike[str] | None = None,
+    base_model: str | os.PathLike[str],
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline:
@@ -104,7 +96,7 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
-    name = str(base_model or DEFAULT_BASE_MODEL)
+    name = str(base_model)  # chosen by base_model.choose_base_model (the one place with a default)
     device = resolve_device(device if isinstance(device, str) or device is None else str(device))
     dtype = dtype or resolve_dtype(None, device)
     local = Path(name).expanduser()

@@ -27,15 +27,16 @@ from typing import Any
 
 from selfage_cli.errors import ManifestError, SelfageError
 from selfage_cli.files import atomic_write_json
+from selfage_cli.manifest import ALIGNED, SCHEMA_VERSION, find, upsert  # noqa: F401 - find/upsert: older imports
+from selfage_cli.manifest import Manifest as ManifestModel
 
 MANIFEST_NAME = "selfage.json"
 LOCK_NAME = "selfage.json.lock"
-SCHEMA_VERSION = 1
 
 # Keys under which entries hold paths relative to the project root; validated on every read/write.
 PATH_KEYS = frozenset(
     {
-        "aligned",
+        ALIGNED,
         "lora",
         "checkpoint_dir",
         "loss_log",
@@ -171,7 +172,8 @@ class Project:
         return data
 
     def validate(self, data: Any) -> None:
-        """Check the schema version, the sections and every stored path; raise ManifestError."""
+        """Check the schema version, the sections, the type of every known field (``manifest.py`` defines them)
+        and every stored path; raise ManifestError."""
         if not isinstance(data, dict):
             raise ManifestError(f"{self.manifest_path} must hold a JSON object; move it away to start a new project.")
         version = data.get("schema_version")
@@ -190,6 +192,7 @@ class Project:
         ):
             if key in data and not isinstance(data[key], kind):
                 raise ManifestError(f"{self.manifest_path}: '{key}' must be a JSON {kind.__name__}; fix or remove it.")
+        ManifestModel.from_dict(data, self.manifest_path)
         self._check_paths(data)
 
     def _check_paths(self, node: Any) -> None:
@@ -270,20 +273,6 @@ class Project:
     def set_config(self, **values: Any) -> None:
         with self.update() as manifest:
             manifest.setdefault("config", {}).update({k: v for k, v in values.items() if v is not None})
-
-
-def upsert(entries: list[dict[str, Any]], entry: dict[str, Any], key: str = "id") -> None:
-    """Replace the entry with the same ``key`` value, or append it."""
-    for index, existing in enumerate(entries):
-        if existing.get(key) == entry.get(key):
-            entries[index] = entry
-            return
-    entries.append(entry)
-
-
-def find(entries: list[dict[str, Any]], value: Any, key: str = "id") -> dict[str, Any] | None:
-    """The first entry whose ``key`` equals ``value``."""
-    return next((entry for entry in entries if entry.get(key) == value), None)
 
 
 def resolve_project(project: str | os.PathLike[str] | None) -> Project:

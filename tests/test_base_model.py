@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from selfage_cli.base_model import choose_base_model, recorded_base_model, same_model
 from selfage_cli.cli import app
-from selfage_cli.models import DEFAULT_BASE_MODEL, default_base_model, save_random_model
+from selfage_cli.models import DEFAULT_BASE_MODEL, save_random_model
 from selfage_cli.project import Project, find
 from tests.test_train_run import make_train_project
 
@@ -57,7 +57,7 @@ def test_the_first_model_stage_records_the_base_model_and_later_stages_use_it(
     assert find(manifest["runs"], "plain", key="name")["base_model"] == str(tiny_model_dir)  # not SD 1.5
     assert "not the project's base model" not in made_reg["train"].output
     # Every command decides the same way, through one function.
-    assert default_base_model(project) == choose_base_model(project, None) == str(tiny_model_dir)
+    assert choose_base_model(project, None) == str(tiny_model_dir)
     doctor = invoke("doctor", "-p", str(project.root), "--json")
     assert str(tiny_model_dir) in doctor.stdout
 

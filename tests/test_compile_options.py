@@ -60,7 +60,7 @@ def test_unknown_compile_mode_is_refused_naming_the_choices() -> None:
     with pytest.raises(
         SelfageError, match=r"--compile-mode 'fastest' is not known; use one of default, reduce-overhead"
     ):
-        TrainConfig(compile_mode="fastest").check()
+        TrainConfig(compile_mode="fastest")
 
 
 def test_edit_compile_reaches_the_inversion(project_dir: Path, captured, monkeypatch, tiny_pipe) -> None:

@@ -373,11 +373,12 @@ def test_unknown_edit_and_empty_project_exit_2(tmp_path: Path, eval_project: Pro
 
 def test_edits_are_selected_by_input_path(eval_project: Project) -> None:
     from selfage_cli.eval.stage import select_edits
+    from selfage_cli.manifest import load
 
-    entries = eval_project.read()["edits"]
+    entries = load(eval_project).edits
     chosen = select_edits(eval_project, entries, [str(eval_project.path("inputs/aligned/hopper.png"))])
-    assert [e["id"] for e in chosen] == ["hopper"]
-    assert [e["id"] for e in select_edits(eval_project, entries, [])] == ["astronaut", "hopper"]
+    assert [e.id for e in chosen] == ["hopper"]
+    assert [e.id for e in select_edits(eval_project, entries, [])] == ["astronaut", "hopper"]
 
 
 def test_both_estimators_need_the_dex_weights(eval_project: Project, monkeypatch, tmp_path: Path) -> None:

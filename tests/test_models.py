@@ -160,18 +160,19 @@ def test_missing_models_say_how_to_pass_a_folder(tmp_path: Path, monkeypatch: py
 def test_local_folders_are_recorded_absolute_and_the_project_default_applies(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from selfage_cli.models import DEFAULT_BASE_MODEL, default_base_model, model_reference
+    from selfage_cli.base_model import choose_base_model
+    from selfage_cli.models import DEFAULT_BASE_MODEL, model_reference
     from selfage_cli.project import Project
 
     monkeypatch.chdir(tiny_model_dir.parent)
     assert model_reference(tiny_model_dir.name) == str(tiny_model_dir)  # relative folder → absolute
     assert model_reference("someone/some-model") == "someone/some-model"  # a Hub id is kept as it is
     project = Project(tmp_path / "proj")
-    assert default_base_model(project) == DEFAULT_BASE_MODEL  # no project yet
+    assert choose_base_model(project, None) == DEFAULT_BASE_MODEL  # no project yet
     project.init()
-    assert default_base_model(project) == DEFAULT_BASE_MODEL
+    assert choose_base_model(project, None) == DEFAULT_BASE_MODEL
     project.set_config(base_model=tiny_model_dir.name)
-    assert default_base_model(project) == str(tiny_model_dir)
+    assert choose_base_model(project, None) == str(tiny_model_dir)
 
 
 def test_device_and_dtype_choice() -> None:

@@ -170,8 +170,8 @@ def test_config_round_trip_and_checks() -> None:
     assert resumed.steps == 5 and resumed.device == "cpu"
     for bad in (dict(steps=0), dict(lr=0), dict(resolution=0), dict(rank=0), dict(validate_ages="10,x")):
         with pytest.raises(SelfageError):
-            TrainConfig(**bad).check()
-    TrainConfig(resolution=100).check()  # the multiple depends on the model: checked once it is loaded
+            TrainConfig(**bad)
+    TrainConfig(resolution=100)  # the multiple depends on the model: checked once it is loaded
 
 
 def test_resolution_multiple_comes_from_the_loaded_model(tiny_pipe: object) -> None:

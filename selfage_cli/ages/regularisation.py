@@ -28,6 +28,8 @@ from selfage_cli.ages.engine.regularisation import (
     spread_ages,
 )
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import RegImage, Regularisation
+from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
@@ -229,18 +231,18 @@ def _replace_generated_folder(project: Project, partial: Path) -> Path:
 
 def _record_set(project: Project, plan: _RegPlan, records: list[dict[str, Any]], dex_weights: Path | None) -> None:
     """Write the generated set (and ``--dex-weights``, when given) into the manifest."""
-    with project.update() as manifest:
-        manifest["regularisation"] = {
-            "folder": None,
-            "generated": True,
-            "base_model": plan.base_model,
-            "prompt": REG_PROMPT,
-            "age_range": [plan.low, plan.high],
-            "steps": plan.steps,
-            "images": records,
-        }
+    with update_manifest(project) as manifest:
+        manifest.regularisation = Regularisation(
+            folder=None,
+            generated=True,
+            base_model=plan.base_model,
+            prompt=REG_PROMPT,
+            age_range=[plan.low, plan.high],
+            steps=plan.steps,
+            images=[RegImage.model_validate(record) for record in records],
+        )
         if dex_weights is not None:
-            manifest.setdefault("config", {})["dex_weights"] = str(Path(dex_weights).expanduser().resolve())
+            manifest.config.dex_weights = str(Path(dex_weights).expanduser().resolve())
 
 
 def _report(

@@ -35,6 +35,8 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.ages.engine import sources
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import ALIGNED, RegImage, Regularisation, set_age_label
+from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
@@ -184,7 +186,7 @@ def _refuse_replacing_set(manifest: dict[str, Any], reg_folder: Path) -> None:
 # ---- the images ----------------------------------------------------------------------------------------
 def _reference_item(project: Project, entry: dict[str, Any]) -> AgeItem:
     ident = str(entry.get("id"))
-    aligned_rel = entry.get("aligned")
+    aligned_rel = entry.get(ALIGNED)
     if not aligned_rel:
         raise SelfageError(
             f"{project.manifest_path}: reference {ident!r} has no aligned image; run `selfage align` on its photo "
@@ -411,40 +413,30 @@ def _write(
 ) -> None:
     refs = {item.id: item for item in items if item.section == REFERENCES}
     reg_items = [item for item in items if item.section == REGULARISATION]
-    with project.update() as manifest:
-        for entry in manifest.get("references", []):
-            item = refs.get(str(entry.get("id")))
+    with update_manifest(project) as typed:
+        for entry in typed.references:
+            item = refs.get(entry.id)
             if item is None:
                 continue  # added by a concurrent `align`: labelled next time
-            entry["age"] = item.age
-            entry["age_source"] = item.age_source
-            entry["age_candidates"] = dict(item.candidates)
+            set_age_label(entry, item.age, item.age_source, item.candidates)
         if reg_folder is not None:
-            previous = manifest.get("regularisation") or {}
-            if previous.get("images") and (previous.get("generated") or previous.get("folder") != str(reg_folder)):
-                what = "generated set" if previous.get("generated") else f"folder {previous.get('folder')}"
+            previous = typed.regularisation
+            if previous.images and (previous.generated or previous.folder != str(reg_folder)):
+                what = "generated set" if previous.generated else f"folder {previous.folder}"
                 console.warn(
                     f"--reg {reg_folder} replaces the regularisation set recorded before ({what}, "
-                    f"{len(previous['images'])} images); its files are left where they are."
+                    f"{len(previous.images)} images); its files are left where they are."
                 )
-            manifest["regularisation"] = {
-                "folder": str(reg_folder),
-                "generated": False,
-                "images": [
-                    {
-                        "id": item.id,
-                        "source": str(item.source),
-                        "aligned": None,
-                        "age": item.age,
-                        "age_source": item.age_source,
-                        "age_candidates": dict(item.candidates),
-                        **item.extra,
-                    }
-                    for item in reg_items
-                ],
-            }
+            images = []
+            for item in reg_items:
+                image = RegImage(id=item.id, source=str(item.source), aligned=None)
+                set_age_label(image, item.age, item.age_source, item.candidates)
+                for key, value in item.extra.items():
+                    setattr(image, key, value)
+                images.append(image)
+            typed.regularisation = Regularisation(folder=str(reg_folder), generated=False, images=images)
         if dex_weights is not None:
-            manifest.setdefault("config", {})["dex_weights"] = str(Path(dex_weights).expanduser().resolve())
+            typed.config.dex_weights = str(Path(dex_weights).expanduser().resolve())
     counts: dict[str, int] = {}
     for item in items:
         summary.done.append(

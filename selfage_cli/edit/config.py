@@ -46,10 +46,8 @@ class EditConfig:
     dex_preprocess: str = "antialias"  # DEX's resize, as in label-ages (ages/engine/dex.py)
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise SelfageError (exit 2) for the first bad value, naming the option and the fix."""
+        """Raise SelfageError (exit 2) for the first bad value, naming the option and the fix (every config
+        validates when it is built; ``dataclasses.replace`` checks a changed one again)."""
         self.ages = _check_ages(self.ages)
         if self.source_age is not None:
             if (

@@ -16,10 +16,10 @@ from PIL import Image
 
 from selfage_cli.errors import SelfageError
 from selfage_cli.faces.engine.errors import UnreadableImageError
-from selfage_cli.faces.engine.loading import IMAGE_SUFFIXES, load_image
-from selfage_cli.faces.stage import safe_id, taken_ids, unique_id
+from selfage_cli.faces.engine.loading import images_in_folder, load_image
 from selfage_cli.files import atomic_save
-from selfage_cli.project import Project, now_iso, sha256_file, upsert
+from selfage_cli.manifest import ALIGNED, INPUTS, ImageEntry, allocate_id, copy_age_label, upsert
+from selfage_cli.project import Project, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
 ALIGN_MIN_SIZE = 512  # raw photos are FFHQ-aligned at 512 px (or the model's resolution if larger)
@@ -34,7 +34,7 @@ class InputPhoto:
 
     @property
     def aligned(self) -> str:
-        return str(self.entry["aligned"])
+        return str(self.entry[ALIGNED])
 
 
 def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -44,7 +44,7 @@ def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]
     for image in images:
         path = Path(image).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = images_in_folder(path)
             if not found:
                 missing.append((str(image), "the folder holds no images (png, jpg, webp, bmp, tif)"))
             files.extend(found)
@@ -61,17 +61,17 @@ def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]
 
 def find_input_by_sha(project: Project, sha: str) -> dict[str, Any] | None:
     """The registered input whose source has this sha256 (the first face when several)."""
-    entries = [e for e in project.read().get("inputs", []) if e.get("sha256") == sha and e.get("aligned")]
+    entries = [e for e in project.read().get(INPUTS, []) if e.get("sha256") == sha and e.get(ALIGNED)]
     entries.sort(key=lambda e: int(e.get("face_index") or 0))
     for entry in entries:
-        if project.path(entry["aligned"]).is_file():
+        if project.path(entry[ALIGNED]).is_file():
             return entry
     return None
 
 
 def all_inputs(project: Project) -> list[InputPhoto]:
     """Every input registered in the project (exit 2 when there is none)."""
-    entries = [e for e in project.read().get("inputs", []) if e.get("aligned")]
+    entries = [e for e in project.read().get(INPUTS, []) if e.get(ALIGNED)]
     if not entries:
         raise SelfageError(
             f"{project.manifest_path}: no inputs are registered in this project; pass photos to edit "
@@ -108,29 +108,26 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
         if image.size != (resolution, resolution):
             image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
         with project.update() as manifest:
-            inputs = manifest.setdefault("inputs", [])
+            inputs = manifest.setdefault(INPUTS, [])
             folder = project.subdir("inputs", "aligned")
             # a new id is free in the manifest and on disk (never overwrites an unregistered file)
-            input_id = (
-                existing["id"] if existing is not None else unique_id(safe_id(file.stem), taken_ids(inputs, folder))
-            )
+            input_id = existing["id"] if existing is not None else allocate_id(file.stem, inputs, folder)
             target = folder / f"{input_id}.png"
             atomic_save(target, lambda tmp, image=image: image.save(tmp, format="PNG"))
-            entry = {
-                "id": input_id,
-                "source": str(file.resolve()),
-                "sha256": sha,
-                "aligned": project.relative(target),
-                "size": resolution,
-                "detector": None,
-                "prealigned": True,
-                "face_index": 0,
-                "faces_found": 1,
-                "age": existing.get("age") if existing else None,
-                "age_source": existing.get("age_source") if existing else None,
-                "age_candidates": existing.get("age_candidates", {}) if existing else {},
-                "registered": now_iso(),
-            }
+            registered = ImageEntry(
+                id=input_id,
+                source=str(file.resolve()),
+                sha256=sha,
+                aligned=project.relative(target),
+                size=resolution,
+                detector=None,
+                prealigned=True,
+                face_index=0,
+                faces_found=1,
+            )
+            copy_age_label(registered, existing)  # kept from the same photo's entry, else blank
+            registered.registered = now_iso()
+            entry = registered.to_dict()
             upsert(inputs, entry)
         out.append(InputPhoto(input_id, entry))
     return out

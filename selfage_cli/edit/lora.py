@@ -23,8 +23,9 @@ from typing import Any
 
 from selfage_cli import console
 from selfage_cli.errors import ModelNotFoundError, SelfageError
+from selfage_cli.manifest import META_NAME, WEIGHT_NAME, Run
+from selfage_cli.manifest import load as load_manifest
 from selfage_cli.project import Project, sha256_file
-from selfage_cli.train.engine.lora import META_NAME, WEIGHT_NAME
 
 DEFAULT_IDENTIFIER = "sks"
 
@@ -96,19 +97,19 @@ def _from_option(project: Project, option: Path) -> ResolvedLora:
             meta = read_meta(file)
             run = _run_for(project, file)
             resolved = ResolvedLora(
-                path=file.resolve(), origin=f"--lora {option}", meta=meta, run=run.get("name") if run else None
+                path=file.resolve(), origin=f"--lora {option}", meta=meta, run=run.name if run else None
             )
             _warn_meta(resolved)
             return resolved
     run = _find_run(project, str(option))
     if run is not None:
-        file = project.path(run["lora"])
+        file = project.path(run.lora)
         if not file.is_file():
             raise ModelNotFoundError(
-                f"--lora {option}: run {run.get('name')!r} records {run['lora']}, which does not exist; "
+                f"--lora {option}: run {run.name!r} records {run.lora}, which does not exist; "
                 "train it again or pass another --lora."
             )
-        resolved = ResolvedLora(path=file, origin=f"run {run.get('name')}", meta=read_meta(file), run=run.get("name"))
+        resolved = ResolvedLora(path=file, origin=f"run {run.name}", meta=read_meta(file), run=run.name)
         _warn_meta(resolved)
         return resolved
     raise ModelNotFoundError(
@@ -170,18 +171,19 @@ def _warn_meta(resolved: ResolvedLora) -> None:
         )
 
 
-def _runs(project: Project) -> list[dict[str, Any]]:
-    return [run for run in project.read().get("runs", []) if isinstance(run, dict) and run.get("lora")]
+def _runs(project: Project) -> list[Run]:
+    """The project's training runs that record a LoRA (the train stage's entries, read through their type)."""
+    return [run for run in load_manifest(project).runs if run.lora]
 
 
-def _find_run(project: Project, name: str) -> dict[str, Any] | None:
-    return next((run for run in _runs(project) if run.get("name") == name), None)
+def _find_run(project: Project, name: str) -> Run | None:
+    return next((run for run in _runs(project) if run.name == name), None)
 
 
-def _run_for(project: Project, file: Path) -> dict[str, Any] | None:
+def _run_for(project: Project, file: Path) -> Run | None:
     for run in _runs(project):
         try:
-            if project.path(run["lora"]) == file.resolve():
+            if project.path(run.lora) == file.resolve():
                 return run
         except SelfageError:
             continue
@@ -190,9 +192,9 @@ def _run_for(project: Project, file: Path) -> dict[str, Any] | None:
 
 def _default_run(project: Project) -> ResolvedLora:
     runs = _runs(project)
-    finished = [(index, run) for index, run in enumerate(runs) if run.get("finished") is True]
+    finished = [(index, run) for index, run in enumerate(runs) if run.finished is True]
     if not finished:
-        unfinished = ", ".join(str(run.get("name")) for run in runs)
+        unfinished = ", ".join(run.name for run in runs)
         detail = (
             (f" (run(s) {unfinished} did not finish: `selfage train --resume` completes one, or name it with --lora)")
             if runs
@@ -204,21 +206,21 @@ def _default_run(project: Project) -> ResolvedLora:
             "alone with --no-lora."
         )
 
-    def order(item: tuple[int, dict[str, Any]]) -> tuple[str, int]:
+    def order(item: tuple[int, Run]) -> tuple[str, int]:
         index, run = item
-        return (str(run.get("finished_at") or run.get("updated") or ""), index)
+        return (str(run.get("finished_at") or run.updated or ""), index)
 
     _, run = max(finished, key=order)
-    file = project.path(run["lora"])
+    file = project.path(run.lora)
     if not file.is_file():
         raise ModelNotFoundError(
-            f"{project.manifest_path}: the latest finished run {run.get('name')!r} records {run['lora']}, which does "
+            f"{project.manifest_path}: the latest finished run {run.name!r} records {run.lora}, which does "
             "not exist; retrain it, pass --lora PATH, or use --no-lora."
         )
     meta = read_meta(file) or {}
     for key in ("base_model", "base_model_fingerprint", "finished"):  # the manifest entry completes a missing JSON
         meta.setdefault(key, run.get(key))
-    return ResolvedLora(path=file, origin=f"latest finished run {run.get('name')}", meta=meta, run=run.get("name"))
+    return ResolvedLora(path=file, origin=f"latest finished run {run.name}", meta=meta, run=run.name)
 
 
 def check_base_model(resolved: ResolvedLora, base_model: str) -> None:

@@ -27,7 +27,9 @@ from PIL import Image, ImageDraw
 from selfage_cli.edit.outputs import EDITS_DIR, GIF_FRAME_MS, _draw_centred, age_label, label_band_height
 from selfage_cli.errors import SelfageError
 from selfage_cli.files import atomic_save
-from selfage_cli.project import Project, find, sha256_file
+from selfage_cli.manifest import find
+from selfage_cli.manifest import update as update_manifest
+from selfage_cli.project import Project, sha256_file
 from selfage_cli.summary import StageSummary
 
 JPEG_QUALITY = 95
@@ -362,13 +364,13 @@ def _paste_back_one(
         summary.fail(item, f"{project.relative(clash[0])}{more} already exists; pass --force to overwrite it")
         return None
     keys = write_full_outputs(project, source, outputs, crops, edit_entry.get("source_age", "?"))
-    with project.update() as manifest:
-        stored = find(manifest.get("edits") or [], item)
+    with update_manifest(project) as manifest:
+        stored = find(manifest.edits, item)
         if stored is not None:
-            stored["full_outputs"] = {**(stored.get("full_outputs") or {}), **keys["full_outputs"]}
+            stored.full_outputs = {**(stored.full_outputs or {}), **keys["full_outputs"]}
             for key in ("strip_full", "gif_full"):
                 if keys[key]:
-                    stored[key] = keys[key]
+                    setattr(stored, key, keys[key])
     return {"id": item, **keys}
 
 

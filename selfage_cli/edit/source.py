@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfage_cli import console
+from selfage_cli import console, manifest
 from selfage_cli.ages.engine.estimator import AgeEstimate, AgeEstimator
 from selfage_cli.faces.engine.loading import load_image
-from selfage_cli.project import Project, find
+from selfage_cli.project import Project
 
 GENDER_THRESHOLD = 0.9  # the builtin gender call is used only at this confidence or above
 NO_GENDER = "none"
@@ -78,13 +78,14 @@ class SourceFacts:
         config = self.config
         if config.source_age is not None:
             return config.source_age, "option"
-        entry = find(self.project.read().get("inputs", []), photo.id) or photo.entry
-        candidates = entry.get("age_candidates") or {}
-        recorded = entry.get("age_source")
+        entry = manifest.find(manifest.load(self.project).inputs, photo.id)
+        label = (entry or manifest.AgeLabelled.model_validate(photo.entry)).age_label
+        candidates = label.candidates
+        recorded = label.source
         name: str | None = None
-        if entry.get("age") is not None:
+        if label.value is not None:
             if recorded not in ESTIMATED_SOURCES or not _is_number(candidates.get(recorded)):
-                return entry["age"], str(recorded or "manifest")
+                return label.value, str(recorded or "manifest")
             name = self.chosen()
             keep = recorded == name or (getattr(config, "age_estimator", "auto") == "auto" and recorded == "dex")
             if keep:
@@ -104,12 +105,10 @@ class SourceFacts:
     def _record(self, photo: Any, name: str, age: float) -> None:
         """The input's age from estimator ``name``: rounded as ``age``, the float itself in ``age_candidates``
         (JSON keeps its repr, so a later --no-round-source-age pastes the same number)."""
-        with self.project.update() as manifest:
-            stored = find(manifest.get("inputs", []), photo.id)
+        with manifest.update(self.project) as typed:
+            stored = manifest.find(typed.inputs, photo.id)
             if stored is not None:
-                stored["age"] = int(round(age))
-                stored["age_source"] = name
-                stored["age_candidates"] = {**(stored.get("age_candidates") or {}), name: age}
+                manifest.set_estimated_age(stored, name, age)
 
     # ---- the gender ----
     def gender(self, photo: Any) -> tuple[str | None, str, float | None]:

@@ -13,7 +13,7 @@ split across the processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def run_edit(
     state = process_state(device)
     speak_only_from_main(state)
     summary = StageSummary("edit")
-    config.validate()
+    config = replace(config)  # checked again (EditConfig.__post_init__): a caller may have changed a field
     paste_back.check_call(aligned, config.paste_back)
     chosen_lora, base_model, files = decided_by_main(
         state, lambda: _check_call(project, config, images, base_model, lora, no_lora, dex_weights, summary)
@@ -136,7 +136,8 @@ def _choose_lora(project: Project, lora: Path | None, no_lora: bool) -> Resolved
 def _base_model_for(project: Project, lora: ResolvedLora | None) -> str:
     """Without --base-model: the model the LoRA was trained on (its JSON or run record), else the
     project's recorded base model, else SD 1.5."""
-    from selfage_cli.models import default_base_model, model_reference
+    from selfage_cli.base_model import choose_base_model
+    from selfage_cli.models import model_reference
 
     trained_on = (lora.meta or {}).get("base_model") if lora is not None else None
     if trained_on and Path(str(trained_on)).is_absolute() and not Path(str(trained_on)).is_dir():
@@ -147,7 +148,7 @@ def _base_model_for(project: Project, lora: ResolvedLora | None) -> str:
     if trained_on:
         console.info(f"base model: {trained_on}, the one the LoRA was trained on (--base-model to choose another)")
         return model_reference(str(trained_on))
-    return default_base_model(project)
+    return choose_base_model(project, None)
 
 
 def _expand_images(images: list[Path], summary: StageSummary) -> list[Path]:
@@ -446,8 +447,9 @@ def _check_source_age_available(
             if entry is None or entry.get("age") is None:
                 unlabelled.append(file.name)
     else:
-        entries = [e for e in project.read().get("inputs", []) if e.get("aligned")]
-        unlabelled = [str(e.get("id")) for e in entries if e.get("age") is None]
+        from selfage_cli.manifest import load
+
+        unlabelled = [e.id for e in load(project).inputs if e.aligned and e.age is None]
     if unlabelled:
         shown = ", ".join(unlabelled[:5]) + (f" and {len(unlabelled) - 5} more" if len(unlabelled) > 5 else "")
         raise SelfageError(

@@ -53,7 +53,8 @@ def write_report(report: dict[str, Any], folder: Path, tiles: dict[tuple[str, An
 
 
 # ---- markdown --------------------------------------------------------------------------------------
-def _f(value: Any, digits: int = 2) -> str:
+def fmt(value: Any, digits: int = 2) -> str:
+    """A report cell: ``value`` with ``digits`` decimals (floats), yes/no (booleans), a dash when not measured."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -112,29 +113,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     by_estimator = s.get("age_by_estimator") or {}
     for name, value in by_estimator.items():
         if value:
-            rows.append([f"age MAE (years, {_short(name)})", _f(value["mae"])])
+            rows.append([f"age MAE (years, {_short(name)})", fmt(value["mae"])])
     if s["age"] and not by_estimator:
-        rows.append(["age MAE (years)", _f(s["age"]["mae"])])
+        rows.append(["age MAE (years)", fmt(s["age"]["mae"])])
     for key, label in (("identity_to_input", "identity to input"), ("identity_to_references", "identity to refs")):
         value = s.get(key)
         if value and not value["count"]:
             rows.append([f"{label}", f"no face found in any of the {value['no_face']} output(s)"])
         elif value:
             share = value["share_under_threshold"]
-            rows.append([f"{label}: mean distance", _f(value["mean"], 3)])
+            rows.append([f"{label}: mean distance", fmt(value["mean"], 3)])
             rows.append([f"{label}: share under {threshold}", "–" if share is None else f"{100 * share:.0f}%"])
             if value["no_face"]:
                 rows.append([f"{label}: outputs without a face", value["no_face"]])
     if s["reconstruction"]:
-        rows.append(["reconstruction PSNR (dB)", _f(s["reconstruction"]["psnr_mean"])])
-        rows.append(["reconstruction SSIM", _f(s["reconstruction"]["ssim_mean"], 3)])
+        rows.append(["reconstruction PSNR (dB)", fmt(s["reconstruction"]["psnr_mean"])])
+        rows.append(["reconstruction SSIM", fmt(s["reconstruction"]["ssim_mean"], 3)])
     out += _table(["metric", "value"], rows)
 
     if s["age"]:
         out += ["## Age error by bucket", ""]
         for key, title in (("by_decade", "target decade"), ("by_band", "prompt band"), ("by_target_age", "target age")):
             out += _table(
-                [title, "MAE", "outputs"], [[name, _f(v["mae"]), v["count"]] for name, v in s["age"][key].items()]
+                [title, "MAE", "outputs"], [[name, fmt(v["mae"]), v["count"]] for name, v in s["age"][key].items()]
             )
 
     out += ["## Per edit", ""]
@@ -142,8 +143,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append(f"### {edit['id']}")
         out.append("")
         out.append(
-            f"Input `{edit['input']}`, source age {_f(edit['source_age'], 1)}"
-            f" ({_short(names[0] if names else None)} on the input: {_f(edit['input_estimated_age'], 1)}), "
+            f"Input `{edit['input']}`, source age {fmt(edit['source_age'], 1)}"
+            f" ({_short(names[0] if names else None)} on the input: {fmt(edit['input_estimated_age'], 1)}), "
             f"inversion {edit['inversion'] or '–'}, "
             f"LoRA " + (f"`{edit['lora']}`" if edit["lora"] else "none (base model)") + "."
         )
@@ -151,12 +152,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows = [
             [
                 o["target_age"],
-                _f(o["estimated_age"], 1),
-                _f(o["abs_error"], 1),
-                *[_f((o.get("estimates") or {}).get(name), 1) for name in names[1:]],
-                _f(o["distance_to_input"], 3),
-                _f(o["distance_to_references"], 3),
-                _f(o["same_person_as_input"]),
+                fmt(o["estimated_age"], 1),
+                fmt(o["abs_error"], 1),
+                *[fmt((o.get("estimates") or {}).get(name), 1) for name in names[1:]],
+                fmt(o["distance_to_input"], 3),
+                fmt(o["distance_to_references"], 3),
+                fmt(o["same_person_as_input"]),
                 f"`{o['path']}`",
             ]
             for o in edit["outputs"]
@@ -177,10 +178,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
         rec = edit["reconstruction"]
         if rec:
-            psnr = "∞ (identical)" if rec["identical"] else _f(rec["psnr"])
+            psnr = "∞ (identical)" if rec["identical"] else fmt(rec["psnr"])
             out.append(
                 f"Reconstruction at the source age {rec['target_age']}: PSNR {psnr} dB, "
-                f"SSIM {_f(rec['ssim'], 4)}"
+                f"SSIM {fmt(rec['ssim'], 4)}"
                 + (" (input resized to the output's size)" if rec["input_resized"] else "")
                 + "."
             )
@@ -199,7 +200,7 @@ def _font() -> ImageFont.ImageFont:
 
 def _caption(edit: dict[str, Any], output: dict[str, Any] | None, column: Any, label: str = "age") -> list[str]:
     if column == "input":
-        return ["input", f"source {_f(edit['source_age'], 1)}", f"{label} {_f(edit['input_estimated_age'], 1)}"]
+        return ["input", f"source {fmt(edit['source_age'], 1)}", f"{label} {fmt(edit['input_estimated_age'], 1)}"]
     if output is None:
         return [f"target {column}", "not edited", ""]
     distance = output["distance_to_input"]
@@ -207,7 +208,7 @@ def _caption(edit: dict[str, Any], output: dict[str, Any] | None, column: Any, l
         identity = "id: no face" if output["face_found"] is False else "id –"
     else:
         identity = f"id {distance:.3f}"
-    return [f"target {column}", f"{label} {_f(output['estimated_age'], 1)}", identity]
+    return [f"target {column}", f"{label} {fmt(output['estimated_age'], 1)}", identity]
 
 
 def contact_sheet(report: dict[str, Any], tiles: dict[tuple[str, Any], Image.Image], tile: int = TILE) -> Image.Image:

@@ -32,10 +32,12 @@ from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.eval.engine import metrics
 from selfage_cli.eval.estimators import DEX_PREPROCESS
-from selfage_cli.eval.report import REPORT_FILES
+from selfage_cli.eval.report import REPORT_FILES, fmt
 from selfage_cli.faces.engine.errors import UnreadableImageError
 from selfage_cli.faces.engine.identity import SAME_PERSON_THRESHOLD
 from selfage_cli.faces.engine.loading import load_image
+from selfage_cli.manifest import Edit, ImageEntry, Manifest
+from selfage_cli.manifest import load as load_manifest
 from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
@@ -105,7 +107,7 @@ class EditScore:
 
 
 # ---- selecting edits ---------------------------------------------------------------------------------
-def select_edits(project: Project, entries: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+def select_edits(project: Project, entries: list[Edit], names: list[str]) -> list[Edit]:
     """The recorded edits named by id, input stem, or a path to the input/source photo (all when empty)."""
     if not entries:
         raise SelfageError(
@@ -114,31 +116,32 @@ def select_edits(project: Project, entries: list[dict[str, Any]], names: list[st
         )
     if not names:
         return list(entries)
-    inputs = {entry.get("id"): entry for entry in project.read().get("inputs", [])}
-    chosen: list[dict[str, Any]] = []
+    inputs = {entry.id: entry for entry in load_manifest(project).inputs}
+    chosen: list[Edit] = []
     for name in names:
         match = [e for e in entries if _edit_matches(project, e, name, inputs)]
         if not match:
-            known = ", ".join(str(e.get("id")) for e in entries)
+            known = ", ".join(e.id for e in entries)
             raise SelfageError(f"EDIT {name!r} is not a recorded edit; name one of: {known}.")
         chosen.extend(m for m in match if m not in chosen)
     return chosen
 
 
-def _edit_matches(project: Project, entry: dict[str, Any], name: str, inputs: dict[Any, dict[str, Any]]) -> bool:
+def _edit_matches(project: Project, entry: Edit, name: str, inputs: dict[str, ImageEntry]) -> bool:
     """Whether ``name`` (an id, input stem or photo path) names the recorded edit ``entry``."""
-    if name == entry.get("id"):
+    if name == entry.id:
         return True
-    if entry.get("input") and Path(str(entry["input"])).stem == name:
+    if entry.input and Path(entry.input).stem == name:
         return True
     given = Path(name).expanduser()
     if not given.exists():
         return False
     given = given.resolve()
     candidates = []
-    if entry.get("input"):
-        candidates.append(project.path(entry["input"]))
-    source = inputs.get(entry.get("id"), {}).get("source")
+    if entry.input:
+        candidates.append(project.path(entry.input))
+    registered = inputs.get(entry.id)
+    source = registered.source if registered is not None else None
     if source:
         candidates.append(Path(source).expanduser().resolve())
     return given in candidates
@@ -179,17 +182,17 @@ class _Identity:
 
 
 def reference_mean_descriptor(
-    project: Project, references: list[dict[str, Any]], identity: _Identity
+    project: Project, references: list[ImageEntry], identity: _Identity
 ) -> tuple[np.ndarray | None, int]:
     """Mean 128-d descriptor of the references (recorded ``descriptor`` or computed), and how many were used."""
     descriptors: list[np.ndarray] = []
     for ref in references:
-        value = ref.get("descriptor")
+        value = ref.descriptor
         if value is not None and len(value) == 128:
             descriptors.append(np.asarray(value, dtype=np.float64))
             continue
-        if ref.get("aligned") and identity.available:
-            path = project.path(ref["aligned"])
+        if ref.aligned and identity.available:
+            path = project.path(ref.aligned)
             if path.is_file():
                 computed = identity.descriptor(path)
                 if computed is not None:
@@ -199,23 +202,17 @@ def reference_mean_descriptor(
     return np.mean(descriptors, axis=0), len(descriptors)
 
 
-def _source_age_output(entry: dict[str, Any]) -> int | None:
+def _source_age_output(entry: Edit | dict[str, Any]) -> int | None:
     """The target age equal to the edit's source age (the reconstruction), when it was edited to."""
-    source = entry.get("source_age")
-    if source is None:
+    edit = entry if isinstance(entry, Edit) else Edit.model_validate(entry)
+    if edit.source_age is None:
         return None
-    source = float(source)
+    source = float(edit.source_age)
     if not source.is_integer():
         return None
-    ages = [int(a) for a in entry.get("target_ages", [])]
     # An age kept from an earlier call (``history``) was made from that call's source age.
-    other_source = {
-        int(a)
-        for record in entry.get("history") or []
-        if record.get("source_age") is None or float(record["source_age"]) != source
-        for a in record.get("ages") or []
-    }
-    return int(source) if int(source) in ages and int(source) not in other_source else None
+    other_source = edit.ages_from_other_source_age()
+    return int(source) if int(source) in edit.target_ages and int(source) not in other_source else None
 
 
 def reconstruction_scores(input_image: Image.Image, output_image: Image.Image) -> dict[str, Any]:
@@ -251,8 +248,8 @@ def run_evaluate(
     _require_manifest(project)
     if report_dir is not None and Path(report_dir).expanduser().exists() and not Path(report_dir).expanduser().is_dir():
         raise SelfageError(f"--report {report_dir} is a file; pass a folder for the report (it is created if needed).")
-    manifest = project.read()
-    chosen = select_edits(project, manifest.get("edits", []), list(edits or []))
+    manifest = load_manifest(project)
+    chosen = select_edits(project, manifest.edits, list(edits or []))
     summary = StageSummary("eval")
     from selfage_cli.eval.estimators import estimate_all, load_estimators
 
@@ -298,10 +295,10 @@ def _warn_notes(notes: list[str | None]) -> list[str]:
 
 
 def _reference_mean(
-    project: Project, manifest: dict[str, Any], identity: _Identity, notes: list[str]
+    project: Project, manifest: Manifest, identity: _Identity, notes: list[str]
 ) -> tuple[np.ndarray | None, int]:
     """The references' mean descriptor and how many were used; a note (no warning) when there is none."""
-    ref_mean, ref_count = reference_mean_descriptor(project, manifest.get("references", []), identity)
+    ref_mean, ref_count = reference_mean_descriptor(project, manifest.references, identity)
     if identity.available and ref_mean is None:
         notes.append(
             "distance to the references not measured: the project has no references with a face "
@@ -312,7 +309,7 @@ def _reference_mean(
 
 def _score_edits(
     project: Project,
-    chosen: list[dict[str, Any]],
+    chosen: list[Edit],
     identity: _Identity,
     ref_mean: np.ndarray | None,
     summary: StageSummary,
@@ -325,12 +322,12 @@ def _score_edits(
     images: _DexQueue = []  # for DEX, batched at the end
     tiles: _Tiles = {}
     with console.progress(transient=True) as bar:
-        task = console.new_task(bar, "identity", total=sum(len(e.get("target_ages", [])) for e in chosen))
+        task = console.new_task(bar, "identity", total=sum(len(e.target_ages) for e in chosen))
         for entry in chosen:
             score = _score_edit(project, entry, identity, ref_mean, summary, images, tiles)
             if score is not None:
                 scores.append(score)
-            bar.update(task, advance=len(entry.get("target_ages", [])))
+            bar.update(task, advance=len(entry.target_ages))
     return scores, images, tiles
 
 
@@ -364,7 +361,7 @@ def _report_summary(
 
 def _score_edit(
     project: Project,
-    entry: dict[str, Any],
+    entry: Edit,
     identity: _Identity,
     ref_mean: np.ndarray | None,
     summary: StageSummary,
@@ -372,8 +369,8 @@ def _score_edit(
     tiles: _Tiles,
 ) -> EditScore | None:
     """Score one edit's outputs (identity, reconstruction), queueing its images for DEX and the sheet."""
-    edit_id = str(entry.get("id"))
-    input_rel = entry.get("input")
+    edit_id = entry.id
+    input_rel = entry.input
     input_path = project.path(input_rel) if input_rel else None
     if input_path is None or not input_path.is_file():
         summary.fail(edit_id, f"the aligned input {input_rel} is missing; re-run `selfage edit` on the photo.")
@@ -386,17 +383,17 @@ def _score_edit(
     score = EditScore(
         id=edit_id,
         input=str(input_rel),
-        source_age=entry.get("source_age"),
-        lora=entry.get("lora"),
-        settings=dict(entry.get("settings") or {}),
+        source_age=entry.source_age,
+        lora=entry.lora,
+        settings=dict(entry.settings or {}),
     )
     input_descriptor = identity.descriptor(input_path, input_image)
     score.input_face_found = None if not identity.available else input_descriptor is not None
     images.append((score, input_image))
     tiles[(edit_id, "input")] = input_image
     recon_age = _source_age_output(entry)
-    outputs = entry.get("outputs") or {}
-    for age in entry.get("target_ages", []):
+    outputs = entry.outputs
+    for age in entry.target_ages:
         age = int(age)
         rel = outputs.get(str(age))
         path = project.path(rel) if rel else None
@@ -483,11 +480,6 @@ def build_report(
     }
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    """``value`` with ``digits`` decimals, or a dash when not measured."""
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def _summary_lines(report: dict[str, Any]) -> list[str]:
     """The human report lines for the report's aggregates."""
     s = report["summary"]
@@ -495,14 +487,14 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     by_estimator = s.get("age_by_estimator") or {}
     for name, value in by_estimator.items():
         if value:
-            lines.append(f"age ({name}): MAE {_fmt(value['mae'])} years over {value['count']} output(s)")
+            lines.append(f"age ({name}): MAE {fmt(value['mae'])} years over {value['count']} output(s)")
     if not s["age"]:
         lines.append("age: not measured (no age estimator)")
     for key, label in (("identity_to_input", "identity to input"), ("identity_to_references", "identity to refs")):
         value = s.get(key)
         if value and value["count"]:
             lines.append(
-                f"{label}: mean distance {_fmt(value['mean'], 3)}, "
+                f"{label}: mean distance {fmt(value['mean'], 3)}, "
                 f"{100 * value['share_under_threshold']:.0f}% under {SAME_PERSON_THRESHOLD}"
                 + (f", {value['no_face']} without a face" if value["no_face"] else "")
             )
@@ -511,7 +503,7 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     if s["reconstruction"]:
         r = s["reconstruction"]
         lines.append(
-            f"reconstruction: PSNR {_fmt(r['psnr_mean'])} dB, SSIM {_fmt(r['ssim_mean'], 3)} "
+            f"reconstruction: PSNR {fmt(r['psnr_mean'])} dB, SSIM {fmt(r['ssim_mean'], 3)} "
             f"({r['count']} edit(s) with the source age)"
         )
     return lines

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -23,15 +22,15 @@ from typing import Any
 
 from selfage_cli.errors import SelfageError
 from selfage_cli.files import write_new
-from selfage_cli.project import Project, find, now_iso, sha256_file
+from selfage_cli.manifest import ALIGNED, ImageEntry, copy_age_label, find, reuse_or_allocate_id, safe_id, taken_ids
+from selfage_cli.project import Project, now_iso, sha256_file
 from selfage_cli.summary import StageSummary
 
 ROLES = {"refs": ("references", ("refs", "aligned")), "inputs": ("inputs", ("inputs", "aligned"))}
 # Folders of a project that hold selfage's own outputs: never aligned as sources.
 OUTPUT_DIRS = ("refs/aligned", "inputs/aligned", "edits", "runs", "cache", "reg")
-AGE_KEYS = ("age", "age_source", "age_candidates")
 # The fields of an aligned face reported in the summary's ``done`` list.
-DONE_KEYS = ("id", "source", "aligned", "face_index", "faces_found", "score")
+DONE_KEYS = ("id", "source", ALIGNED, "face_index", "faces_found", "score")
 MIN_JOBS_PER_WORKER = 3
 
 
@@ -110,22 +109,14 @@ def run_job(job: AlignJob) -> JobResult:
 # ---- sources ----------------------------------------------------------------------------------
 def collect_sources(sources: list[Path], project: Project | None = None) -> list[Path]:
     """Files as given and image files found recursively in folders (hidden ones and project outputs skipped)."""
-    from selfage_cli.faces.engine.loading import is_image_name
+    from selfage_cli.faces.engine.loading import images_in_folder
 
     excluded = [project.root / d for d in OUTPUT_DIRS] if project is not None else []
     found: list[Path] = []
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
-            root = path.resolve()
-            files = sorted(
-                f
-                for f in root.rglob("*")
-                if f.is_file()
-                and is_image_name(f)
-                and not any(part.startswith(".") for part in f.relative_to(root).parts)
-                and not any(f.is_relative_to(d) for d in excluded)
-            )
+            files = images_in_folder(path.resolve(), excluded)
             if not files:
                 raise SelfageError(
                     f"{path}: no photos found in this folder (searched recursively for .jpg, .jpeg, .png, .webp, "
@@ -137,35 +128,6 @@ def collect_sources(sources: list[Path], project: Project | None = None) -> list
         else:
             raise SelfageError(f"{path}: no such file or folder; check the path.")
     return list(dict.fromkeys(found))
-
-
-def safe_id(stem: str) -> str:
-    """A file-name stem made safe as an entry id (``my photo!`` → ``my_photo``; empty → ``photo``)."""
-    cleaned = re.sub(r"[^\w.\-]+", "_", stem).strip("._") or "photo"
-    return cleaned[:100]
-
-
-def taken_ids(entries: list[dict[str, Any]], folder: Path) -> set[str]:
-    """Ids a new entry must not get: those of ``entries`` and the stems of the PNGs already in ``folder``
-    (a file there that no entry records is never overwritten)."""
-    taken = {str(e.get("id")) for e in entries}
-    if folder.is_dir():
-        taken |= {p.stem for p in folder.glob("*.png")}
-    return taken
-
-
-def unique_id(base: str, taken: set[str]) -> str:
-    """``base``, or ``base_2``, ``base_3``, … — the first not in ``taken`` (which it is then added to).
-
-    The one id allocator of the project's aligned images (``align``, ``train --refs``, ``edit``,
-    ``edit --aligned``); build ``taken`` with :func:`taken_ids`.
-    """
-    candidate, number = base, 2
-    while candidate in taken:
-        candidate = f"{base}_{number}"
-        number += 1
-    taken.add(candidate)
-    return candidate
 
 
 def _workers(requested: int, jobs: int) -> int:
@@ -285,7 +247,7 @@ def _photos_to_align(
                 {
                     "id": existing.get("id"),
                     "source": str(path),
-                    "aligned": existing.get("aligned"),
+                    ALIGNED: existing.get(ALIGNED),
                     "reason": "already aligned (same sha256)",
                 }
             )
@@ -373,13 +335,13 @@ def _register(
     stem = safe_id(Path(source).stem)
     for index, face in enumerate(result.faces):
         base = f"{stem}_face{face['face_index'] + 1}" if all_faces else stem
-        entry_id = _reuse_or_allocate_id(old[index].get("id") if index < len(old) else None, base, taken)
+        entry_id = reuse_or_allocate_id(old[index].get("id") if index < len(old) else None, base, taken)
         target = out_dir / f"{entry_id}.png"
         os.replace(temp_files.pop((source, index)), target)
         entry = _face_entry(entry_id, source, digest, project.relative(target), face, same_content)
         entries.append(entry)
         summary.done.append({key: entry[key] for key in DONE_KEYS})
-        summary.lines.append(f"{Path(source).name} → {entry['aligned']}")
+        summary.lines.append(f"{Path(source).name} → {entry[ALIGNED]}")
 
 
 def _remove_old_entries(
@@ -389,7 +351,7 @@ def _remove_old_entries(
     old = [e for e in entries if e.get("sha256") == digest or e.get("source") == source]
     for entry in old:
         entries.remove(entry)
-        aligned = entry.get("aligned")
+        aligned = entry.get(ALIGNED)
         if aligned:
             with contextlib.suppress(FileNotFoundError, SelfageError):
                 project.path(aligned)  # checked to lie inside the project; a link is deleted, not its target
@@ -397,27 +359,17 @@ def _remove_old_entries(
     return old
 
 
-def _reuse_or_allocate_id(old_id: Any, base: str, taken: set[str]) -> str:
-    """The face's previous id when it is still free and of this call's naming (``base`` or ``base_N``: a plain
-    align after ``--all-faces``, or the reverse, renames), else a new one from ``base``; either is added to
-    ``taken``."""
-    if old_id and old_id not in taken and re.fullmatch(re.escape(base) + r"(_\d+)?", str(old_id)):
-        taken.add(old_id)
-        return old_id
-    return unique_id(base, taken)
-
-
 def _face_entry(
     entry_id: str, source: str, digest: str, aligned: str, face: dict[str, Any], same_content: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The manifest entry of one aligned face; age labels are kept from the same content's entry of that id."""
-    entry: dict[str, Any] = {"id": entry_id, "source": source, "sha256": digest, "aligned": aligned}
+    entry: dict[str, Any] = {"id": entry_id, "source": source, "sha256": digest, ALIGNED: aligned}
     entry.update(face)
     previous = next((e for e in same_content if e.get("id") == entry_id), None)
-    for key in AGE_KEYS:
-        entry[key] = previous.get(key) if previous is not None else ({} if key == "age_candidates" else None)
-    entry["aligned_at"] = now_iso()
-    return entry
+    labelled = ImageEntry.model_validate(entry)
+    copy_age_label(labelled, previous)  # kept from the same content's entry, else blank
+    labelled.aligned_at = now_iso()
+    return labelled.to_dict()
 
 
 def _report_alignment(
@@ -493,8 +445,8 @@ def _reference_descriptors(project: Project, references: list[dict[str, Any]], s
     descriptors: dict[str, Any] = {}
     for entry in references:
         descriptor = entry.get("descriptor")
-        if descriptor is None and entry.get("aligned"):
-            descriptor = _descriptor_of_aligned(project, entry["aligned"], summary)
+        if descriptor is None and entry.get(ALIGNED):
+            descriptor = _descriptor_of_aligned(project, entry[ALIGNED], summary)
         if descriptor is not None:
             descriptors[str(entry["id"])] = descriptor
     return descriptors

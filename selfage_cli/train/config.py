@@ -85,8 +85,9 @@ class TrainConfig:
 
         return parse_age_list(str(self.validate_ages), "--validate-ages")
 
-    def check(self) -> None:
-        """Raise SelfageError (exit 2) for option values that cannot work."""
+    def __post_init__(self) -> None:
+        """Raise SelfageError (exit 2) for option values that cannot work (every config validates when it is
+        built; ``dataclasses.replace`` checks a changed one again)."""
         positive = {
             "--steps": self.steps,
             "--batch-size": self.batch_size,

@@ -10,6 +10,7 @@ from pathlib import Path
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.faces.engine.loading import IMAGE_SUFFIXES
+from selfage_cli.manifest import load as load_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
@@ -47,20 +48,20 @@ def _ensure_references(
     photos = _photos(refs)
     if not photos:
         raise SelfageError(f"--refs {refs} holds no photos (.jpg, .png, …); pass the folder that holds your photos.")
-    entries = project.read().get("references", [])
-    known = {str(Path(e["source"]).resolve()) for e in entries if e.get("source") and e.get("aligned")}
+    entries = load_manifest(project).references
+    known = {str(Path(e.source).resolve()) for e in entries if e.source and e.aligned}
     if any(str(p.resolve()) not in known for p in photos):
         from selfage_cli.faces.stage import run_align
 
         console.info(f"aligning the photos of {refs} (selfage align) …")
         _merge(summary, run_align(project, [refs], role="refs", size=config.resolution), "align")
-    entries = project.read().get("references", [])
-    if not any(e.get("aligned") for e in entries):
+    entries = load_manifest(project).references
+    if not any(e.aligned for e in entries):
         raise SelfageError(
             f"--refs {refs}: no face could be aligned in any photo; use clear frontal photos "
             "(see the align failures above)."
         )
-    if ages_file is not None or birth_date or any(e.get("aligned") and e.get("age") is None for e in entries):
+    if ages_file is not None or birth_date or any(e.aligned and e.age is None for e in entries):
         _label(project, summary, config, reg=None, birth_date=birth_date, ages_file=ages_file)
 
 

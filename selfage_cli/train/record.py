@@ -9,11 +9,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from selfage_cli.files import atomic_write_json
-from selfage_cli.project import Project, find, now_iso, upsert
+from selfage_cli.manifest import META_NAME, WEIGHT_NAME, Run, find, upsert
+from selfage_cli.manifest import update as update_manifest
+from selfage_cli.project import Project, now_iso
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.engine.data import TrainImage
 from selfage_cli.train.engine.loop import LOSS_LOG, Trainer
-from selfage_cli.train.engine.lora import META_NAME
 
 
 class RunRecorder:
@@ -73,7 +74,7 @@ class RunRecorder:
         """Write the LoRA and its JSON, upsert the Run entry; returns it ({} off the main process)."""
         if not self.trainer.accelerator.is_main_process:
             return {}
-        lora = self.trainer.save_lora(self.run_dir)
+        lora = self.trainer.save_lora(self.run_dir, WEIGHT_NAME)
         meta = self.run_dir / META_NAME
         atomic_write_json(meta, self.metadata(finished))
         rel = self.project.relative
@@ -95,10 +96,9 @@ class RunRecorder:
             "references": [{"id": img.id, "age": img.age} for img in self.refs],
             "updated": now_iso(),
         }
-        with self.project.update() as manifest:
-            runs = manifest.setdefault("runs", [])
-            previous = find(runs, self.name, key="name")
-            if previous is not None and previous.get("validation_grid") and not finished:
-                entry["validation_grid"] = previous["validation_grid"]
-            upsert(runs, entry, key="name")
+        with update_manifest(self.project) as manifest:
+            previous = find(manifest.runs, self.name, key="name")
+            if previous is not None and previous.validation_grid and not finished:
+                entry["validation_grid"] = previous.validation_grid
+            upsert(manifest.runs, Run.model_validate(entry), key="name")
         return entry

@@ -19,11 +19,11 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.locks import hold
+from selfage_cli.manifest import META_NAME
 from selfage_cli.project import Project, find
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.engine.checkpoints import newest_loadable
 from selfage_cli.train.engine.loop import LOSS_LOG, list_checkpoints
-from selfage_cli.train.engine.lora import META_NAME
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -28,13 +28,13 @@ import torch
 from selfage_cli import console
 from selfage_cli.base_model import check_regularisation_model, choose_base_model, remember_base_model
 from selfage_cli.errors import InterruptedRun, SelfageError
+from selfage_cli.manifest import WEIGHT_NAME
 from selfage_cli.processes import decided_by_main, is_main, met_by_all, process_state, speak_only_from_main
 from selfage_cli.project import Project, find
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.engine.data import TrainImage
 from selfage_cli.train.engine.loop import LOSS_LOG, Trainer, list_checkpoints, resolve_precision, truncate_loss_log
-from selfage_cli.train.engine.lora import WEIGHT_NAME
 from selfage_cli.train.images import select_references, select_regularisation
 from selfage_cli.train.prepare import prepare_project
 from selfage_cli.train.record import RunRecorder
@@ -76,7 +76,7 @@ def _train_project(
     from selfage_cli.models import model_reference
 
     summary = StageSummary("train")
-    config.check()
+    config = replace(config)  # checked again (TrainConfig.__post_init__): a caller may have changed a field
     base_model = choose_base_model(project, None) if not config.base_model else model_reference(config.base_model)
     config = replace(config, base_model=base_model)  # None: the project's; a folder: absolute
     state = process_state(config.device)

@@ -45,7 +45,8 @@ def check_age_list(values: list[Any], option: str = "--ages") -> list[int]:
 
 
 def parse_age_list(value: str, option: str) -> list[int]:
-    """``"0,20,80"`` → [0, 20, 80]: integer ages 0–100, each once, not empty (else exit 2)."""
+    """``"0,20,80"`` → [0, 20, 80]: integer ages 0–100, each once, not empty (else exit 2); ``option`` names
+    the option in the message (``--ages``, ``--validate-ages``)."""
     numbers: list[int] = []
     for part in (p.strip() for p in value.split(",")):
         if not part:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,18 @@ def detection_copy(image: Image.Image, max_side: int) -> tuple[np.ndarray, float
 def is_image_name(path: Path) -> bool:
     """Whether a file found in a folder looks like a photo (by its suffix)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def images_in_folder(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """The photos in ``folder`` and its subfolders, sorted: by suffix (:func:`is_image_name`), hidden files and
+    folders skipped, none under a folder of ``exclude``. The one folder search of ``align``, ``train --refs``
+    and ``edit``."""
+    excluded = list(exclude)
+    return sorted(
+        f
+        for f in folder.rglob("*")
+        if f.is_file()
+        and is_image_name(f)
+        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+        and not any(f.is_relative_to(d) for d in excluded)
+    )

@@ -47,6 +47,7 @@ from selfage_cli.train.engine.contrastive import nt_xent_per_channel
 from selfage_cli.train.engine.cuda_graph import GraphedStep, StepInputs, graph_wanted
 from selfage_cli.train.engine.data import BatchPlan, LatentSource, TrainImage, draw_seed
 from selfage_cli.train.engine.lora import (
+    DIFFUSERS_LORA_FILE,
     add_lora,
     cast_lora_fp32,
     lora_inputs_uncast,
@@ -469,8 +470,8 @@ class Trainer:
                 f"step now averages {now} micro-batch(es), so the rest of the run differs from an uninterrupted one."
             )
 
-    def save_lora(self, folder: Path) -> Path:
-        return save_lora(folder, self.unet, self.text_encoder if self.train_text else None)
+    def save_lora(self, folder: Path, weight_name: str = DIFFUSERS_LORA_FILE) -> Path:
+        return save_lora(folder, self.unet, self.text_encoder if self.train_text else None, weight_name)
 
     # ---- the loop --------------------------------------------------------------------------------
     def on_step_end(self, stats: dict[str, float]) -> None:

@@ -22,8 +22,9 @@ from selfage_cli.files import atomic_save
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the LoRA weights (diffusers format)
-META_NAME = "pytorch_lora_weights.json"  # our metadata beside them (written by train/record.py)
+# The file name diffusers' loaders look for in a LoRA folder (its LORA_WEIGHT_NAME_SAFE); a project names
+# its runs' LoRA files in selfage_cli/manifest.py (the same name).
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def present_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
@@ -112,8 +113,13 @@ def diffusers_layers(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
     return layers
 
 
-def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` atomically (files.atomic_save)."""
+def save_lora(
+    folder: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    weight_name: str = DIFFUSERS_LORA_FILE,
+) -> Path:
+    """Write the LoRA layers in diffusers' format to ``folder/weight_name`` atomically (files.atomic_save)."""
     from diffusers import StableDiffusionPipeline
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,10 +129,10 @@ def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module
         # diffusers writes into a folder under a given name: let it, then move the file to ``tmp``.
         scratch = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
         try:
-            StableDiffusionPipeline.save_lora_weights(scratch, weight_name=WEIGHT_NAME, **layers)
-            os.replace(scratch / WEIGHT_NAME, tmp)
+            StableDiffusionPipeline.save_lora_weights(scratch, weight_name=weight_name, **layers)
+            os.replace(scratch / weight_name, tmp)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    atomic_save(folder / WEIGHT_NAME, write)
-    return folder / WEIGHT_NAME
+    atomic_save(folder / weight_name, write)
+    return folder / weight_name
