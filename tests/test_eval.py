@@ -288,6 +288,25 @@ def test_eval_with_a_missing_dex_file_downgrades(eval_project: Project, tmp_path
     assert report["summary"]["age"]["count"] == 1
 
 
+@pytest.mark.parametrize("choice", ["dex", "both"])
+def test_eval_asked_for_dex_with_a_missing_file_is_an_input_error(
+    eval_project: Project, tmp_path: Path, choice: str
+) -> None:
+    from selfage_cli.errors import SelfageError
+    from selfage_cli.eval.stage import run_evaluate
+
+    with pytest.raises(SelfageError, match="nope.pth"):
+        run_evaluate(
+            eval_project,
+            edits=["hopper"],
+            report_dir=tmp_path / "r",
+            dex_weights=tmp_path / "nope.pth",
+            age_estimator=choice,
+            device="cpu",
+        )
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_previous_report_is_replaced_with_a_warning(eval_project: Project, monkeypatch, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

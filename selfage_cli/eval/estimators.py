@@ -4,7 +4,8 @@
 weights), since papers report DEX and a second estimator differs. The first estimator is the one the
 report's ``estimated_age`` fields and its age summary hold; every estimator's values are in
 ``estimates`` / ``input_estimates`` and ``summary.age_by_estimator``. A DEX file that is named but
-missing, or a builtin estimator that is not installed, is a note, not an error (identity still counts).
+missing is an error with ``dex``/``both`` (exit 2) and a note with ``auto``; a builtin estimator that is not
+installed is a note, not an error (identity still counts).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def load_estimators(
     notes: list[str] = []
     try:
         dex_path = find_dex_weights(dex_weights, project)
-    except SelfageError as exc:  # a named file that does not exist: downgrade, say why
+    except SelfageError as exc:  # a named file that does not exist: asked for DEX, an error; else a note
+        if choice in ("dex", "both"):
+            raise
         dex_path = None
         notes.append(f"DEX age error not measured: {exc}")
     if choice in ("dex", "both") and dex_path is None and not notes:
