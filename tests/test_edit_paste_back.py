@@ -306,3 +306,65 @@ def test_any_pixel_mode_and_format(project_dir: Path, tmp_path: Path, astronaut_
     else:
         assert corner.max() == 0
     assert (project_dir / keys["strip_full"]).is_file() and (project_dir / keys["gif_full"]).is_file()
+
+
+def test_paste_back_only_refuses_editing_options_by_name(project_dir: Path) -> None:
+    code, output, _ = paste_only(project_dir, "--ages", "10,20", "--inversion", "direct")
+    text = " ".join(output.split())
+    assert code == 2 and "does not take --ages, --inversion" in text and "Traceback" not in output
+
+
+def test_a_damaged_crop_or_record_fails_that_item_only(
+    project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, tmp_path: Path, flat_engine: None
+) -> None:
+    photo = tmp_path / "face.png"
+    shutil.copy(astronaut_path, photo)
+    code, output, _ = edit(project_dir, tiny_model_dir, str(photo), "--no-lora", "--source-age", "40", "--ages", "0,1")
+    assert code == 0, output
+    project = Project(project_dir)
+    (record,) = project.read()["edits"]
+    (project_dir / record["outputs"]["0"]).write_bytes(b"not a png")  # a damaged crop
+    code, output, summary = paste_only(project_dir, "--json")
+    assert code == 1 and "Traceback" not in output and "internal error" not in output
+    assert record["outputs"]["0"].split("/")[-1] in summary["failures"][0]["reason"]
+    with project.update() as manifest:  # an age without a recorded output
+        del manifest["edits"][0]["outputs"]["0"]
+    code, output, summary = paste_only(project_dir, "--json")
+    assert code == 1 and "the edit to age 0 has no recorded output" in summary["failures"][0]["reason"]
+
+
+def test_edit_of_a_moved_photo_pastes_back_into_the_photo_given(
+    project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, tmp_path: Path, flat_engine: None
+) -> None:
+    first = tmp_path / "a" / "face.png"
+    first.parent.mkdir()
+    shutil.copy(astronaut_path, first)
+    args = ["--no-lora", "--source-age", "40"]
+    code, output, _ = edit(project_dir, tiny_model_dir, str(first), *args, "--ages", "0")
+    assert code == 0, output
+    moved = tmp_path / "b" / "face.png"
+    moved.parent.mkdir()
+    shutil.move(first, moved)  # same bytes, new place: found by its sha256, aligned already
+    code, output, summary = edit(
+        project_dir, tiny_model_dir, str(moved), *args, "--ages", "1", "--paste-back", "--json"
+    )
+    assert code == 0, output
+    (record,) = Project(project_dir).read()["edits"]
+    assert set(record["full_outputs"]) == {"1"} and (project_dir / record["full_outputs"]["1"]).is_file()
+
+
+def test_paste_back_only_waits_for_no_one_holding_the_edit_folder(
+    project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, tmp_path: Path, flat_engine: None
+) -> None:
+    from selfage_cli.edit.outputs import outputs_held
+
+    photo = tmp_path / "face.png"
+    shutil.copy(astronaut_path, photo)
+    code, output, _ = edit(project_dir, tiny_model_dir, str(photo), "--no-lora", "--source-age", "40", "--ages", "0")
+    assert code == 0, output
+    project = Project(project_dir)
+    before = project.manifest_path.read_bytes()
+    with outputs_held(project, ["face"]):  # as a running `selfage edit face.png` holds it
+        code, output, _ = paste_only(project_dir)
+    assert code == 2 and "Traceback" not in output
+    assert project.manifest_path.read_bytes() == before and not list((project_dir / "edits" / "face").glob("*_full*"))

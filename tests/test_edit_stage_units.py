@@ -252,6 +252,8 @@ def test_photos_are_split_across_processes() -> None:
 def test_out_of_memory_suggests_max_batch() -> None:
     assert "--max-batch 4" in _oom_message(EditConfig(ages=list(range(0, 90, 10))), "me")
     assert "--max-batch 1" in _oom_message(EditConfig(ages=[1, 2, 3], max_batch=2), "me")
+    last = _oom_message(EditConfig(ages=[1, 2, 3], max_batch=1), "me")
+    assert "--max-batch" not in last and "undoes most of the LoRA's effect" in last
 
 
 # ---- manifest entry over several calls ----------------------------------------------------------------------

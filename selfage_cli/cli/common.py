@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -105,6 +105,13 @@ class Common:
         from selfage_cli.base_model import choose_base_model
 
         return choose_base_model(project, self.base_model) if self.base_model else None
+
+
+def options_given(ctx: typer.Context, names: Iterable[str], *, environment: bool = True) -> list[str]:
+    """Of the parameters ``names``, those given on the command line (or, with ``environment``, through an
+    environment variable such as ``SELFAGE_DEX_WEIGHTS``) rather than left at their default, in the order asked."""
+    given = {"COMMANDLINE", "ENVIRONMENT"} if environment else {"COMMANDLINE"}  # by name: click may be vendored
+    return [name for name in names if getattr(ctx.get_parameter_source(name), "name", None) in given]
 
 
 def run(common: Common, action: Callable[[], StageSummary | None], *, several_processes: bool = False) -> None:

@@ -17,11 +17,21 @@ from selfage_cli.cli.common import (
     JsonOpt,
     ProjectOpt,
     QuietOpt,
+    options_given,
     run,
 )
 
+# What --paste-back-only does not use: it pastes the recorded ages back, editing nothing.
+EDITING_OPTIONS = (
+    "ages", "paste_back", "lora", "no_lora", "source_age", "gender", "inversion", "ddim_steps", "guidance",
+    "inner_steps", "cross_replace", "self_replace", "blend_threshold", "blend_start", "reweight", "max_batch",
+    "no_round_source_age", "seed", "compile_unet", "cuda_graph", "age_estimator", "dex_preprocess",
+    "dex_weights", "base_model", "dtype",
+)  # fmt: skip
+
 
 def edit(
+    ctx: typer.Context,
     images: Annotated[
         list[Path] | None,
         typer.Argument(help="Photos to edit (default: every input in the project).", show_default=False),
@@ -205,6 +215,7 @@ def edit(
             from selfage_cli.edit.paste_back import check_call, paste_back_recorded
 
             check_call(aligned, True)
+            _refuse_editing_options(ctx)
             return paste_back_recorded(proj, images or [], side_by_side=side_by_side, gif=gif, force=force)
         config = EditConfig(
             ages=parse_age_list(ages, "--ages"),
@@ -249,3 +260,17 @@ def edit(
 
 def register(app: typer.Typer) -> None:
     app.command("edit")(edit)
+
+
+def _refuse_editing_options(ctx: typer.Context) -> None:
+    """--paste-back-only with an option that only editing uses: exit 2 naming it (it would be ignored)."""
+    from selfage_cli.errors import SelfageError
+
+    given = options_given(ctx, EDITING_OPTIONS, environment=False)  # a SELFAGE_DEX_WEIGHTS set for every edit is fine
+    if given:
+        flags = {param.name: param.opts[0] for param in ctx.command.params if param.opts}
+        named = ", ".join(flags.get(name, name) for name in given)
+        raise SelfageError(
+            f"--paste-back-only pastes the recorded ages back and edits nothing, so it does not take {named}; "
+            "leave it out (or edit with it: selfage edit PHOTO --paste-back)."
+        )

@@ -16,6 +16,7 @@ from selfage_cli.cli.common import (
     JsonOpt,
     ProjectOpt,
     QuietOpt,
+    options_given,
     run,
 )
 
@@ -44,12 +45,7 @@ RESUME_CHECKED = {
 
 def given_options(ctx: typer.Context) -> frozenset[str]:
     """The checked options given on the command line or through the environment (not left at their default)."""
-    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: typer may vendor its own click
-    return frozenset(
-        field
-        for name, field in RESUME_CHECKED.items()
-        if getattr(ctx.get_parameter_source(name), "name", None) in given
-    )
+    return frozenset(RESUME_CHECKED[name] for name in options_given(ctx, RESUME_CHECKED))
 
 
 def train(

@@ -31,6 +31,7 @@ class InputPhoto:
 
     id: str
     entry: dict[str, Any]
+    given: Path | None = None  # the photo as given in this call (same sha256; may have moved since it was aligned)
 
     @property
     def aligned(self) -> str:
@@ -151,7 +152,7 @@ def register_raw(project: Project, files: list[Path], resolution: int, summary: 
             reason = next((r for item, r in reasons.items() if _same_file(item, file)), None)
             summary.fail(str(file), reason or "could not be aligned (no face found); try another photo or --aligned")
             continue
-        out.append(InputPhoto(str(entry["id"]), entry))
+        out.append(InputPhoto(str(entry["id"]), entry, given=file))
     return out
 
 

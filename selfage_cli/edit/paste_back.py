@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from selfage_cli.edit.outputs import EDITS_DIR, GIF_FRAME_MS, _draw_centred, age_label, label_band_height
+from selfage_cli.edit.outputs import EDITS_DIR, GIF_FRAME_MS, _draw_centred, age_label, label_band_height, outputs_held
 from selfage_cli.errors import SelfageError
+from selfage_cli.faces.engine.errors import UnreadableImageError
+from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.files import atomic_save
 from selfage_cli.manifest import find
 from selfage_cli.manifest import update as update_manifest
@@ -101,12 +103,27 @@ def source_photo(project: Project, entry: dict[str, Any], photo_path: Path | Non
             f"the source photo of {name}, {path}, changed since it was aligned (sha256 differs), so the face is "
             "no longer where it was recorded; edit the photo again (selfage edit PHOTO --paste-back)"
         )
+    size = entry.get("size") or _aligned_size(project, entry)
+    if not size:
+        return f"input {name} records neither its aligned size nor an aligned image; align the photo again"
     return SourcePhoto(
         path=path,
         landmarks=np.asarray(entry["landmarks"], dtype=np.float64),
-        aligned_size=int(entry.get("size") or 512),
+        aligned_size=int(size),
         suffix=_suffix_for(path),
     )
+
+
+def _aligned_size(project: Project, entry: dict[str, Any]) -> int | None:
+    """The side of the input's aligned square, from its image (entries without a recorded ``size``)."""
+    aligned = entry.get("aligned")
+    if not aligned:
+        return None
+    try:
+        with Image.open(project.path(str(aligned))) as opened:
+            return int(opened.size[0])
+    except OSError:
+        return None
 
 
 def _suffix_for(path: Path) -> str:
@@ -140,7 +157,6 @@ def write_full_outputs(
 ) -> dict[str, Any]:
     """Paste every age's crop into the photo and write the files; returns the Edit entry's keys
     (``full_outputs``, ``strip_full``, ``gif_full``; project-relative)."""
-    from selfage_cli.faces.engine.loading import load_image
     from selfage_cli.faces.engine.paste_back import Placement, paste_into
 
     photo = load_image(source.path)
@@ -277,10 +293,15 @@ def paste_back_recorded(
     edits = manifest.get("edits") or []
     inputs = manifest.get("inputs") or []
     jobs = _recorded_jobs(project, images, edits, inputs, summary)
-    with console.progress() as bar:
+    # The edit folders' locks, as `selfage edit` takes them: a running edit of the same photo is not raced.
+    with outputs_held(project, [str(e["id"]) for e, _, _ in jobs]), console.progress() as bar:
         task = console.new_task(bar, "pasting back", total=len(jobs))
         for edit_entry, input_entry, given in jobs:
-            record = _paste_back_one(project, edit_entry, input_entry, given, side_by_side, gif, force, summary)
+            try:
+                record = _paste_back_one(project, edit_entry, input_entry, given, side_by_side, gif, force, summary)
+            except (UnreadableImageError, ValueError) as exc:  # a damaged crop or record: this item fails
+                summary.fail(str(edit_entry["id"]), f"{exc}; edit that photo again (selfage edit PHOTO --force)")
+                record = None
             if record is not None:
                 summary.done.append(record)
                 summary.lines.append(f"{record['id']}: {', '.join(record['full_outputs'].values())}")
@@ -351,12 +372,15 @@ def _paste_back_one(
     ages = [int(a) for a in edit_entry.get("target_ages") or []]
     crops: dict[int, Image.Image] = {}
     for age in ages:
-        path = project.path(str((edit_entry.get("outputs") or {}).get(str(age))))
+        recorded = (edit_entry.get("outputs") or {}).get(str(age))
+        if not recorded:
+            summary.fail(item, f"the edit to age {age} has no recorded output; edit that age again")
+            return None
+        path = project.path(str(recorded))
         if not path.is_file():
             summary.fail(item, f"{project.relative(path)}, the edit to age {age}, is missing; edit that age again")
             return None
-        with Image.open(path) as handle:
-            crops[age] = handle.convert("RGB")
+        crops[age] = load_image(path)
     outputs = plan_full_outputs(project, item, ages, source.suffix, side_by_side=side_by_side, gif=gif)
     clash = outputs.existing()
     if clash and not force:
@@ -383,9 +407,14 @@ class PastePlan:
     outputs: FullOutputs
 
 
-def plan_for_edit(project: Project, entry: dict[str, Any], config: Any) -> PastePlan | str:
-    """The checked source photo and the full-frame files of one input's edit, or why it cannot be pasted back."""
-    source = source_photo(project, entry)
+def plan_for_edit(
+    project: Project, entry: dict[str, Any], config: Any, photo_path: Path | None = None
+) -> PastePlan | str:
+    """The checked source photo and the full-frame files of one input's edit, or why it cannot be pasted back.
+
+    ``photo_path``: the photo as given to this edit (found by its sha256, so it may have moved since it
+    was aligned); else the path the input's entry records."""
+    source = source_photo(project, entry, photo_path)
     if isinstance(source, str):
         return source
     outputs = plan_full_outputs(

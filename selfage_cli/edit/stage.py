@@ -76,6 +76,10 @@ def run_edit(
     summary = gathered(summary, state)
     if summary is not None:
         summary.data.update(_call_data(ctx, summary.done))
+        if summary.done:  # the project's first model stage records its model, once it has made something
+            from selfage_cli.base_model import remember_base_model
+
+            remember_base_model(project, ctx.base_model)
     return summary
 
 
@@ -186,10 +190,6 @@ def _load_context(
     if lora is not None:
         check_base_model(lora, base_model)
         load_lora(pipe, lora)
-    if is_main(state):
-        from selfage_cli.base_model import remember_base_model
-
-        remember_base_model(project, base_model)  # the project's first model stage records its model
     lora_applied = apply_precision(pipe, precision, with_lora=lora is not None)
     return _EditContext(
         project=project,
@@ -225,7 +225,9 @@ def _edit_or_fail(
     outputs = plan_outputs(
         ctx.project, photo.id, ctx.config.ages, side_by_side=ctx.config.side_by_side, gif=ctx.config.gif
     )
-    pasting = paste_back.plan_for_edit(ctx.project, photo.entry, ctx.config) if ctx.config.paste_back else None
+    pasting = (
+        paste_back.plan_for_edit(ctx.project, photo.entry, ctx.config, photo.given) if ctx.config.paste_back else None
+    )
     if isinstance(pasting, str):
         summary.fail(photo.id, pasting)
         return None
@@ -486,10 +488,14 @@ def _register_inputs(
 def _oom_message(config: EditConfig, item: str) -> str:
     """The exit-2 message for running out of GPU memory, suggesting a smaller --max-batch."""
     current = config.max_batch or len(config.ages)
-    suggestion = max(1, current // 2)
+    if current <= 1:  # nothing smaller to suggest; half precision fits but loses most of the LoRA's effect
+        return (
+            f"{item}: out of GPU memory even with one age per pass; use a GPU with more memory, or pass "
+            "--dtype bf16 knowing that half precision undoes most of the LoRA's effect (docs/benchmarks.md)."
+        )
     return (
-        f"{item}: out of GPU memory while editing {current} ages in one pass; pass --max-batch {suggestion} "
-        f"(fewer ages per pass, same result){' or --dtype fp16' if config.max_batch == 1 else ''}."
+        f"{item}: out of GPU memory while editing {current} ages in one pass; pass --max-batch "
+        f"{max(1, current // 2)} (fewer ages per pass, same result)."
     )
 
 
