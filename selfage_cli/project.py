@@ -237,8 +237,13 @@ class Project:
             self.root.mkdir(parents=True, exist_ok=True)
             return open(self.lock_path, "a+")  # noqa: SIM115 - closed by lock()
         except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                return None
+            if exc.errno == errno.EROFS or (exc.errno in (errno.EACCES, errno.EPERM) and not _writable(self.root)):
+                return None  # no one can write here, so no one needs the lock: the read-only commands go on
+            if exc.errno in (errno.EACCES, errno.EPERM):  # the folder is writable, the lock file is not
+                raise SelfageError(
+                    f"{self.lock_path}: cannot be opened for locking ({exc.strerror}) although the project "
+                    "folder is writable; remove that file or give it back to your user (e.g. after a sudo run)."
+                ) from None
             raise
 
     @contextlib.contextmanager
@@ -283,3 +288,8 @@ def resolve_project(project: str | os.PathLike[str] | None) -> Project:
     if path.exists() and not path.is_dir():
         raise SelfageError(f"--project {path} is a file, not a folder; pass the project folder.")
     return Project(path)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this user may create files in ``folder`` (root bypasses permission bits, as the kernel does)."""
+    return os.access(folder, os.W_OK)

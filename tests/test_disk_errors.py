@@ -242,3 +242,28 @@ def test_a_read_only_project_allows_the_read_only_commands_and_names_itself_for_
     assert trained.exit_code == 2, trained.output
     assert f"{root} is on a read-only file system" in one_line(trained.output)
     assert (root / "selfage.json").read_bytes() == before and leftovers(root) == []
+
+
+def test_a_lock_file_not_ours_in_a_writable_project_is_refused_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left by a `sudo` run: writing without the lock could lose another command's update."""
+    import selfage_cli.project as project_module
+    from selfage_cli.errors import SelfageError
+    from selfage_cli.project import Project
+
+    project = Project(tmp_path / "p")
+    with project.update() as manifest:
+        manifest["inputs"] = []
+    before = project.manifest_path.read_bytes()
+    real_open = builtins.open
+
+    def not_ours(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if Path(os.fspath(file)) == project.lock_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(project_module, "open", not_ours, raising=False)
+    with pytest.raises(SelfageError, match="selfage.json.lock: cannot be opened for locking"), project.update() as m:
+        m["inputs"].append({"id": "x"})
+    assert project.manifest_path.read_bytes() == before
