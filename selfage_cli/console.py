@@ -78,7 +78,7 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    """A warning: always shown, and collected for the --json summary."""
+    """A warning: shown (but under --quiet, where the final line counts them), and collected for --json."""
     WARNINGS.append(message)
     if not _state["muted"] and not _state["hide_warnings"]:
         stderr.print(f"[yellow]warning:[/yellow] {message}")

@@ -401,7 +401,7 @@ def _paste_back_one(
 # ---- edit --paste-back -----------------------------------------------------------------------------------
 @dataclass
 class PastePlan:
-    """What ``edit --paste-back`` will paste into for one input, checked before any model work."""
+    """What ``edit --paste-back`` will paste into for one input, checked before that photo is edited."""
 
     source: SourcePhoto
     outputs: FullOutputs

@@ -5,8 +5,8 @@ by an earlier edit is reused as the exact float it was, so ``--no-round-source-a
 number on every run, and the prompt and the inversion cache key stay the same); else the
 ``--age-estimator``'s estimate on the aligned input (DEX with ``--dex-preprocess``, or builtin),
 recorded on the input as ``age`` (rounded), ``age_source`` (the estimator) and ``age_candidates``
-(the float, exactly). A recorded builtin estimate is re-estimated when DEX is asked for explicitly
-(``--age-estimator dex``).
+(the float, exactly). A recorded builtin estimate is re-estimated by DEX when DEX is asked for
+(``--age-estimator dex``) or, under ``auto``, once DEX weights are known.
 
 **Gender**: ``--gender female|male`` is used as given, ``--gender none`` forces the neutral words
 (the reference's default). Without ``--gender`` the builtin estimator's gender call is used when its

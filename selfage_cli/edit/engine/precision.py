@@ -5,7 +5,7 @@ them (``fused``: W + B·A computed once, in fp32, then the weights cast to the p
 per call) or kept beside them as PEFT's branch (``branch``: two more small GEMMs per adapted layer
 and call, in the weights' precision; ``branch-fp32``: the branch in fp32 beside half-precision
 weights). Which one, and in which precision, is recorded in the Edit entry as
-``settings.lora_applied`` (:meth:`EditPrecision.lora_applied`).
+``lora_applied`` (:meth:`EditPrecision.lora_applied`).
 
 ``auto`` is chosen by the ``lora_effect`` measurement (docs/benchmarks.md, "LoRA effect and edit
 precision"): the fastest setting whose edits with the LoRA stay within R ≤ 0.1 of the fp32 edits at
