@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from typing import Any
 
 EXIT_OK = 0
@@ -70,15 +71,21 @@ def environment_error(exc: BaseException, folder: Any = None) -> SelfageError | 
 
     ``folder``: named when the error carries no file name (a write to an open file), e.g. the project folder.
     """
+    for current in exception_chain(exc):
+        code, filename = _errno_of(current)
+        if code is not None:
+            return SelfageError(_environment_sentence(code, filename or folder))
+    return None
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (``__cause__``, else ``__context__``), each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        code, filename = _errno_of(current)
-        if code is not None:
-            return SelfageError(_environment_sentence(code, filename or folder))
+        yield current
         current = current.__cause__ or current.__context__
-    return None
 
 
 def _errno_of(exc: BaseException) -> tuple[int | None, Any]:

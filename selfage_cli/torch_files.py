@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from selfage_cli.errors import SelfageError
+from selfage_cli.errors import SelfageError, exception_chain
 from selfage_cli.files import with_filename
 
 # The sentence for a pickle that would run code (docs/troubleshooting.md quotes it; a test checks it).
@@ -62,16 +62,10 @@ def is_code_refusal(exc: BaseException) -> bool:
 def refused_in(exc: BaseException) -> str | None:
     """When ``exc`` or an exception in its chain is a code refusal (a library loaded a pickle for us, e.g.
     diffusers a ``.bin`` weights file): the sentence for it, naming the file where the chain names one."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    refused, texts = False, []
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        refused = refused or is_code_refusal(current)
-        texts.append(str(current))
-        current = current.__cause__ or current.__context__
-    if not refused:
+    chain = list(exception_chain(exc))
+    if not any(is_code_refusal(current) for current in chain):
         return None
+    texts = [str(current) for current in chain]
     named = re.search(r"'([^']+\.(?:bin|pt|pth|ckpt|pkl))'", " ".join(texts))
     return f"{named.group(1)}: {CODE_REFUSED}" if named else CODE_REFUSED
 

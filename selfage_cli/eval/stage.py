@@ -229,8 +229,8 @@ def reconstruction_scores(input_image: Image.Image, output_image: Image.Image) -
     }
 
 
-# Images waiting for the DEX age estimate (with the score that takes it), and the contact sheet's tiles.
-_DexQueue = list[tuple[OutputScore | EditScore, Image.Image]]
+# Images waiting for the age estimates (with the score that takes them), and the contact sheet's tiles.
+_EstimateQueue = list[tuple[OutputScore | EditScore, Image.Image]]
 _Tiles = dict[tuple[str, int | str], Image.Image]
 
 
@@ -313,13 +313,13 @@ def _score_edits(
     identity: _Identity,
     ref_mean: np.ndarray | None,
     summary: StageSummary,
-) -> tuple[list[EditScore], _DexQueue, _Tiles]:
+) -> tuple[list[EditScore], _EstimateQueue, _Tiles]:
     """Score identity and reconstruction of every chosen edit (with a progress bar).
 
     Returns the scores, the (score, image) pairs left for DEX, and the contact sheet's tiles.
     """
     scores: list[EditScore] = []
-    images: _DexQueue = []  # for DEX, batched at the end
+    images: _EstimateQueue = []  # for DEX, batched at the end
     tiles: _Tiles = {}
     with console.progress(transient=True) as bar:
         task = console.new_task(bar, "identity", total=sum(len(e.target_ages) for e in chosen))
@@ -365,7 +365,7 @@ def _score_edit(
     identity: _Identity,
     ref_mean: np.ndarray | None,
     summary: StageSummary,
-    images: _DexQueue,
+    images: _EstimateQueue,
     tiles: _Tiles,
 ) -> EditScore | None:
     """Score one edit's outputs (identity, reconstruction), queueing its images for DEX and the sheet."""
