@@ -28,3 +28,22 @@ def json_summary(stdout: str | None) -> dict | None:
         if line.startswith("{"):
             summary = json.loads(line)
     return summary
+
+
+def stand_in_inversion(pipe, image, prompt: str, *, steps: int, mode: str, guidance: float):
+    """What ``engine.invert`` returns, made of zeros at once: for tests whose editing is a stand-in too."""
+    import torch
+
+    from selfage_cli.edit.engine.inversion import Inversion
+
+    side = image.width // int(pipe.vae_scale_factor)
+    return Inversion(
+        x_t=torch.zeros(1, 4, side, side),
+        null_embeddings=torch.zeros(steps, 77, int(pipe.text_encoder.config.hidden_size)),
+        mode=mode,
+        prompt=prompt,
+        steps=steps,
+        guidance=guidance,
+        inner_steps_run=[0] * steps,
+        seconds=0.0,
+    )

@@ -20,7 +20,7 @@ from selfage_cli.cli import app
 from selfage_cli.edit import engine
 from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.project import Project
-from tests.edit_cli import json_summary, run_edit
+from tests.edit_cli import json_summary, run_edit, stand_in_inversion
 
 runner = CliRunner()
 AGE_COLOURS = {0: (200, 40, 40), 1: (40, 200, 40), 2: (40, 40, 200)}
@@ -39,20 +39,9 @@ def paste_only(project: Path, *args: str) -> tuple[int, str, dict | None]:
 @pytest.fixture
 def flat_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     """invert/edit_ages replaced by fast stand-ins: each target age comes back as one flat colour."""
-    from selfage_cli.edit.engine.inversion import Inversion
 
     def invert(pipe, image, prompt, *, steps=50, mode="null-text", guidance=7.5, **kwargs):
-        side = image.width // int(pipe.vae_scale_factor)
-        return Inversion(
-            x_t=torch.zeros(1, 4, side, side),
-            null_embeddings=torch.zeros(steps, 77, int(pipe.text_encoder.config.hidden_size)),
-            mode=mode,
-            prompt=prompt,
-            steps=steps,
-            guidance=guidance,
-            inner_steps_run=[0] * steps,
-            seconds=0.0,
-        )
+        return stand_in_inversion(pipe, image, prompt, steps=steps, mode=mode, guidance=guidance)
 
     def edit_ages(pipe, inversion, prompts, **kwargs):
         size = int(inversion.x_t.shape[-1]) * int(pipe.vae_scale_factor)
@@ -314,13 +303,19 @@ def test_paste_back_only_refuses_editing_options_by_name(project_dir: Path) -> N
     assert code == 2 and "does not take --ages, --inversion" in text and "Traceback" not in output
 
 
-def test_a_damaged_crop_or_record_fails_that_item_only(
+@pytest.fixture
+def edited_face(
     project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, tmp_path: Path, flat_engine: None
-) -> None:
+) -> Path:
+    """The astronaut as face.png, edited (stand-in engine) to ages 0 and 1 in ``project_dir``."""
     photo = tmp_path / "face.png"
     shutil.copy(astronaut_path, photo)
     code, output, _ = edit(project_dir, tiny_model_dir, str(photo), "--no-lora", "--source-age", "40", "--ages", "0,1")
     assert code == 0, output
+    return photo
+
+
+def test_a_damaged_crop_or_record_fails_that_item_only(project_dir: Path, edited_face: Path) -> None:
     project = Project(project_dir)
     (record,) = project.read()["edits"]
     (project_dir / record["outputs"]["0"]).write_bytes(b"not a png")  # a damaged crop
@@ -353,15 +348,9 @@ def test_edit_of_a_moved_photo_pastes_back_into_the_photo_given(
     assert set(record["full_outputs"]) == {"1"} and (project_dir / record["full_outputs"]["1"]).is_file()
 
 
-def test_paste_back_only_waits_for_no_one_holding_the_edit_folder(
-    project_dir: Path, tiny_model_dir: Path, astronaut_path: Path, tmp_path: Path, flat_engine: None
-) -> None:
+def test_paste_back_only_waits_for_no_one_holding_the_edit_folder(project_dir: Path, edited_face: Path) -> None:
     from selfage_cli.edit.outputs import outputs_held
 
-    photo = tmp_path / "face.png"
-    shutil.copy(astronaut_path, photo)
-    code, output, _ = edit(project_dir, tiny_model_dir, str(photo), "--no-lora", "--source-age", "40", "--ages", "0")
-    assert code == 0, output
     project = Project(project_dir)
     before = project.manifest_path.read_bytes()
     with outputs_held(project, ["face"]):  # as a running `selfage edit face.png` holds it

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from selfage_cli.cli import app
 from selfage_cli.edit import engine
 from selfage_cli.project import Project, sha256_file
-from tests.edit_cli import FAST, json_summary, run_edit
+from tests.edit_cli import FAST, json_summary, run_edit, stand_in_inversion
 
 runner = CliRunner()
 
@@ -56,7 +56,6 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> dict:
 
     Returns the calls: ``{"invert": [prompt, ...], "edit_ages": [EditPrompts, ...], "settings": [P2PSettings, ...]}``.
     """
-    from selfage_cli.edit.engine.inversion import Inversion
 
     seen: dict = {"invert": [], "edit_ages": [], "settings": []}
 
@@ -75,18 +74,7 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> dict:
     ):
         seen["invert"].append(prompt)
         seen.setdefault("cuda_graph", []).append(cuda_graph)
-        side = image.width // int(pipe.vae_scale_factor)
-        width = int(pipe.text_encoder.config.hidden_size)
-        return Inversion(
-            x_t=torch.zeros(1, 4, side, side),
-            null_embeddings=torch.zeros(steps, 77, width),
-            mode=mode,
-            prompt=prompt,
-            steps=steps,
-            guidance=guidance,
-            inner_steps_run=[0] * steps,
-            seconds=0.0,
-        )
+        return stand_in_inversion(pipe, image, prompt, steps=steps, mode=mode, guidance=guidance)
 
     def edit_ages(pipe, inversion, prompts, **kwargs):
         seen["edit_ages"].append(prompts)
