@@ -16,6 +16,7 @@ stage's entries goes through a function here (:func:`set_age_label`, :func:`allo
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -386,6 +387,39 @@ def reuse_or_allocate_id(old_id: Any, base: str, taken: set[str]) -> str:
         taken.add(old_id)
         return old_id
     return unique_id(base, taken)
+
+
+# ---- a new manifest, the project's settings ----------------------------------------------------------------
+def now_iso() -> str:
+    """The current UTC time as an ISO-8601 string with seconds."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def empty_manifest() -> dict[str, Any]:
+    """A new manifest's JSON object with every section present and empty."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": now_iso(),
+        "config": {},
+        "references": [],
+        "inputs": [],
+        "regularisation": {"folder": None, "images": []},
+        "runs": [],
+        "edits": [],
+    }
+
+
+def config(project: Project, key: str, default: Any = None) -> Any:
+    """A project setting (``config`` section), e.g. ``base_model`` or ``dex_weights``; ``default`` when unset."""
+    return load(project).config.get(key, default)
+
+
+def set_config(project: Project, **values: Any) -> None:
+    """Set project settings (``config`` section); a value of None leaves that setting as it is."""
+    with update(project) as manifest:
+        for key, value in values.items():
+            if value is not None:
+                setattr(manifest.config, key, value)
 
 
 # ---- reading and writing through a Project ------------------------------------------------------------------

@@ -13,6 +13,7 @@ from selfage_cli.ages.engine import builtin, estimator
 from selfage_cli.ages.stage import run_label_ages
 from selfage_cli.errors import SelfageError
 from selfage_cli.faces.engine.align import align_file
+from selfage_cli.manifest import set_config
 from selfage_cli.project import Project
 
 
@@ -92,7 +93,7 @@ def test_auto_picks_dex_only_when_its_weights_are_known(project_dir, dex_weights
     monkeypatch.setenv("SELFAGE_DEX_WEIGHTS", str(dex_weights_path))
     assert estimator.choose("auto", None, project) == "dex"
     monkeypatch.delenv("SELFAGE_DEX_WEIGHTS")
-    project.set_config(dex_weights=str(dex_weights_path))
+    set_config(project, dex_weights=str(dex_weights_path))
     assert estimator.choose("auto", None, project) == "dex"
     assert estimator.choose("builtin", None, project) == "builtin"
     with pytest.raises(SelfageError, match="dex, builtin"):

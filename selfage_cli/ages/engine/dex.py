@@ -122,7 +122,9 @@ def find_dex_weights(option: str | os.PathLike[str] | None, project: Any = None)
     """
     candidates: list[tuple[str, Any]] = [("--dex-weights", option), (f"${DEX_ENV}", os.environ.get(DEX_ENV) or None)]
     if project is not None and project.exists():
-        candidates.append((f"the project's config ({project.manifest_path})", project.config("dex_weights")))
+        candidates.append(
+            (f"the project's config ({project.manifest_path})", (project.read().get("config") or {}).get("dex_weights"))
+        )
     for origin, value in candidates:
         if not value:
             continue
