@@ -422,6 +422,14 @@ def set_config(project: Project, **values: Any) -> None:
                 setattr(manifest.config, key, value)
 
 
+def configured_dex_weights(project: Project | None) -> tuple[str, str | None] | None:
+    """The DEX weights path the project remembers (``config.dex_weights``, set by ``label-ages --dex-weights``) and
+    where it is written, as the age engine takes it (``ages.engine.dex.find_dex_weights``); None without a project."""
+    if project is None or not project.exists():
+        return None
+    return f"the project's config ({project.manifest_path})", config(project, "dex_weights")
+
+
 # ---- reading and writing through a Project ------------------------------------------------------------------
 def load(project: Project) -> Manifest:
     """The project's manifest, typed (checked as :meth:`Project.read` checks it)."""

@@ -28,7 +28,7 @@ from selfage_cli.ages.engine.regularisation import (
     spread_ages,
 )
 from selfage_cli.errors import SelfageError
-from selfage_cli.manifest import RegImage, Regularisation
+from selfage_cli.manifest import RegImage, Regularisation, configured_dex_weights
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
@@ -137,7 +137,7 @@ def _load_dex_model(project: Project, verify: bool, dex_weights: Path | None) ->
 
     if not verify:
         return None
-    dex_path = find_dex_weights(dex_weights, project)
+    dex_path = find_dex_weights(dex_weights, configured_dex_weights(project))
     if dex_path is None:
         console.info(
             "Not verifying ages with DEX: no weights (--dex-weights, $SELFAGE_DEX_WEIGHTS or the project's config)."

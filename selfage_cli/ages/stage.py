@@ -35,7 +35,7 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.ages.engine import sources
 from selfage_cli.errors import SelfageError
-from selfage_cli.manifest import ALIGNED, RegImage, Regularisation, set_age_label
+from selfage_cli.manifest import ALIGNED, RegImage, Regularisation, configured_dex_weights, set_age_label
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
@@ -302,7 +302,7 @@ def _run_estimator_if_needed(
 
     if ESTIMATE not in order or not items:
         return ESTIMATOR_PREFERENCE
-    name = estimator.choose(choice, dex_weights, project)
+    name = estimator.choose(choice, dex_weights, configured_dex_weights(project))
     explicit = choice != "auto"
     preference = (
         (name, *[other for other in ESTIMATOR_PREFERENCE if other != name]) if explicit else ESTIMATOR_PREFERENCE
@@ -326,7 +326,13 @@ def _run_estimator_if_needed(
             raise SelfageError(
                 f"{item.image}: cannot be read for the age estimate ({exc}); re-run `selfage align` or remove it."
             ) from None
-    model = estimator.load(name, dex_weights=dex_weights, project=project, device=device, dex_preprocess=preprocess)
+    model = estimator.load(
+        name,
+        dex_weights=dex_weights,
+        configured=configured_dex_weights(project),
+        device=device,
+        dex_preprocess=preprocess,
+    )
     what = model.describe()
     label = f"DEX ({Path(what['weights']).name})" if name == "dex" else f"the builtin estimator ({what['package']})"
     console.info(f"Estimating {len(images)} age(s) with {label}.")

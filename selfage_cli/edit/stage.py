@@ -434,8 +434,9 @@ def _check_source_age_available(
     if config.age_estimator != "dex" and available()[0]:
         return  # the builtin estimator needs no download
     from selfage_cli.ages.engine.dex import find_dex_weights
+    from selfage_cli.manifest import configured_dex_weights
 
-    if find_dex_weights(dex_weights, project) is not None:
+    if find_dex_weights(dex_weights, configured_dex_weights(project)) is not None:
         return
     if files:
         unlabelled = []
