@@ -67,9 +67,19 @@ class _Model(BaseModel):
         rank = {key: index for index, key in enumerate(self._order)}
         return dict(sorted(data.items(), key=lambda item: rank.get(item[0], len(rank))))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set a field as a dict sets a key: a key new to the entry goes after the others."""
+        super().__setattr__(name, value)
+        if not name.startswith("_") and name not in self._order:
+            self._order.append(name)
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: the keys it was read or built with (plus those set since), in their order."""
+        """The JSON object: the keys it was read or built with (plus those set since, in the order they were set)."""
         return self.model_dump(mode="python", exclude_unset=True)
+
+    def has(self, key: str) -> bool:
+        """Whether the JSON object holds ``key`` (null or not), as ``key in dict``."""
+        return key in self.model_fields_set or key in (self.model_extra or {})
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field or unknown key by name (``default`` when absent or null), as a dict's ``get``."""

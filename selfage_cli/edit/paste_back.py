@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from selfage_cli.edit.outputs import EDITS_DIR, GIF_FRAME_MS, _draw_centred, age_label, label_band_height
 from selfage_cli.errors import SelfageError
 from selfage_cli.files import atomic_save
-from selfage_cli.manifest import find
+from selfage_cli.manifest import Edit, find
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project, sha256_file
 from selfage_cli.summary import StageSummary
@@ -244,7 +244,7 @@ def _labelled(frame: Image.Image, label: str) -> Image.Image:
 
 
 # ---- the manifest --------------------------------------------------------------------------------------
-def merge_full_outputs(previous: dict[str, Any] | None, latest: dict[str, Any]) -> dict[str, Any]:
+def merge_full_outputs(previous: Edit | None, latest: Edit) -> dict[str, Any]:
     """The full-frame keys of an Edit entry after a call that wrote ``latest`` (see docs/manifest.md).
 
     ``full_outputs`` accumulates like ``outputs``, less the ages that the latest call edited again
@@ -252,14 +252,15 @@ def merge_full_outputs(previous: dict[str, Any] | None, latest: dict[str, Any]) 
     are those of the latest call when it pasted back, else the earlier ones while none of their ages
     was edited again.
     """
-    previous = previous or {}
-    redone = {str(int(a)) for a in (latest.get("settings") or {}).get("ages") or latest.get("target_ages") or []}
-    full = {k: v for k, v in (previous.get("full_outputs") or {}).items() if k not in redone}
-    full.update(latest.get("full_outputs") or {})
+    before = previous.full_outputs or {} if previous is not None else {}
+    redone = {str(int(a)) for a in (latest.settings or {}).get("ages") or latest.target_ages}
+    full = {k: v for k, v in before.items() if k not in redone}
+    full.update(latest.full_outputs or {})
     merged: dict[str, Any] = {"full_outputs": full} if full else {}
-    stale = bool(redone & set(previous.get("full_outputs") or {}))
+    stale = bool(redone & set(before))
     for key in ("strip_full", "gif_full"):
-        value = latest.get(key) if "full_outputs" in latest else None if stale else previous.get(key)
+        earlier = previous.get(key) if previous is not None else None
+        value = latest.get(key) if latest.has("full_outputs") else None if stale else earlier
         if value:
             merged[key] = value
     return merged
