@@ -19,7 +19,7 @@ from selfage_cli.faces.engine.errors import UnreadableImageError
 from selfage_cli.faces.engine.loading import images_in_folder, load_image
 from selfage_cli.files import atomic_save
 from selfage_cli.manifest import ALIGNED, INPUTS, ImageEntry, allocate_id, copy_age_label, upsert
-from selfage_cli.project import Project, now_iso, sha256_file
+from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
 ALIGN_MIN_SIZE = 512  # raw photos are FFHQ-aligned at 512 px (or the model's resolution if larger)
@@ -83,12 +83,7 @@ def all_inputs(project: Project) -> list[InputPhoto]:
 def register_aligned(project: Project, files: list[Path], resolution: int, summary: StageSummary) -> list[InputPhoto]:
     """``--aligned``: copy square photos, resized to ``resolution``, into ``inputs/aligned/`` and register them."""
     out: list[InputPhoto] = []
-    for file in files:
-        try:
-            sha = sha256_file(file)
-        except OSError as exc:
-            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
-            continue
+    for file, sha in summary.hashed(files):
         existing = find_input_by_sha(project, sha)
         if existing is not None and (existing.get("detector") or int(existing.get("size") or 0) == resolution):
             out.append(InputPhoto(str(existing["id"]), existing))
@@ -141,12 +136,8 @@ def register_raw(project: Project, files: list[Path], resolution: int, summary: 
     summary.warnings.extend(aligned.warnings)
     reasons = {failure.item: failure.reason for failure in aligned.failures}
     out: list[InputPhoto] = []
-    for file in files:
-        try:
-            entry = find_input_by_sha(project, sha256_file(file))
-        except OSError as exc:
-            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
-            continue
+    for file, digest in summary.hashed(files):
+        entry = find_input_by_sha(project, digest)
         if entry is None:
             reason = next((r for item, r in reasons.items() if _same_file(item, file)), None)
             summary.fail(str(file), reason or "could not be aligned (no face found); try another photo or --aligned")

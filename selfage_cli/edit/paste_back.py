@@ -310,12 +310,7 @@ def _recorded_jobs(
     for item, reason in missing:
         summary.fail(item, reason)
     jobs = []
-    for file in files:
-        try:
-            digest = sha256_file(file)
-        except OSError as exc:
-            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
-            continue
+    for file, digest in summary.hashed(files):
         faces = [e for e in inputs if e.get("sha256") == digest]
         chosen = [(e, find(edits, e.get("id"))) for e in faces]
         chosen = [(e, edit) for e, edit in chosen if edit is not None]

@@ -25,7 +25,7 @@ from selfage_cli.files import write_new
 from selfage_cli.manifest import ALIGNED, ImageEntry, copy_age_label, find, reuse_or_allocate_id, safe_id, taken_ids
 from selfage_cli.manifest import load as load_manifest
 from selfage_cli.manifest import update as update_manifest
-from selfage_cli.project import Project, now_iso, sha256_file
+from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
 ROLES = {"refs": ("references", ("refs", "aligned")), "inputs": ("inputs", ("inputs", "aligned"))}
@@ -237,12 +237,7 @@ def _photos_to_align(
     """Hash each photo; skip those already aligned (unless ``force``) and duplicates; return {source: sha256}."""
     todo: dict[str, str] = {}
     seen_hashes: dict[str, str] = {}
-    for path in paths:
-        try:
-            digest = sha256_file(path)
-        except OSError as exc:
-            summary.fail(str(path), f"cannot be read ({exc.strerror}); check its permissions.")
-            continue
+    for path, digest in summary.hashed(paths, end="."):
         existing = find(entries, digest, key="sha256")
         if existing is not None and not force:
             summary.skipped.append(
