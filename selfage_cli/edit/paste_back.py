@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw
 from selfage_cli.edit.outputs import EDITS_DIR, GIF_FRAME_MS, _draw_centred, age_label, label_band_height
 from selfage_cli.errors import SelfageError
 from selfage_cli.files import atomic_save
-from selfage_cli.manifest import Edit, find
+from selfage_cli.manifest import Edit, ImageEntry, find
+from selfage_cli.manifest import load as load_manifest
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project, sha256_file
 from selfage_cli.summary import StageSummary
@@ -74,7 +75,9 @@ def check_call(aligned: bool, paste_back: bool) -> None:
         )
 
 
-def source_photo(project: Project, entry: dict[str, Any], photo_path: Path | None = None) -> SourcePhoto | str:
+def source_photo(
+    project: Project, entry: ImageEntry | dict[str, Any], photo_path: Path | None = None
+) -> SourcePhoto | str:
     """The checked source photo of an input entry, or the one-sentence reason there is none.
 
     ``photo_path`` (a photo given on the command line with the same sha256) replaces the recorded path.
@@ -96,14 +99,14 @@ def source_photo(project: Project, entry: dict[str, Any], photo_path: Path | Non
         digest = sha256_file(path)
     except OSError as exc:
         return f"the source photo of {name}, {path}, cannot be read ({exc.strerror}); make it readable"
-    if entry.get("sha256") and digest != entry["sha256"]:
+    if entry.get("sha256") and digest != entry.get("sha256"):
         return (
             f"the source photo of {name}, {path}, changed since it was aligned (sha256 differs), so the face is "
             "no longer where it was recorded; edit the photo again (selfage edit PHOTO --paste-back)"
         )
     return SourcePhoto(
         path=path,
-        landmarks=np.asarray(entry["landmarks"], dtype=np.float64),
+        landmarks=np.asarray(entry.get("landmarks"), dtype=np.float64),
         aligned_size=int(entry.get("size") or 512),
         suffix=_suffix_for(path),
     )
@@ -274,10 +277,8 @@ def paste_back_recorded(
     from selfage_cli import console
 
     summary = StageSummary("edit")
-    manifest = project.read()
-    edits = manifest.get("edits") or []
-    inputs = manifest.get("inputs") or []
-    jobs = _recorded_jobs(project, images, edits, inputs, summary)
+    manifest = load_manifest(project)
+    jobs = _recorded_jobs(project, images, manifest.edits, manifest.inputs, summary)
     with console.progress() as bar:
         task = console.new_task(bar, "pasting back", total=len(jobs))
         for edit_entry, input_entry, given in jobs:
@@ -292,10 +293,10 @@ def paste_back_recorded(
 def _recorded_jobs(
     project: Project,
     images: list[Path],
-    edits: list[dict[str, Any]],
-    inputs: list[dict[str, Any]],
+    edits: list[Edit],
+    inputs: list[ImageEntry],
     summary: StageSummary,
-) -> list[tuple[dict[str, Any], dict[str, Any] | None, Path | None]]:
+) -> list[tuple[Edit, ImageEntry | None, Path | None]]:
     """(Edit entry, input entry, photo given on the command line) for each edit to paste back."""
     if not edits:
         raise SelfageError(
@@ -303,7 +304,7 @@ def _recorded_jobs(
             "(selfage edit PHOTO --ages 0,40,80 --paste-back)."
         )
     if not images:
-        return [(e, find(inputs, e["id"]), None) for e in edits]
+        return [(e, find(inputs, e.id), None) for e in edits]
     from selfage_cli.edit.inputs import expand_images
 
     files, missing = expand_images(list(images))
@@ -311,8 +312,8 @@ def _recorded_jobs(
         summary.fail(item, reason)
     jobs = []
     for file, digest in summary.hashed(files):
-        faces = [e for e in inputs if e.get("sha256") == digest]
-        chosen = [(e, find(edits, e.get("id"))) for e in faces]
+        faces = [e for e in inputs if e.sha256 == digest]
+        chosen = [(e, find(edits, e.id)) for e in faces]
         chosen = [(e, edit) for e, edit in chosen if edit is not None]
         if not chosen:
             summary.fail(
@@ -325,8 +326,8 @@ def _recorded_jobs(
 
 def _paste_back_one(
     project: Project,
-    edit_entry: dict[str, Any],
-    input_entry: dict[str, Any] | None,
+    edit_entry: Edit,
+    input_entry: ImageEntry | None,
     given: Path | None,
     side_by_side: bool,
     gif: bool,
@@ -334,7 +335,7 @@ def _paste_back_one(
     summary: StageSummary,
 ) -> dict[str, Any] | None:
     """Paste back one recorded edit and record it; None when it failed (recorded in ``summary``)."""
-    item = str(edit_entry["id"])
+    item = str(edit_entry.id)
     if input_entry is None:
         summary.fail(
             item, f"input {item} is no longer registered in the project, so its photo is unknown; edit the photo again"
@@ -344,10 +345,10 @@ def _paste_back_one(
     if isinstance(source, str):
         summary.fail(item, source)
         return None
-    ages = [int(a) for a in edit_entry.get("target_ages") or []]
+    ages = [int(a) for a in edit_entry.target_ages]
     crops: dict[int, Image.Image] = {}
     for age in ages:
-        path = project.path(str((edit_entry.get("outputs") or {}).get(str(age))))
+        path = project.path(str(edit_entry.outputs.get(str(age))))
         if not path.is_file():
             summary.fail(item, f"{project.relative(path)}, the edit to age {age}, is missing; edit that age again")
             return None
@@ -359,7 +360,8 @@ def _paste_back_one(
         more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
         summary.fail(item, f"{project.relative(clash[0])}{more} already exists; pass --force to overwrite it")
         return None
-    keys = write_full_outputs(project, source, outputs, crops, edit_entry.get("source_age", "?"))
+    source_age = edit_entry.source_age if edit_entry.has("source_age") else "?"
+    keys = write_full_outputs(project, source, outputs, crops, source_age)
     with update_manifest(project) as manifest:
         stored = find(manifest.edits, item)
         if stored is not None:
