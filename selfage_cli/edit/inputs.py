@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -18,7 +17,9 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.faces.engine.errors import UnreadableImageError
 from selfage_cli.faces.engine.loading import images_in_folder, load_image
 from selfage_cli.files import atomic_save
-from selfage_cli.manifest import ALIGNED, INPUTS, ImageEntry, allocate_id, copy_age_label, upsert
+from selfage_cli.manifest import INPUTS, ImageEntry, allocate_id, copy_age_label, upsert
+from selfage_cli.manifest import load as load_manifest
+from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
@@ -30,11 +31,11 @@ class InputPhoto:
     """One registered input, as the edit loop needs it."""
 
     id: str
-    entry: dict[str, Any]
+    entry: ImageEntry
 
     @property
     def aligned(self) -> str:
-        return str(self.entry[ALIGNED])
+        return str(self.entry.aligned)
 
 
 def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -59,25 +60,25 @@ def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]
     return unique, missing
 
 
-def find_input_by_sha(project: Project, sha: str) -> dict[str, Any] | None:
+def find_input_by_sha(project: Project, sha: str) -> ImageEntry | None:
     """The registered input whose source has this sha256 (the first face when several)."""
-    entries = [e for e in project.read().get(INPUTS, []) if e.get("sha256") == sha and e.get(ALIGNED)]
-    entries.sort(key=lambda e: int(e.get("face_index") or 0))
+    entries = [e for e in load_manifest(project).inputs if e.sha256 == sha and e.aligned]
+    entries.sort(key=lambda e: int(e.face_index or 0))
     for entry in entries:
-        if project.path(entry[ALIGNED]).is_file():
+        if project.path(entry.aligned).is_file():
             return entry
     return None
 
 
 def all_inputs(project: Project) -> list[InputPhoto]:
     """Every input registered in the project (exit 2 when there is none)."""
-    entries = [e for e in project.read().get(INPUTS, []) if e.get(ALIGNED)]
+    entries = [e for e in load_manifest(project).inputs if e.aligned]
     if not entries:
         raise SelfageError(
             f"{project.manifest_path}: no inputs are registered in this project; pass photos to edit "
             "(selfage edit photo.jpg --ages 0,20,80) or register them first with selfage align PHOTO --role inputs."
         )
-    return [InputPhoto(str(e["id"]), e) for e in entries]
+    return [InputPhoto(str(e.id), e) for e in entries]
 
 
 def register_aligned(project: Project, files: list[Path], resolution: int, summary: StageSummary) -> list[InputPhoto]:
@@ -86,7 +87,7 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
     for file, sha in summary.hashed(files):
         existing = find_input_by_sha(project, sha)
         if existing is not None and (existing.get("detector") or int(existing.get("size") or 0) == resolution):
-            out.append(InputPhoto(str(existing["id"]), existing))
+            out.append(InputPhoto(str(existing.id), existing))
             continue
         try:
             image = load_image(file)  # the align stage's reader: EXIF orientation, any mode to 8-bit RGB
@@ -102,11 +103,13 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
             continue
         if image.size != (resolution, resolution):
             image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-        with project.update() as manifest:
-            inputs = manifest.setdefault(INPUTS, [])
+        with update_manifest(project) as manifest:
+            if not manifest.has(INPUTS):
+                manifest.inputs = []  # the section goes where a dict's new key would
+            inputs = manifest.inputs
             folder = project.subdir("inputs", "aligned")
             # a new id is free in the manifest and on disk (never overwrites an unregistered file)
-            input_id = existing["id"] if existing is not None else allocate_id(file.stem, inputs, folder)
+            input_id = existing.id if existing is not None else allocate_id(file.stem, inputs, folder)
             target = folder / f"{input_id}.png"
             atomic_save(target, lambda tmp, image=image: image.save(tmp, format="PNG"))
             registered = ImageEntry(
@@ -122,9 +125,8 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
             )
             copy_age_label(registered, existing)  # kept from the same photo's entry, else blank
             registered.registered = now_iso()
-            entry = registered.to_dict()
-            upsert(inputs, entry)
-        out.append(InputPhoto(input_id, entry))
+            upsert(inputs, registered)
+        out.append(InputPhoto(input_id, registered))
     return out
 
 
@@ -142,7 +144,7 @@ def register_raw(project: Project, files: list[Path], resolution: int, summary: 
             reason = next((r for item, r in reasons.items() if _same_file(item, file)), None)
             summary.fail(str(file), reason or "could not be aligned (no face found); try another photo or --aligned")
             continue
-        out.append(InputPhoto(str(entry["id"]), entry))
+        out.append(InputPhoto(str(entry.id), entry))
     return out
 
 
@@ -162,10 +164,10 @@ def load_for_model(project: Project, photo: InputPhoto, resolution: int) -> Imag
     its aligned file is gone, naming the file and the command that re-creates it)."""
     path = project.path(photo.aligned)
     if not path.is_file():
-        source = photo.entry.get("source") or "PHOTO"
+        source = photo.entry.source or "PHOTO"
         again = (
             f"selfage edit {source} --aligned --force"
-            if photo.entry.get("prealigned")
+            if photo.entry.prealigned
             else f"selfage align {source} --role inputs --force"
         )
         raise MissingAlignedError(

@@ -381,13 +381,13 @@ class PastePlan:
     outputs: FullOutputs
 
 
-def plan_for_edit(project: Project, entry: dict[str, Any], config: Any) -> PastePlan | str:
+def plan_for_edit(project: Project, entry: ImageEntry, config: Any) -> PastePlan | str:
     """The checked source photo and the full-frame files of one input's edit, or why it cannot be pasted back."""
     source = source_photo(project, entry)
     if isinstance(source, str):
         return source
     outputs = plan_full_outputs(
-        project, str(entry["id"]), config.ages, source.suffix, side_by_side=config.side_by_side, gif=config.gif
+        project, str(entry.id), config.ages, source.suffix, side_by_side=config.side_by_side, gif=config.gif
     )
     return PastePlan(source=source, outputs=outputs)
 

@@ -83,7 +83,7 @@ class SourceFacts:
         if config.source_age is not None:
             return config.source_age, "option"
         entry = manifest.find(manifest.load(self.project).inputs, photo.id)
-        label = (entry or manifest.AgeLabelled.model_validate(photo.entry)).age_label
+        label = (entry or photo.entry).age_label
         candidates = label.candidates
         recorded = label.source
         name: str | None = None

@@ -447,7 +447,7 @@ def _check_source_age_available(
                 entry = input_photos.find_input_by_sha(project, sha256_file(file))
             except OSError:
                 continue  # reported later as unreadable
-            if entry is None or entry.get("age") is None:
+            if entry is None or entry.age is None:
                 unlabelled.append(file.name)
     else:
         from selfage_cli.manifest import load
