@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
-from selfage_cli.manifest import ALIGNED
+from selfage_cli.manifest import ALIGNED, set_config
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
@@ -157,7 +157,7 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
     timings = {"model": round(time.perf_counter() - started, 2)}
     refs, to_edit = write_demo_photos(folder)
     project = Project(folder)
-    project.set_config(base_model=str(model), demo=True)
+    set_config(project, base_model=str(model), demo=True)
 
     for name, call in demo_stages(project, model, refs, to_edit):
         begun = time.perf_counter()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import config, configured_dex_weights
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
@@ -124,7 +125,7 @@ def check_base_model(base_model: str) -> Check:
 
 
 def check_dex(dex_weights: Path | None, project: Project | None) -> Check:
-    path = dex_weights or (project.config("dex_weights") if project and project.exists() else None)
+    path = dex_weights or (config(project, "dex_weights") if project and project.exists() else None)
     fix = (
         "download dex_age_classifier.pth, published by the SAM project (yuval-alaluf/SAM), and pass "
         "--dex-weights PATH or set SELFAGE_DEX_WEIGHTS; without it the builtin estimator estimates ages (or give them by "
@@ -167,7 +168,7 @@ def check_age_estimator(choice: str, dex_weights: Path | None, project: Project 
     from selfage_cli.ages.engine import estimator
 
     try:
-        name = estimator.choose(choice, dex_weights, project)
+        name = estimator.choose(choice, dex_weights, configured_dex_weights(project))
     except SelfageError as exc:
         return Check("age estimator", False, f"{choice}: {str(exc).split(':')[0]}", "pass --dex-weights PATH")
     return Check("age estimator", True, f"{choice} → {name}")

@@ -16,6 +16,7 @@ stage's entries goes through a function here (:func:`set_age_label`, :func:`allo
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,9 +67,19 @@ class _Model(BaseModel):
         rank = {key: index for index, key in enumerate(self._order)}
         return dict(sorted(data.items(), key=lambda item: rank.get(item[0], len(rank))))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set a field as a dict sets a key: a key new to the entry goes after the others."""
+        super().__setattr__(name, value)
+        if not name.startswith("_") and name not in self._order:
+            self._order.append(name)
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: the keys it was read or built with (plus those set since), in their order."""
+        """The JSON object: the keys it was read or built with (plus those set since, in the order they were set)."""
         return self.model_dump(mode="python", exclude_unset=True)
+
+    def has(self, key: str) -> bool:
+        """Whether the JSON object holds ``key`` (null or not), as ``key in dict``."""
+        return key in self.model_fields_set or key in (self.model_extra or {})
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field or unknown key by name (``default`` when absent or null), as a dict's ``get``."""
@@ -386,6 +397,47 @@ def reuse_or_allocate_id(old_id: Any, base: str, taken: set[str]) -> str:
         taken.add(old_id)
         return old_id
     return unique_id(base, taken)
+
+
+# ---- a new manifest, the project's settings ----------------------------------------------------------------
+def now_iso() -> str:
+    """The current UTC time as an ISO-8601 string with seconds."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def empty_manifest() -> dict[str, Any]:
+    """A new manifest's JSON object with every section present and empty."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": now_iso(),
+        "config": {},
+        "references": [],
+        "inputs": [],
+        "regularisation": {"folder": None, "images": []},
+        "runs": [],
+        "edits": [],
+    }
+
+
+def config(project: Project, key: str, default: Any = None) -> Any:
+    """A project setting (``config`` section), e.g. ``base_model`` or ``dex_weights``; ``default`` when unset."""
+    return load(project).config.get(key, default)
+
+
+def set_config(project: Project, **values: Any) -> None:
+    """Set project settings (``config`` section); a value of None leaves that setting as it is."""
+    with update(project) as manifest:
+        for key, value in values.items():
+            if value is not None:
+                setattr(manifest.config, key, value)
+
+
+def configured_dex_weights(project: Project | None) -> tuple[str, str | None] | None:
+    """The DEX weights path the project remembers (``config.dex_weights``, set by ``label-ages --dex-weights``) and
+    where it is written, as the age engine takes it (``ages.engine.dex.find_dex_weights``); None without a project."""
+    if project is None or not project.exists():
+        return None
+    return f"the project's config ({project.manifest_path})", config(project, "dex_weights")
 
 
 # ---- reading and writing through a Project ------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
 import errno
 import fcntl
 import hashlib
@@ -27,7 +26,7 @@ from typing import Any
 
 from selfage_cli.errors import ManifestError, SelfageError
 from selfage_cli.files import atomic_write_json
-from selfage_cli.manifest import ALIGNED, SCHEMA_VERSION, find, upsert  # noqa: F401 - find/upsert: older imports
+from selfage_cli.manifest import ALIGNED, SCHEMA_VERSION, empty_manifest, find, now_iso, upsert  # noqa: F401 - find/upsert: older imports
 from selfage_cli.manifest import Manifest as ManifestModel
 
 MANIFEST_NAME = "selfage.json"
@@ -55,25 +54,6 @@ PATH_KEYS = frozenset(
 EXTERNAL_PATH_KEYS = frozenset({"source", "folder", "base_model", "dex_weights", "lora_source"})
 
 Manifest = dict[str, Any]
-
-
-def empty_manifest() -> Manifest:
-    """A new manifest with every section present and empty."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created": now_iso(),
-        "config": {},
-        "references": [],
-        "inputs": [],
-        "regularisation": {"folder": None, "images": []},
-        "runs": [],
-        "edits": [],
-    }
-
-
-def now_iso() -> str:
-    """The current UTC time as an ISO-8601 string with seconds."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -269,15 +249,6 @@ class Project:
         """Create the manifest if there is none; return it."""
         with self.update() as manifest:
             return manifest
-
-    # ---- config --------------------------------------------------------------------------
-    def config(self, key: str, default: Any = None) -> Any:
-        """A project setting (``config`` section), e.g. ``base_model`` or ``dex_weights``."""
-        return self.read().get("config", {}).get(key, default)
-
-    def set_config(self, **values: Any) -> None:
-        with self.update() as manifest:
-            manifest.setdefault("config", {}).update({k: v for k, v in values.items() if v is not None})
 
 
 def resolve_project(project: str | os.PathLike[str] | None) -> Project:

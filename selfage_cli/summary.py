@@ -5,7 +5,9 @@ Exit code follows from it: 0 when nothing failed, 1 when some items failed (the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from selfage_cli.errors import EXIT_OK, EXIT_PARTIAL
@@ -36,6 +38,19 @@ class StageSummary:
 
     def fail(self, item: str, reason: str) -> None:
         self.failures.append(Failure(item, reason))
+
+    def hashed(self, paths: Iterable[Path], end: str = "") -> Iterator[tuple[Path, str]]:
+        """Each photo given to the command with its SHA-256; one that cannot be read is recorded as failed and
+        left out (``end`` closes the reason, e.g. ``"."``)."""
+        from selfage_cli.project import sha256_file
+
+        for path in paths:
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                self.fail(str(path), f"cannot be read ({exc.strerror}); check its permissions{end}")
+                continue
+            yield path, digest
 
     def merge(self, other: StageSummary) -> None:
         """Add what ``other`` (the same command, run by another process) did."""

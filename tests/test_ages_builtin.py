@@ -13,6 +13,7 @@ from selfage_cli.ages.engine import builtin, estimator
 from selfage_cli.ages.stage import run_label_ages
 from selfage_cli.errors import SelfageError
 from selfage_cli.faces.engine.align import align_file
+from selfage_cli.manifest import configured_dex_weights, set_config
 from selfage_cli.project import Project
 
 
@@ -87,18 +88,18 @@ def test_the_bundle_is_checked_and_described(tmp_path, monkeypatch) -> None:
 
 def test_auto_picks_dex_only_when_its_weights_are_known(project_dir, dex_weights_path, monkeypatch) -> None:
     project = Project(project_dir)
-    assert estimator.choose("auto", None, project) == "builtin"
-    assert estimator.choose("auto", dex_weights_path, project) == "dex"
+    assert estimator.choose("auto", None, configured_dex_weights(project)) == "builtin"
+    assert estimator.choose("auto", dex_weights_path, configured_dex_weights(project)) == "dex"
     monkeypatch.setenv("SELFAGE_DEX_WEIGHTS", str(dex_weights_path))
-    assert estimator.choose("auto", None, project) == "dex"
+    assert estimator.choose("auto", None, configured_dex_weights(project)) == "dex"
     monkeypatch.delenv("SELFAGE_DEX_WEIGHTS")
-    project.set_config(dex_weights=str(dex_weights_path))
-    assert estimator.choose("auto", None, project) == "dex"
-    assert estimator.choose("builtin", None, project) == "builtin"
+    set_config(project, dex_weights=str(dex_weights_path))
+    assert estimator.choose("auto", None, configured_dex_weights(project)) == "dex"
+    assert estimator.choose("builtin", None, configured_dex_weights(project)) == "builtin"
     with pytest.raises(SelfageError, match="dex, builtin"):
         estimator.check_choice("vgg")
     with pytest.raises(SelfageError, match="yuval-alaluf/SAM"):
-        estimator.choose("dex", None, Project(project_dir.parent / "other"))
+        estimator.choose("dex", None, configured_dex_weights(Project(project_dir.parent / "other")))
 
 
 def _reg_folder(folder: Path, aligned_portraits: dict) -> Path:

@@ -16,6 +16,7 @@ from selfage_cli.ages.engine.regularisation import parse_age_range, spread_ages
 from selfage_cli.ages.regularisation import run_make_reg
 from selfage_cli.cli import app
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import set_config
 from selfage_cli.project import Project
 
 runner = CliRunner()
@@ -123,7 +124,7 @@ def test_make_reg_aligns_faces_and_verifies_with_dex(
     project = Project(project_dir)
     (project_dir / "reg" / "generated").mkdir(parents=True)
     (project_dir / "reg" / "generated" / "old.png").write_bytes(b"old")
-    project.set_config(base_model=str(tiny_model_dir))
+    set_config(project, base_model=str(tiny_model_dir))
     with pytest.raises(SelfageError, match="--force"):
         run_make_reg(
             project,

@@ -15,6 +15,7 @@ from selfage_cli.ages.engine import sources
 from selfage_cli.ages.stage import run_label_ages
 from selfage_cli.cli import app
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import set_config
 from selfage_cli.project import Project, sha256_file
 
 runner = CliRunner()
@@ -253,7 +254,7 @@ def test_reg_image_needing_dex_uses_the_remembered_weights(
     project_dir, raw, astronaut_path, dex_weights_path, monkeypatch
 ):
     project = _register(project_dir, [_photo(raw / "34_me.jpg", astronaut_path)], astronaut_path)
-    project.set_config(dex_weights=str(dex_weights_path))
+    set_config(project, dex_weights=str(dex_weights_path))
     reg = raw.parent / "reg"
     reg.mkdir()
     shutil.copy(astronaut_path, reg / "face.png")

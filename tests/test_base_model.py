@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from selfage_cli.base_model import choose_base_model, recorded_base_model, same_model
 from selfage_cli.cli import app
+from selfage_cli.manifest import config as project_config
 from selfage_cli.models import DEFAULT_BASE_MODEL, save_random_model
 from selfage_cli.project import Project, find
 from tests.test_train_run import make_train_project
@@ -76,7 +77,7 @@ def test_another_base_model_is_a_warning_and_training_on_another_models_set_is_r
     # doctor with another model: warned, and the project keeps its own.
     doctor = invoke("doctor", "--base-model", str(other_model), "-p", str(root))
     assert "not the project's base model" in doctor.output
-    assert Project(root).config("base_model") == str(tiny_model_dir)
+    assert project_config(Project(root), "base_model") == str(tiny_model_dir)
 
 
 def test_a_project_without_a_recorded_model(tmp_path: Path, tiny_model_dir: Path, other_model: Path) -> None:

@@ -210,7 +210,12 @@ def test_inputs_registered_aligned_cannot_be_pasted_back(
 
 
 def test_merge_keeps_full_frames_of_ages_not_redone() -> None:
-    from selfage_cli.edit.record import merge_edit_entry
+    from selfage_cli.edit.record import merge_edit_entry as merge_typed
+    from selfage_cli.manifest import Edit
+
+    def merge_edit_entry(previous: dict | None, latest: dict) -> dict:
+        typed = None if previous is None else Edit.model_validate(previous)
+        return merge_typed(typed, Edit.model_validate(latest)).to_dict()
 
     first = {
         "id": "p",

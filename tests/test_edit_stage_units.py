@@ -13,7 +13,7 @@ from selfage_cli.edit.cache import InversionCache, InversionKey
 from selfage_cli.edit.config import EditConfig
 from selfage_cli.edit.lora import ResolvedLora, check_base_model, identifier_from_meta, resolve_lora
 from selfage_cli.edit.outputs import existing_outputs, make_strip, plan_outputs, write_outputs
-from selfage_cli.edit.record import merge_edit_entry
+from selfage_cli.edit.record import merge_edit_entry as merge_typed
 from selfage_cli.edit.stage import _oom_message
 from selfage_cli.errors import SelfageError
 from selfage_cli.processes import share
@@ -257,6 +257,14 @@ def test_out_of_memory_suggests_max_batch() -> None:
 
 
 # ---- manifest entry over several calls ----------------------------------------------------------------------
+def merge_edit_entry(previous: dict | None, latest: dict) -> dict:
+    """``edit.record.merge_edit_entry`` on the JSON of the entries."""
+    from selfage_cli.manifest import Edit
+
+    typed = None if previous is None else Edit.model_validate(previous)
+    return merge_typed(typed, Edit.model_validate(latest)).to_dict()
+
+
 def _entry(source_age: int, ages: list[int], *, strip: bool = False, **settings) -> dict:
     return {
         "id": "me",

@@ -3,6 +3,8 @@
 - An engine module (``selfage_cli/<package>/engine/``) never sees a project: it imports no
   ``selfage_cli.project`` or ``selfage_cli.manifest``, no stage-side module of any package (only other
   engine modules and the configs/prompts it is given), and nothing of the CLI or the demo.
+- No engine function takes a project: no parameter named ``project`` or annotated ``Project`` (the stage
+  looks up what the engine needs in the manifest and passes it plainly, e.g. the DEX weights' path).
 - Nothing outside ``selfage_cli/cli/`` imports ``selfage_cli.cli`` (``__main__`` starts it).
 - The packages import each other without a cycle.
 """
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "selfage_cli"
@@ -85,6 +88,45 @@ def test_engines_never_see_a_project() -> None:
             ):
                 broken.append(f"{name} imports {imported}")
     assert not broken, "engine modules must not reach the project, a stage or the CLI:\n" + "\n".join(broken)
+
+
+def project_parameters(path: Path) -> list[str]:
+    """``function(parameter)`` for every parameter of a function in the file named ``project`` or annotated with
+    ``Project`` (``Project``, ``Project | None``, ``"Project"``, ``selfage_cli.project.Project``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        args = node.args
+        for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+            if arg is None:
+                continue
+            annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+            if arg.arg == "project" or re.search(r"\bProject\b", annotation):
+                found.append(f"{getattr(node, 'name', 'lambda')}({arg.arg}: {annotation or '?'})")
+    return found
+
+
+def test_no_engine_function_takes_a_project() -> None:
+    broken = [
+        f"{name}: {where}" for name, path in MODULES.items() if is_engine(name) for where in project_parameters(path)
+    ]
+    assert not broken, "engine functions must not take a project (pass what they need):\n" + "\n".join(broken)
+
+
+def test_the_parameter_rule_sees_a_project(tmp_path: Path) -> None:
+    source = tmp_path / "engine.py"
+    source.write_text(
+        "def a(x, project=None): ...\n"
+        "def b(where: 'Project | None'): ...\n"
+        "def c(*, p: selfage_cli.project.Project): ...\n"
+        "def d(projection, projects: int): ...\n"
+    )
+    assert project_parameters(source) == [
+        "a(project: ?)",
+        "b(where: 'Project | None')",
+        "c(p: selfage_cli.project.Project)",
+    ]
 
 
 def test_nothing_outside_the_cli_imports_it() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from selfage_cli.errors import ModelNotFoundError, SelfageError
+from selfage_cli.manifest import set_config
 from selfage_cli.models import (
     DEFAULT_BASE_MODEL,
     architecture,
@@ -171,7 +172,7 @@ def test_local_folders_are_recorded_absolute_and_the_project_default_applies(
     assert choose_base_model(project, None) == DEFAULT_BASE_MODEL  # no project yet
     project.init()
     assert choose_base_model(project, None) == DEFAULT_BASE_MODEL
-    project.set_config(base_model=tiny_model_dir.name)
+    set_config(project, base_model=tiny_model_dir.name)
     assert choose_base_model(project, None) == str(tiny_model_dir)
 
 

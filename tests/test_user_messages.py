@@ -115,16 +115,17 @@ def test_align_counts_the_photos_it_was_given(tmp_path: Path) -> None:
 # ---- edit -------------------------------------------------------------------------------------------------
 def test_an_input_whose_aligned_file_is_missing_says_which_and_how_to_re_create_it(tmp_path: Path) -> None:
     from selfage_cli.edit.inputs import InputPhoto, MissingAlignedError, load_for_model
+    from selfage_cli.manifest import ImageEntry
 
     project = Project(tmp_path / "p")
     entry = {"id": "holiday", "source": "/photos/holiday.jpg", "aligned": "inputs/aligned/holiday.png"}
     with pytest.raises(MissingAlignedError) as info:
-        load_for_model(project, InputPhoto("holiday", entry), 128)
+        load_for_model(project, InputPhoto("holiday", ImageEntry.model_validate(entry)), 128)
     message = str(info.value)
     assert "inputs/aligned/holiday.png is missing" in message
     assert "selfage align /photos/holiday.jpg --role inputs --force" in message and "report" not in message
     with pytest.raises(MissingAlignedError, match="--aligned --force"):
-        load_for_model(project, InputPhoto("holiday", {**entry, "prealigned": True}), 128)
+        load_for_model(project, InputPhoto("holiday", ImageEntry.model_validate({**entry, "prealigned": True})), 128)
 
 
 class _Bar:

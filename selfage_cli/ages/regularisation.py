@@ -28,7 +28,8 @@ from selfage_cli.ages.engine.regularisation import (
     spread_ages,
 )
 from selfage_cli.errors import SelfageError
-from selfage_cli.manifest import RegImage, Regularisation
+from selfage_cli.manifest import Manifest, RegImage, Regularisation, configured_dex_weights
+from selfage_cli.manifest import load as load_manifest
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
@@ -60,7 +61,7 @@ def run_make_reg(
     from selfage_cli.models import resolve_device
 
     low, high = _check_options(count, batch_size, steps, age_range)
-    manifest = project.read()
+    manifest = load_manifest(project)
     _refuse_existing_set(project, manifest, force)
     dex_model = _load_dex_model(project, verify, dex_weights)
     plan = _RegPlan(
@@ -115,15 +116,15 @@ def _check_options(count: int, batch_size: int, steps: int, age_range: str) -> t
     return parse_age_range(age_range)
 
 
-def _refuse_existing_set(project: Project, manifest: dict[str, Any], force: bool) -> None:
+def _refuse_existing_set(project: Project, manifest: Manifest, force: bool) -> None:
     """Without ``force``, refuse when the manifest records a set or ``reg/generated/`` holds files."""
     if force:
         return
-    section = manifest.get("regularisation") or {}
-    if section.get("images"):
-        what = "a generated set" if section.get("generated") else f"the folder {section.get('folder')}"
+    section = manifest.regularisation
+    if section.images:
+        what = "a generated set" if section.generated else f"the folder {section.folder}"
         raise SelfageError(
-            f"{project.manifest_path} already records a regularisation set ({what}, {len(section['images'])} "
+            f"{project.manifest_path} already records a regularisation set ({what}, {len(section.images)} "
             "images); pass --force to replace it."
         )
     folder = _generated_folder(project)
@@ -137,7 +138,7 @@ def _load_dex_model(project: Project, verify: bool, dex_weights: Path | None) ->
 
     if not verify:
         return None
-    dex_path = find_dex_weights(dex_weights, project)
+    dex_path = find_dex_weights(dex_weights, configured_dex_weights(project))
     if dex_path is None:
         console.info(
             "Not verifying ages with DEX: no weights (--dex-weights, $SELFAGE_DEX_WEIGHTS or the project's config)."
@@ -146,17 +147,17 @@ def _load_dex_model(project: Project, verify: bool, dex_weights: Path | None) ->
     return load_dex(dex_path, "cpu")  # moved to the device when estimating
 
 
-def _aligned_size(manifest: dict[str, Any]) -> int:
+def _aligned_size(manifest: Manifest) -> int:
     """Align to the references' size (the training resolution), else 512."""
-    for entry in manifest.get("references", []):
-        if isinstance(entry.get("size"), int) and entry["size"] > 0:
-            return int(entry["size"])
+    for entry in manifest.references:
+        if isinstance(entry.size, int) and entry.size > 0:
+            return int(entry.size)
     return DEFAULT_ALIGNED_SIZE
 
 
 def _generate_set(
     project: Project, plan: _RegPlan, device: Any, dtype: str
-) -> tuple[Path, list[dict[str, Any]], list[Image.Image]]:
+) -> tuple[Path, list[RegImage], list[Image.Image]]:
     """Load the base model; generate, align and save every image into a fresh partial folder.
 
     Returns (partial folder, RegImage records, saved images); the pipeline is released on return.
@@ -167,7 +168,7 @@ def _generate_set(
     resolution = native_resolution(pipe)
     partial = _fresh_partial_folder(project)
     count = len(plan.ages)
-    records: list[dict[str, Any]] = []
+    records: list[RegImage] = []
     saved: list[Image.Image] = []
     console.info(f"Generating {count} regularisation image(s) at {resolution}px, ages {plan.low}–{plan.high}.")
     with console.progress() as bar:
@@ -195,23 +196,23 @@ def _fresh_partial_folder(project: Project) -> Path:
 
 def _align_and_save(
     image: Image.Image, index: int, age: int, plan: _RegPlan, folder: Path
-) -> tuple[dict[str, Any], Image.Image]:
+) -> tuple[RegImage, Image.Image]:
     """Align one generated image and save it into ``folder``; return its RegImage record and the saved image."""
     ident = f"{index:04d}_age{age}"
     aligned, ok, reason = align_or_keep(image, plan.aligned_size, f"generated image {ident}")
     aligned.save(folder / f"{ident}.png")
-    record: dict[str, Any] = {
-        "id": ident,
-        "source": None,
-        "aligned": f"{'/'.join(GENERATED_DIR)}/{ident}.png",
-        "age": age,
-        "age_source": "prompt",
-        "aligned_ok": ok,
-        "prompt": REG_PROMPT.format(age=age),
-        "seed": plan.seed + index,
-    }
+    record = RegImage(
+        id=ident,
+        source=None,
+        aligned=f"{'/'.join(GENERATED_DIR)}/{ident}.png",
+        age=age,
+        age_source="prompt",
+        aligned_ok=ok,
+        prompt=REG_PROMPT.format(age=age),
+        seed=plan.seed + index,
+    )
     if not ok:
-        record["align_failure"] = reason
+        record.align_failure = reason
     return record, aligned
 
 
@@ -229,7 +230,7 @@ def _replace_generated_folder(project: Project, partial: Path) -> Path:
     return final
 
 
-def _record_set(project: Project, plan: _RegPlan, records: list[dict[str, Any]], dex_weights: Path | None) -> None:
+def _record_set(project: Project, plan: _RegPlan, records: list[RegImage], dex_weights: Path | None) -> None:
     """Write the generated set (and ``--dex-weights``, when given) into the manifest."""
     with update_manifest(project) as manifest:
         manifest.regularisation = Regularisation(
@@ -239,26 +240,24 @@ def _record_set(project: Project, plan: _RegPlan, records: list[dict[str, Any]],
             prompt=REG_PROMPT,
             age_range=[plan.low, plan.high],
             steps=plan.steps,
-            images=[RegImage.model_validate(record) for record in records],
+            images=records,
         )
         if dex_weights is not None:
             manifest.config.dex_weights = str(Path(dex_weights).expanduser().resolve())
 
 
-def _report(
-    summary: StageSummary, project: Project, plan: _RegPlan, final: Path, records: list[dict[str, Any]]
-) -> None:
+def _report(summary: StageSummary, project: Project, plan: _RegPlan, final: Path, records: list[RegImage]) -> None:
     """Fill the summary (done items, report line, data) and warn about images kept unaligned."""
     count = len(records)
-    aligned_count = sum(1 for r in records if r["aligned_ok"])
+    aligned_count = sum(1 for r in records if r.aligned_ok)
     unaligned = count - aligned_count
     summary.done.extend(
         {
-            "id": r["id"],
-            "age": r["age"],
-            "aligned_ok": r["aligned_ok"],
-            "aligned": r["aligned"],
-            **({"dex_age": r["dex_age"]} if "dex_age" in r else {}),
+            "id": r.id,
+            "age": r.age,
+            "aligned_ok": r.aligned_ok,
+            "aligned": r.aligned,
+            **({"dex_age": r.dex_age} if r.has("dex_age") else {}),
         }
         for r in records
     )
@@ -277,7 +276,7 @@ def _report(
 
 
 def _verify_with_dex(
-    model: Any, images: list[Image.Image], records: list[dict[str, Any]], device: Any, summary: StageSummary
+    model: Any, images: list[Image.Image], records: list[RegImage], device: Any, summary: StageSummary
 ) -> None:
     """Record DEX's estimate on each record; report the mean error and warn about large disagreements."""
     from selfage_cli.ages.engine.dex import estimate_ages
@@ -286,10 +285,10 @@ def _verify_with_dex(
     off: list[str] = []
     errors: list[float] = []
     for record, estimate in zip(records, estimates, strict=True):
-        record["dex_age"] = round(float(estimate), 2)
-        errors.append(abs(float(estimate) - record["age"]))
+        record.dex_age = round(float(estimate), 2)
+        errors.append(abs(float(estimate) - record.age))
         if errors[-1] > DEX_DISAGREEMENT_YEARS:
-            off.append(f"{record['id']} (prompted {record['age']}, DEX {estimate:.1f})")
+            off.append(f"{record.id} (prompted {record.age}, DEX {estimate:.1f})")
     mae = sum(errors) / len(errors)
     summary.data["dex_mean_abs_error"] = round(mae, 2)
     summary.lines.append(f"DEX verification: mean |prompted − estimated| = {mae:.1f} years")

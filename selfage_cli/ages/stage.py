@@ -35,7 +35,16 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.ages.engine import sources
 from selfage_cli.errors import SelfageError
-from selfage_cli.manifest import ALIGNED, RegImage, Regularisation, set_age_label
+from selfage_cli.manifest import (
+    AgeLabelled,
+    ImageEntry,
+    Manifest,
+    RegImage,
+    Regularisation,
+    configured_dex_weights,
+    set_age_label,
+)
+from selfage_cli.manifest import load as load_manifest
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
@@ -141,8 +150,8 @@ def run_label_ages(
     if birth is not None and "exif" not in order:
         console.warn("--birth-date is given but --prefer leaves out 'exif'; EXIF ages are recorded but not used.")
 
-    manifest = project.read()
-    references = manifest.get("references", [])
+    manifest = load_manifest(project)
+    references = manifest.references
     if not references and reg is None:
         raise SelfageError(
             f"{project.manifest_path if project.exists() else project.root}: the project has no references to "
@@ -172,28 +181,28 @@ def run_label_ages(
     return summary
 
 
-def _refuse_replacing_set(manifest: dict[str, Any], reg_folder: Path) -> None:
+def _refuse_replacing_set(manifest: Manifest, reg_folder: Path) -> None:
     """Exit 2 when ``--reg`` would replace another regularisation set recorded before (docs/ages.md: only with --force)."""
-    previous = manifest.get("regularisation") or {}
-    if previous.get("images") and (previous.get("generated") or previous.get("folder") != str(reg_folder)):
-        what = "a generated set" if previous.get("generated") else f"the folder {previous.get('folder')}"
+    previous = manifest.regularisation
+    if previous.images and (previous.generated or previous.folder != str(reg_folder)):
+        what = "a generated set" if previous.generated else f"the folder {previous.folder}"
         raise SelfageError(
-            f"--reg {reg_folder}: the project's regularisation set is {what} ({len(previous['images'])} images); "
+            f"--reg {reg_folder}: the project's regularisation set is {what} ({len(previous.images)} images); "
             "pass --force to replace it with this folder (no file is deleted)."
         )
 
 
 # ---- the images ----------------------------------------------------------------------------------------
-def _reference_item(project: Project, entry: dict[str, Any]) -> AgeItem:
-    ident = str(entry.get("id"))
-    aligned_rel = entry.get(ALIGNED)
+def _reference_item(project: Project, entry: ImageEntry) -> AgeItem:
+    ident = str(entry.id)
+    aligned_rel = entry.aligned
     if not aligned_rel:
         raise SelfageError(
             f"{project.manifest_path}: reference {ident!r} has no aligned image; run `selfage align` on its photo "
             "again."
         )
     aligned = project.path(aligned_rel)
-    source = Path(entry["source"]) if entry.get("source") else None
+    source = Path(entry.source) if entry.source else None
     names = {ident, aligned.name, aligned.stem}
     if source is not None:
         names |= {source.name, source.stem}
@@ -202,22 +211,22 @@ def _reference_item(project: Project, entry: dict[str, Any]) -> AgeItem:
     return item
 
 
-def _previous_candidates(entry: dict[str, Any]) -> dict[str, float]:
+def _previous_candidates(entry: AgeLabelled) -> dict[str, float]:
     """The candidates recorded by an earlier run (plus its chosen age, when no candidates were kept)."""
-    previous = {k: v for k, v in (entry.get("age_candidates") or {}).items() if k in RECORDED_SOURCES and v is not None}
-    if entry.get("age") is not None and entry.get("age_source") in RECORDED_SOURCES:
-        previous.setdefault(entry["age_source"], entry["age"])
+    label = entry.age_label
+    previous = {k: v for k, v in label.candidates.items() if k in RECORDED_SOURCES and v is not None}
+    if label.value is not None and label.source in RECORDED_SOURCES:
+        previous.setdefault(label.source, label.value)
     return previous
 
 
-def _regularisation_items(reg: Path, manifest: dict[str, Any], summary: StageSummary) -> tuple[Path, list[AgeItem]]:
+def _regularisation_items(reg: Path, manifest: Manifest, summary: StageSummary) -> tuple[Path, list[AgeItem]]:
     from selfage_cli.ages.engine.regularisation import scan_reg_folder
 
     folder, images, unreadable = scan_reg_folder(reg)
     for path, reason in unreadable:
         summary.fail(str(path), reason)
-    section = manifest.get("regularisation") or {}
-    before = {str(img.get("source")): img for img in section.get("images", []) if img.get("source")}
+    before = {str(img.source): img for img in manifest.regularisation.images if img.source}
     items: list[AgeItem] = []
     for path, size in images:
         rel = path.relative_to(folder)
@@ -302,7 +311,7 @@ def _run_estimator_if_needed(
 
     if ESTIMATE not in order or not items:
         return ESTIMATOR_PREFERENCE
-    name = estimator.choose(choice, dex_weights, project)
+    name = estimator.choose(choice, dex_weights, configured_dex_weights(project))
     explicit = choice != "auto"
     preference = (
         (name, *[other for other in ESTIMATOR_PREFERENCE if other != name]) if explicit else ESTIMATOR_PREFERENCE
@@ -326,7 +335,13 @@ def _run_estimator_if_needed(
             raise SelfageError(
                 f"{item.image}: cannot be read for the age estimate ({exc}); re-run `selfage align` or remove it."
             ) from None
-    model = estimator.load(name, dex_weights=dex_weights, project=project, device=device, dex_preprocess=preprocess)
+    model = estimator.load(
+        name,
+        dex_weights=dex_weights,
+        configured=configured_dex_weights(project),
+        device=device,
+        dex_preprocess=preprocess,
+    )
     what = model.describe()
     label = f"DEX ({Path(what['weights']).name})" if name == "dex" else f"the builtin estimator ({what['package']})"
     console.info(f"Estimating {len(images)} age(s) with {label}.")

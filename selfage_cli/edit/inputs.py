@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -18,8 +17,10 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.faces.engine.errors import UnreadableImageError
 from selfage_cli.faces.engine.loading import images_in_folder, load_image
 from selfage_cli.files import atomic_save
-from selfage_cli.manifest import ALIGNED, INPUTS, ImageEntry, allocate_id, copy_age_label, upsert
-from selfage_cli.project import Project, now_iso, sha256_file
+from selfage_cli.manifest import INPUTS, ImageEntry, allocate_id, copy_age_label, upsert
+from selfage_cli.manifest import load as load_manifest
+from selfage_cli.manifest import update as update_manifest
+from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
 ALIGN_MIN_SIZE = 512  # raw photos are FFHQ-aligned at 512 px (or the model's resolution if larger)
@@ -30,12 +31,12 @@ class InputPhoto:
     """One registered input, as the edit loop needs it."""
 
     id: str
-    entry: dict[str, Any]
+    entry: ImageEntry
     given: Path | None = None  # the photo as given in this call (same sha256; may have moved since it was aligned)
 
     @property
     def aligned(self) -> str:
-        return str(self.entry[ALIGNED])
+        return str(self.entry.aligned)
 
 
 def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -60,39 +61,34 @@ def expand_images(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]
     return unique, missing
 
 
-def find_input_by_sha(project: Project, sha: str) -> dict[str, Any] | None:
+def find_input_by_sha(project: Project, sha: str) -> ImageEntry | None:
     """The registered input whose source has this sha256 (the first face when several)."""
-    entries = [e for e in project.read().get(INPUTS, []) if e.get("sha256") == sha and e.get(ALIGNED)]
-    entries.sort(key=lambda e: int(e.get("face_index") or 0))
+    entries = [e for e in load_manifest(project).inputs if e.sha256 == sha and e.aligned]
+    entries.sort(key=lambda e: int(e.face_index or 0))
     for entry in entries:
-        if project.path(entry[ALIGNED]).is_file():
+        if project.path(entry.aligned).is_file():
             return entry
     return None
 
 
 def all_inputs(project: Project) -> list[InputPhoto]:
     """Every input registered in the project (exit 2 when there is none)."""
-    entries = [e for e in project.read().get(INPUTS, []) if e.get(ALIGNED)]
+    entries = [e for e in load_manifest(project).inputs if e.aligned]
     if not entries:
         raise SelfageError(
             f"{project.manifest_path}: no inputs are registered in this project; pass photos to edit "
             "(selfage edit photo.jpg --ages 0,20,80) or register them first with selfage align PHOTO --role inputs."
         )
-    return [InputPhoto(str(e["id"]), e) for e in entries]
+    return [InputPhoto(str(e.id), e) for e in entries]
 
 
 def register_aligned(project: Project, files: list[Path], resolution: int, summary: StageSummary) -> list[InputPhoto]:
     """``--aligned``: copy square photos, resized to ``resolution``, into ``inputs/aligned/`` and register them."""
     out: list[InputPhoto] = []
-    for file in files:
-        try:
-            sha = sha256_file(file)
-        except OSError as exc:
-            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
-            continue
+    for file, sha in summary.hashed(files):
         existing = find_input_by_sha(project, sha)
         if existing is not None and (existing.get("detector") or int(existing.get("size") or 0) == resolution):
-            out.append(InputPhoto(str(existing["id"]), existing))
+            out.append(InputPhoto(str(existing.id), existing))
             continue
         try:
             image = load_image(file)  # the align stage's reader: EXIF orientation, any mode to 8-bit RGB
@@ -108,11 +104,13 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
             continue
         if image.size != (resolution, resolution):
             image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-        with project.update() as manifest:
-            inputs = manifest.setdefault(INPUTS, [])
+        with update_manifest(project) as manifest:
+            if not manifest.has(INPUTS):
+                manifest.inputs = []  # the section goes where a dict's new key would
+            inputs = manifest.inputs
             folder = project.subdir("inputs", "aligned")
             # a new id is free in the manifest and on disk (never overwrites an unregistered file)
-            input_id = existing["id"] if existing is not None else allocate_id(file.stem, inputs, folder)
+            input_id = existing.id if existing is not None else allocate_id(file.stem, inputs, folder)
             target = folder / f"{input_id}.png"
             atomic_save(target, lambda tmp, image=image: image.save(tmp, format="PNG"))
             registered = ImageEntry(
@@ -128,9 +126,8 @@ def register_aligned(project: Project, files: list[Path], resolution: int, summa
             )
             copy_age_label(registered, existing)  # kept from the same photo's entry, else blank
             registered.registered = now_iso()
-            entry = registered.to_dict()
-            upsert(inputs, entry)
-        out.append(InputPhoto(input_id, entry))
+            upsert(inputs, registered)
+        out.append(InputPhoto(input_id, registered))
     return out
 
 
@@ -142,17 +139,13 @@ def register_raw(project: Project, files: list[Path], resolution: int, summary: 
     summary.warnings.extend(aligned.warnings)
     reasons = {failure.item: failure.reason for failure in aligned.failures}
     out: list[InputPhoto] = []
-    for file in files:
-        try:
-            entry = find_input_by_sha(project, sha256_file(file))
-        except OSError as exc:
-            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
-            continue
+    for file, digest in summary.hashed(files):
+        entry = find_input_by_sha(project, digest)
         if entry is None:
             reason = next((r for item, r in reasons.items() if _same_file(item, file)), None)
             summary.fail(str(file), reason or "could not be aligned (no face found); try another photo or --aligned")
             continue
-        out.append(InputPhoto(str(entry["id"]), entry, given=file))
+        out.append(InputPhoto(str(entry.id), entry, given=file))
     return out
 
 
@@ -172,10 +165,10 @@ def load_for_model(project: Project, photo: InputPhoto, resolution: int) -> Imag
     its aligned file is gone, naming the file and the command that re-creates it)."""
     path = project.path(photo.aligned)
     if not path.is_file():
-        source = photo.entry.get("source") or "PHOTO"
+        source = photo.entry.source or "PHOTO"
         again = (
             f"selfage edit {source} --aligned --force"
-            if photo.entry.get("prealigned")
+            if photo.entry.prealigned
             else f"selfage align {source} --role inputs --force"
         )
         raise MissingAlignedError(

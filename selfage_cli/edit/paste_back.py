@@ -29,7 +29,8 @@ from selfage_cli.errors import SelfageError
 from selfage_cli.faces.engine.errors import UnreadableImageError
 from selfage_cli.faces.engine.loading import load_image
 from selfage_cli.files import atomic_save
-from selfage_cli.manifest import find
+from selfage_cli.manifest import Edit, ImageEntry, find
+from selfage_cli.manifest import load as load_manifest
 from selfage_cli.manifest import update as update_manifest
 from selfage_cli.project import Project, sha256_file
 from selfage_cli.summary import StageSummary
@@ -76,7 +77,9 @@ def check_call(aligned: bool, paste_back: bool) -> None:
         )
 
 
-def source_photo(project: Project, entry: dict[str, Any], photo_path: Path | None = None) -> SourcePhoto | str:
+def source_photo(
+    project: Project, entry: ImageEntry | dict[str, Any], photo_path: Path | None = None
+) -> SourcePhoto | str:
     """The checked source photo of an input entry, or the one-sentence reason there is none.
 
     ``photo_path`` (a photo given on the command line with the same sha256) replaces the recorded path.
@@ -98,7 +101,7 @@ def source_photo(project: Project, entry: dict[str, Any], photo_path: Path | Non
         digest = sha256_file(path)
     except OSError as exc:
         return f"the source photo of {name}, {path}, cannot be read ({exc.strerror}); make it readable"
-    if entry.get("sha256") and digest != entry["sha256"]:
+    if entry.get("sha256") and digest != entry.get("sha256"):
         return (
             f"the source photo of {name}, {path}, changed since it was aligned (sha256 differs), so the face is "
             "no longer where it was recorded; edit the photo again (selfage edit PHOTO --paste-back)"
@@ -108,13 +111,13 @@ def source_photo(project: Project, entry: dict[str, Any], photo_path: Path | Non
         return f"input {name} records neither its aligned size nor an aligned image; align the photo again"
     return SourcePhoto(
         path=path,
-        landmarks=np.asarray(entry["landmarks"], dtype=np.float64),
+        landmarks=np.asarray(entry.get("landmarks"), dtype=np.float64),
         aligned_size=int(size),
         suffix=_suffix_for(path),
     )
 
 
-def _aligned_size(project: Project, entry: dict[str, Any]) -> int | None:
+def _aligned_size(project: Project, entry: ImageEntry | dict[str, Any]) -> int | None:
     """The side of the input's aligned square, from its image (entries without a recorded ``size``)."""
     aligned = entry.get("aligned")
     if not aligned:
@@ -260,7 +263,7 @@ def _labelled(frame: Image.Image, label: str) -> Image.Image:
 
 
 # ---- the manifest --------------------------------------------------------------------------------------
-def merge_full_outputs(previous: dict[str, Any] | None, latest: dict[str, Any]) -> dict[str, Any]:
+def merge_full_outputs(previous: Edit | None, latest: Edit) -> dict[str, Any]:
     """The full-frame keys of an Edit entry after a call that wrote ``latest`` (see docs/manifest.md).
 
     ``full_outputs`` accumulates like ``outputs``, less the ages that the latest call edited again
@@ -268,14 +271,15 @@ def merge_full_outputs(previous: dict[str, Any] | None, latest: dict[str, Any]) 
     are those of the latest call when it pasted back, else the earlier ones while none of their ages
     was edited again.
     """
-    previous = previous or {}
-    redone = {str(int(a)) for a in (latest.get("settings") or {}).get("ages") or latest.get("target_ages") or []}
-    full = {k: v for k, v in (previous.get("full_outputs") or {}).items() if k not in redone}
-    full.update(latest.get("full_outputs") or {})
+    before = previous.full_outputs or {} if previous is not None else {}
+    redone = {str(int(a)) for a in (latest.settings or {}).get("ages") or latest.target_ages}
+    full = {k: v for k, v in before.items() if k not in redone}
+    full.update(latest.full_outputs or {})
     merged: dict[str, Any] = {"full_outputs": full} if full else {}
-    stale = bool(redone & set(previous.get("full_outputs") or {}))
+    stale = bool(redone & set(before))
     for key in ("strip_full", "gif_full"):
-        value = latest.get(key) if "full_outputs" in latest else None if stale else previous.get(key)
+        earlier = previous.get(key) if previous is not None else None
+        value = latest.get(key) if latest.has("full_outputs") else None if stale else earlier
         if value:
             merged[key] = value
     return merged
@@ -289,18 +293,16 @@ def paste_back_recorded(
     from selfage_cli import console
 
     summary = StageSummary("edit")
-    manifest = project.read()
-    edits = manifest.get("edits") or []
-    inputs = manifest.get("inputs") or []
-    jobs = _recorded_jobs(project, images, edits, inputs, summary)
+    manifest = load_manifest(project)
+    jobs = _recorded_jobs(project, images, manifest.edits, manifest.inputs, summary)
     # The edit folders' locks, as `selfage edit` takes them: a running edit of the same photo is not raced.
-    with outputs_held(project, [str(e["id"]) for e, _, _ in jobs]), console.progress() as bar:
+    with outputs_held(project, [str(e.id) for e, _, _ in jobs]), console.progress() as bar:
         task = console.new_task(bar, "pasting back", total=len(jobs))
         for edit_entry, input_entry, given in jobs:
             try:
                 record = _paste_back_one(project, edit_entry, input_entry, given, side_by_side, gif, force, summary)
             except (UnreadableImageError, ValueError) as exc:  # a damaged crop or record: this item fails
-                summary.fail(str(edit_entry["id"]), f"{exc}; edit that photo again (selfage edit PHOTO --force)")
+                summary.fail(str(edit_entry.id), f"{exc}; edit that photo again (selfage edit PHOTO --force)")
                 record = None
             if record is not None:
                 summary.done.append(record)
@@ -312,10 +314,10 @@ def paste_back_recorded(
 def _recorded_jobs(
     project: Project,
     images: list[Path],
-    edits: list[dict[str, Any]],
-    inputs: list[dict[str, Any]],
+    edits: list[Edit],
+    inputs: list[ImageEntry],
     summary: StageSummary,
-) -> list[tuple[dict[str, Any], dict[str, Any] | None, Path | None]]:
+) -> list[tuple[Edit, ImageEntry | None, Path | None]]:
     """(Edit entry, input entry, photo given on the command line) for each edit to paste back."""
     if not edits:
         raise SelfageError(
@@ -323,21 +325,16 @@ def _recorded_jobs(
             "(selfage edit PHOTO --ages 0,40,80 --paste-back)."
         )
     if not images:
-        return [(e, find(inputs, e["id"]), None) for e in edits]
+        return [(e, find(inputs, e.id), None) for e in edits]
     from selfage_cli.edit.inputs import expand_images
 
     files, missing = expand_images(list(images))
     for item, reason in missing:
         summary.fail(item, reason)
     jobs = []
-    for file in files:
-        try:
-            digest = sha256_file(file)
-        except OSError as exc:
-            summary.fail(str(file), f"cannot be read ({exc.strerror}); check its permissions")
-            continue
-        faces = [e for e in inputs if e.get("sha256") == digest]
-        chosen = [(e, find(edits, e.get("id"))) for e in faces]
+    for file, digest in summary.hashed(files):
+        faces = [e for e in inputs if e.sha256 == digest]
+        chosen = [(e, find(edits, e.id)) for e in faces]
         chosen = [(e, edit) for e, edit in chosen if edit is not None]
         if not chosen:
             summary.fail(
@@ -350,8 +347,8 @@ def _recorded_jobs(
 
 def _paste_back_one(
     project: Project,
-    edit_entry: dict[str, Any],
-    input_entry: dict[str, Any] | None,
+    edit_entry: Edit,
+    input_entry: ImageEntry | None,
     given: Path | None,
     side_by_side: bool,
     gif: bool,
@@ -359,7 +356,7 @@ def _paste_back_one(
     summary: StageSummary,
 ) -> dict[str, Any] | None:
     """Paste back one recorded edit and record it; None when it failed (recorded in ``summary``)."""
-    item = str(edit_entry["id"])
+    item = str(edit_entry.id)
     if input_entry is None:
         summary.fail(
             item, f"input {item} is no longer registered in the project, so its photo is unknown; edit the photo again"
@@ -369,10 +366,10 @@ def _paste_back_one(
     if isinstance(source, str):
         summary.fail(item, source)
         return None
-    ages = [int(a) for a in edit_entry.get("target_ages") or []]
+    ages = [int(a) for a in edit_entry.target_ages]
     crops: dict[int, Image.Image] = {}
     for age in ages:
-        recorded = (edit_entry.get("outputs") or {}).get(str(age))
+        recorded = (edit_entry.outputs or {}).get(str(age))
         if not recorded:
             summary.fail(item, f"the edit to age {age} has no recorded output; edit that age again")
             return None
@@ -387,7 +384,8 @@ def _paste_back_one(
         more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
         summary.fail(item, f"{project.relative(clash[0])}{more} already exists; pass --force to overwrite it")
         return None
-    keys = write_full_outputs(project, source, outputs, crops, edit_entry.get("source_age", "?"))
+    source_age = edit_entry.source_age if edit_entry.has("source_age") else "?"
+    keys = write_full_outputs(project, source, outputs, crops, source_age)
     with update_manifest(project) as manifest:
         stored = find(manifest.edits, item)
         if stored is not None:
@@ -407,9 +405,7 @@ class PastePlan:
     outputs: FullOutputs
 
 
-def plan_for_edit(
-    project: Project, entry: dict[str, Any], config: Any, photo_path: Path | None = None
-) -> PastePlan | str:
+def plan_for_edit(project: Project, entry: ImageEntry, config: Any, photo_path: Path | None = None) -> PastePlan | str:
     """The checked source photo and the full-frame files of one input's edit, or why it cannot be pasted back.
 
     ``photo_path``: the photo as given to this edit (found by its sha256, so it may have moved since it
@@ -418,7 +414,7 @@ def plan_for_edit(
     if isinstance(source, str):
         return source
     outputs = plan_full_outputs(
-        project, str(entry["id"]), config.ages, source.suffix, side_by_side=config.side_by_side, gif=config.gif
+        project, str(entry.id), config.ages, source.suffix, side_by_side=config.side_by_side, gif=config.gif
     )
     return PastePlan(source=source, outputs=outputs)
 

@@ -51,7 +51,7 @@ class SourceFacts:
             self._estimators[name] = estimator.load(
                 name,
                 dex_weights=self.dex_weights,
-                project=self.project,
+                configured=manifest.configured_dex_weights(self.project),
                 device=self.device,
                 dex_preprocess=getattr(self.config, "dex_preprocess", "antialias"),
             )
@@ -60,7 +60,11 @@ class SourceFacts:
     def chosen(self) -> str:
         from selfage_cli.ages.engine import estimator
 
-        return estimator.choose(getattr(self.config, "age_estimator", "auto"), self.dex_weights, self.project)
+        return estimator.choose(
+            getattr(self.config, "age_estimator", "auto"),
+            self.dex_weights,
+            manifest.configured_dex_weights(self.project),
+        )
 
     def _estimate(self, name: str, photo: Any) -> AgeEstimate:
         key = f"{name}:{photo.aligned}"
@@ -79,7 +83,7 @@ class SourceFacts:
         if config.source_age is not None:
             return config.source_age, "option"
         entry = manifest.find(manifest.load(self.project).inputs, photo.id)
-        label = (entry or manifest.AgeLabelled.model_validate(photo.entry)).age_label
+        label = (entry or photo.entry).age_label
         candidates = label.candidates
         recorded = label.source
         name: str | None = None

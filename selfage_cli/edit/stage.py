@@ -28,6 +28,7 @@ from selfage_cli.edit.outputs import EditOutputs, existing_outputs, outputs_held
 from selfage_cli.edit.progress import PhasedTask
 from selfage_cli.edit.record import record_edit
 from selfage_cli.errors import SelfageError, environment_error, is_out_of_memory
+from selfage_cli.manifest import Edit
 from selfage_cli.processes import (
     decided_by_main,
     gathered,
@@ -295,9 +296,11 @@ def _edit_one(
     write_outputs(outputs, image, prompt_age, edited, tile=ctx.resolution)
     entry = _edit_entry(ctx, photo, outputs, (prompt_age, age_source), prompts, key, inversion, cached, result)
     if pasting is not None:
-        entry.update(paste_back.write_full_outputs(ctx.project, pasting.source, pasting.outputs, edited, prompt_age))
-    entry["reconstruction"] = _reconstruction(photo.id, image, result.images[0], inversion.mode)
-    entry.update(gender=gender, gender_source=gender_source, gender_confidence=gender_confidence)
+        full = paste_back.write_full_outputs(ctx.project, pasting.source, pasting.outputs, edited, prompt_age)
+        for key, value in full.items():  # full_outputs, strip_full, gif_full
+            setattr(entry, key, value)
+    entry.reconstruction = _reconstruction(photo.id, image, result.images[0], inversion.mode)
+    entry.gender, entry.gender_source, entry.gender_confidence = gender, gender_source, gender_confidence
     return record_edit(ctx.project, entry)
 
 
@@ -386,37 +389,36 @@ def _edit_entry(
     inversion: Any,
     cached: bool,
     result: Any,
-) -> dict[str, Any]:
+) -> Edit:
     """This call's Edit entry for the photo (docs/manifest.md, "Edit"), before merging with earlier calls."""
     project, config = ctx.project, ctx.config
     prompt_age, age_source = source
-    return {
-        "id": photo.id,
-        "input": photo.aligned,
-        "source_age": prompt_age,
-        "source_age_source": age_source,
-        "target_ages": list(config.ages),
-        "outputs": {str(age): project.relative(path) for age, path in outputs.ages.items()},
-        "strip": project.relative(outputs.strip) if outputs.strip else None,
-        "gif": project.relative(outputs.gif) if outputs.gif else None,
-        "inversion_cache": ctx.cache.relative(key),
-        "lora": None,
-        **(ctx.lora.manifest_fields(project) if ctx.lora is not None else {}),
-        "base_model": ctx.base_model,
-        "lora_applied": ctx.lora_applied,
-        "prompts": {"source": prompts.source, "targets": list(prompts.targets)},
-        "settings": {**config.to_json(), "dtype": ctx.dtype, "resolution": ctx.resolution},
-        "inversion": {
+    return Edit(
+        id=photo.id,
+        input=photo.aligned,
+        source_age=prompt_age,
+        source_age_source=age_source,
+        target_ages=list(config.ages),
+        outputs={str(age): project.relative(path) for age, path in outputs.ages.items()},
+        strip=project.relative(outputs.strip) if outputs.strip else None,
+        gif=project.relative(outputs.gif) if outputs.gif else None,
+        inversion_cache=ctx.cache.relative(key),
+        **{"lora": None, **(ctx.lora.manifest_fields(project) if ctx.lora is not None else {})},
+        base_model=ctx.base_model,
+        lora_applied=ctx.lora_applied,
+        prompts={"source": prompts.source, "targets": list(prompts.targets)},
+        settings={**config.to_json(), "dtype": ctx.dtype, "resolution": ctx.resolution},
+        inversion={
             "cached": cached,
             "mode": inversion.mode,
             "seconds": round(float(inversion.seconds), 3),
             "inner_steps_run": inversion.total_inner_steps,
             "unet_runner": inversion.unet_runner,
         },
-        "edit_seconds": round(float(result.seconds), 3),
-        "unet_calls": int(result.unet_calls),
-        "created": now_iso(),
-    }
+        edit_seconds=round(float(result.seconds), 3),
+        unet_calls=int(result.unet_calls),
+        created=now_iso(),
+    )
 
 
 def _source_age(ctx: _EditContext, photo: input_photos.InputPhoto) -> tuple[float | int, str]:
@@ -436,8 +438,9 @@ def _check_source_age_available(
     if config.age_estimator != "dex" and available()[0]:
         return  # the builtin estimator needs no download
     from selfage_cli.ages.engine.dex import find_dex_weights
+    from selfage_cli.manifest import configured_dex_weights
 
-    if find_dex_weights(dex_weights, project) is not None:
+    if find_dex_weights(dex_weights, configured_dex_weights(project)) is not None:
         return
     if files:
         unlabelled = []
@@ -446,7 +449,7 @@ def _check_source_age_available(
                 entry = input_photos.find_input_by_sha(project, sha256_file(file))
             except OSError:
                 continue  # reported later as unreadable
-            if entry is None or entry.get("age") is None:
+            if entry is None or entry.age is None:
                 unlabelled.append(file.name)
     else:
         from selfage_cli.manifest import load

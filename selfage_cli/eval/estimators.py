@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from selfage_cli.errors import SelfageError
+from selfage_cli.manifest import configured_dex_weights
 
 CHOICES = ("auto", "dex", "builtin", "both")
 DEX_PREPROCESS = "antialias"  # how eval resizes a face for DEX (ages.engine.dex.check_preprocess)
@@ -30,7 +31,7 @@ def load_estimators(
     choice = estimator.check_choice(choice, CHOICES)
     notes: list[str] = []
     try:
-        dex_path = find_dex_weights(dex_weights, project)
+        dex_path = find_dex_weights(dex_weights, configured_dex_weights(project))
     except SelfageError as exc:  # a named file that does not exist: asked for DEX, an error; else a note
         if choice in ("dex", "both"):
             raise
@@ -46,11 +47,7 @@ def load_estimators(
         if name == "dex":
             if dex_path is None:
                 continue
-            models.append(
-                estimator.load(
-                    "dex", dex_weights=dex_path, project=project, device=device, dex_preprocess=DEX_PREPROCESS
-                )
-            )
+            models.append(estimator.load("dex", dex_weights=dex_path, device=device, dex_preprocess=DEX_PREPROCESS))
             continue
         ok, why = available()
         if not ok:

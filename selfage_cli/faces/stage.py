@@ -23,7 +23,9 @@ from typing import Any
 from selfage_cli.errors import SelfageError
 from selfage_cli.files import write_new
 from selfage_cli.manifest import ALIGNED, ImageEntry, copy_age_label, find, reuse_or_allocate_id, safe_id, taken_ids
-from selfage_cli.project import Project, now_iso, sha256_file
+from selfage_cli.manifest import load as load_manifest
+from selfage_cli.manifest import update as update_manifest
+from selfage_cli.project import Project, now_iso
 from selfage_cli.summary import StageSummary
 
 ROLES = {"refs": ("references", ("refs", "aligned")), "inputs": ("inputs", ("inputs", "aligned"))}
@@ -192,7 +194,7 @@ def run_align(
     summary.data.update({"role": role, "aligned_dir": rel_dir})
 
     paths = collect_sources(sources, project)
-    todo = _photos_to_align(paths, project.read().get(section, []), force, summary)
+    todo = _photos_to_align(paths, load_manifest(project).section(section), force, summary)
     out_dir = project.subdir(*folder_parts)
     jobs = [
         AlignJob(source=s, size=size, detector=detector, all_faces=all_faces, descriptors=role == "refs") for s in todo
@@ -230,24 +232,19 @@ def _check_options(sources: list[Path], role: str, size: int, detector: str) -> 
 
 
 def _photos_to_align(
-    paths: list[Path], entries: list[dict[str, Any]], force: bool, summary: StageSummary
+    paths: list[Path], entries: list[ImageEntry], force: bool, summary: StageSummary
 ) -> dict[str, str]:
     """Hash each photo; skip those already aligned (unless ``force``) and duplicates; return {source: sha256}."""
     todo: dict[str, str] = {}
     seen_hashes: dict[str, str] = {}
-    for path in paths:
-        try:
-            digest = sha256_file(path)
-        except OSError as exc:
-            summary.fail(str(path), f"cannot be read ({exc.strerror}); check its permissions.")
-            continue
+    for path, digest in summary.hashed(paths, end="."):
         existing = find(entries, digest, key="sha256")
         if existing is not None and not force:
             summary.skipped.append(
                 {
-                    "id": existing.get("id"),
+                    "id": existing.id,
                     "source": str(path),
-                    ALIGNED: existing.get(ALIGNED),
+                    ALIGNED: existing.aligned,
                     "reason": "already aligned (same sha256)",
                 }
             )
@@ -300,8 +297,10 @@ def _register_results(
     summary: StageSummary,
 ) -> None:
     """Report each photo's warnings and failure; register the successes in one locked manifest update."""
-    with project.update() as manifest:
-        entries = manifest.setdefault(section, [])
+    with update_manifest(project) as manifest:
+        if not manifest.has(section):
+            setattr(manifest, section, [])  # written even when nothing is registered, as before
+        entries = manifest.section(section)
         for source, digest in todo.items():
             result = results[source]
             for message in result.warnings:
@@ -315,7 +314,7 @@ def _register_results(
 
 def _register(
     project: Project,
-    entries: list[dict[str, Any]],
+    entries: list[ImageEntry],
     source: str,
     digest: str,
     result: JobResult,
@@ -326,7 +325,7 @@ def _register(
 ) -> None:
     """Replace this source's old entries (same sha256 or same path) by the new faces; move PNGs into place."""
     old = _remove_old_entries(project, entries, source, digest)
-    same_content = [e for e in old if e.get("sha256") == digest]
+    same_content = [e for e in old if e.sha256 == digest]
     if old and not same_content:
         _warn(
             summary, f"{Path(source).name} changed since it was aligned; re-aligned it (its age labels were dropped)."
@@ -335,23 +334,21 @@ def _register(
     stem = safe_id(Path(source).stem)
     for index, face in enumerate(result.faces):
         base = f"{stem}_face{face['face_index'] + 1}" if all_faces else stem
-        entry_id = reuse_or_allocate_id(old[index].get("id") if index < len(old) else None, base, taken)
+        entry_id = reuse_or_allocate_id(old[index].id if index < len(old) else None, base, taken)
         target = out_dir / f"{entry_id}.png"
         os.replace(temp_files.pop((source, index)), target)
         entry = _face_entry(entry_id, source, digest, project.relative(target), face, same_content)
         entries.append(entry)
-        summary.done.append({key: entry[key] for key in DONE_KEYS})
-        summary.lines.append(f"{Path(source).name} → {entry[ALIGNED]}")
+        summary.done.append({key: getattr(entry, key) for key in DONE_KEYS})
+        summary.lines.append(f"{Path(source).name} → {entry.aligned}")
 
 
-def _remove_old_entries(
-    project: Project, entries: list[dict[str, Any]], source: str, digest: str
-) -> list[dict[str, Any]]:
+def _remove_old_entries(project: Project, entries: list[ImageEntry], source: str, digest: str) -> list[ImageEntry]:
     """Remove (and return) the entries of this content or this path, deleting their aligned PNGs."""
-    old = [e for e in entries if e.get("sha256") == digest or e.get("source") == source]
+    old = [e for e in entries if e.sha256 == digest or e.source == source]
     for entry in old:
         entries.remove(entry)
-        aligned = entry.get(ALIGNED)
+        aligned = entry.aligned
         if aligned:
             with contextlib.suppress(FileNotFoundError, SelfageError):
                 project.path(aligned)  # checked to lie inside the project; a link is deleted, not its target
@@ -360,16 +357,15 @@ def _remove_old_entries(
 
 
 def _face_entry(
-    entry_id: str, source: str, digest: str, aligned: str, face: dict[str, Any], same_content: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The manifest entry of one aligned face; age labels are kept from the same content's entry of that id."""
-    entry: dict[str, Any] = {"id": entry_id, "source": source, "sha256": digest, ALIGNED: aligned}
-    entry.update(face)
-    previous = next((e for e in same_content if e.get("id") == entry_id), None)
-    labelled = ImageEntry.model_validate(entry)
-    copy_age_label(labelled, previous)  # kept from the same content's entry, else blank
-    labelled.aligned_at = now_iso()
-    return labelled.to_dict()
+    entry_id: str, source: str, digest: str, aligned: str, face: dict[str, Any], same_content: list[ImageEntry]
+) -> ImageEntry:
+    """The manifest entry of one aligned face (``face``: its fields from ``AlignedFace.to_entry``, the descriptor);
+    age labels are kept from the same content's entry of that id."""
+    entry = ImageEntry(id=entry_id, source=source, sha256=digest, aligned=aligned, **face)
+    previous = next((e for e in same_content if e.id == entry_id), None)
+    copy_age_label(entry, previous)  # kept from the same content's entry, else blank
+    entry.aligned_at = now_iso()
+    return entry
 
 
 def _report_alignment(
@@ -418,7 +414,7 @@ def check_identity(project: Project) -> StageSummary:
     )
 
     summary = StageSummary("align")
-    references = project.read().get("references", [])
+    references = load_manifest(project).references
     descriptors = _reference_descriptors(project, references, summary)
     table = distance_table(descriptors)
     medians = median_distances(table)
@@ -440,15 +436,15 @@ def check_identity(project: Project) -> StageSummary:
     return summary
 
 
-def _reference_descriptors(project: Project, references: list[dict[str, Any]], summary: StageSummary) -> dict[str, Any]:
+def _reference_descriptors(project: Project, references: list[ImageEntry], summary: StageSummary) -> dict[str, Any]:
     """{id: descriptor} of the references: stored ones, else computed from the aligned image (left out if none)."""
     descriptors: dict[str, Any] = {}
     for entry in references:
-        descriptor = entry.get("descriptor")
-        if descriptor is None and entry.get(ALIGNED):
-            descriptor = _descriptor_of_aligned(project, entry[ALIGNED], summary)
+        descriptor = entry.descriptor
+        if descriptor is None and entry.aligned:
+            descriptor = _descriptor_of_aligned(project, entry.aligned, summary)
         if descriptor is not None:
-            descriptors[str(entry["id"])] = descriptor
+            descriptors[str(entry.id)] = descriptor
     return descriptors
 
 
@@ -471,17 +467,18 @@ def _descriptor_of_aligned(project: Project, aligned: str, summary: StageSummary
 
 
 def _warn_suspects(
-    summary: StageSummary, references: list[dict[str, Any]], flagged: list[str], medians: dict[str, float]
+    summary: StageSummary, references: list[ImageEntry], flagged: list[str], medians: dict[str, float]
 ) -> None:
     """Warn about each suspect reference, naming its aligned file and source photo."""
     from selfage_cli.faces.engine.identity import SAME_PERSON_THRESHOLD
 
-    by_id = {str(e.get("id")): e for e in references}
+    by_id = {str(e.id): e for e in references}
     for key in flagged:
-        entry = by_id.get(key, {})
+        entry = by_id.get(key)
+        aligned, source = (entry.aligned, entry.source) if entry is not None else (key, key)
         _warn(
             summary,
-            f"{entry.get('aligned', key)} (from {Path(str(entry.get('source', key))).name}): median identity distance "
+            f"{aligned} (from {Path(str(source)).name}): median identity distance "
             f"{medians[key]:.2f} to the other references is above {SAME_PERSON_THRESHOLD} (dlib's same-person "
             "threshold); if it shows someone else, remove that photo: it would poison the personalisation.",
         )

@@ -70,10 +70,10 @@ def _ensure_regularisation(project: Project, reg: Path, config: TrainConfig, sum
     reg = reg.expanduser()
     if not reg.is_dir():
         raise SelfageError(f"--reg {reg}: no such folder; pass a folder of other people's aligned faces.")
-    section = project.read().get("regularisation") or {}
-    same = section.get("folder") and Path(section["folder"]).resolve() == reg.resolve()
-    images = section.get("images") or []
-    if not (same and images and all(img.get("age") is not None for img in images)):
+    section = load_manifest(project).regularisation
+    same = section.folder and Path(section.folder).resolve() == reg.resolve()
+    images = section.images
+    if not (same and images and all(img.age is not None for img in images)):
         console.info(f"labelling the regularisation set {reg} (selfage label-ages --reg) …")
         _label(project, summary, config, reg=reg, birth_date=None, ages_file=None)
 

@@ -78,27 +78,27 @@ class RunRecorder:
         meta = self.run_dir / META_NAME
         atomic_write_json(meta, self.metadata(finished))
         rel = self.project.relative
-        entry = {
-            "name": self.name,
-            "run_dir": rel(self.run_dir),
-            "lora": rel(lora),
-            "config": self.config.to_json(),
-            "base_model": self.config.base_model,
-            "base_model_fingerprint": self.fingerprint,
-            "pipeline_fingerprint": self.pipeline_fingerprint,
-            "steps_done": self.trainer.step_done,
-            "steps_total": self.config.steps,
-            "finished": finished,
-            "processes": self.trainer.accelerator.num_processes,
-            "step_runner": self.trainer.step_runner,
-            "checkpoint_dir": rel(self.run_dir / "checkpoints"),
-            "loss_log": rel(self.run_dir / LOSS_LOG),
-            "references": [{"id": img.id, "age": img.age} for img in self.refs],
-            "updated": now_iso(),
-        }
+        run = Run(
+            name=self.name,
+            run_dir=rel(self.run_dir),
+            lora=rel(lora),
+            config=self.config.to_json(),
+            base_model=self.config.base_model,
+            base_model_fingerprint=self.fingerprint,
+            pipeline_fingerprint=self.pipeline_fingerprint,
+            steps_done=self.trainer.step_done,
+            steps_total=self.config.steps,
+            finished=finished,
+            processes=self.trainer.accelerator.num_processes,
+            step_runner=self.trainer.step_runner,
+            checkpoint_dir=rel(self.run_dir / "checkpoints"),
+            loss_log=rel(self.run_dir / LOSS_LOG),
+            references=[{"id": img.id, "age": img.age} for img in self.refs],
+            updated=now_iso(),
+        )
         with update_manifest(self.project) as manifest:
             previous = find(manifest.runs, self.name, key="name")
             if previous is not None and previous.validation_grid and not finished:
-                entry["validation_grid"] = previous.validation_grid
-            upsert(manifest.runs, Run.model_validate(entry), key="name")
-        return entry
+                run.validation_grid = previous.validation_grid
+            upsert(manifest.runs, run, key="name")
+        return run.to_dict()

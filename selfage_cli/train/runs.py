@@ -19,8 +19,10 @@ from typing import Any
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
 from selfage_cli.locks import hold
-from selfage_cli.manifest import META_NAME
-from selfage_cli.project import Project, find
+from selfage_cli.manifest import META_NAME, Manifest, Run, find
+from selfage_cli.manifest import load as load_manifest
+from selfage_cli.manifest import update as update_manifest
+from selfage_cli.project import Project
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.engine.checkpoints import newest_loadable
 from selfage_cli.train.engine.loop import LOSS_LOG, list_checkpoints
@@ -58,27 +60,27 @@ def plan_run(
     """
     if resume and force:
         raise SelfageError("--resume and --force contradict each other; pass one of them.")
-    manifest = project.read()
+    manifest = load_manifest(project)
     name = _run_name(manifest, run_name, resume)
     run_dir = checked_run_dir(project, name)
     if locks is not None:
         locks.enter_context(hold(run_dir, "wait for it to finish or choose another --run name"))
-        manifest = project.read()  # as it is now that the run is ours
-    existing = find(manifest.get("runs", []), name, key="name")
+        manifest = load_manifest(project)  # as it is now that the run is ours
+    existing = find(manifest.runs, name, key="name")
     if resume:
         return _resume_plan(name, run_dir, existing, config, given)
     return _fresh_plan(name, run_dir, existing, config, force)
 
 
 def _resume_plan(
-    name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig, given: frozenset[str] | None = None
+    name: str, run_dir: Path, existing: Run | None, config: TrainConfig, given: frozenset[str] | None = None
 ) -> RunPlan:
     """Continue the run from its latest checkpoint, with the method options it was started with."""
     from selfage_cli.train import resume as resume_options
 
     if existing is None and not run_dir.is_dir():
         raise SelfageError(f"--resume --run {name}: the project has no such run; leave out --resume to start it.")
-    recorded_config = (existing or {}).get("config")
+    recorded_config = existing.config if existing is not None else None
     extend = resume_options.wants_extension(given, config, recorded_config)
     if _is_finished(existing, run_dir) and not extend:
         resume_options.check_finished(name, config, recorded_config, given)  # options it would ignore: refused
@@ -88,9 +90,9 @@ def _resume_plan(
         raise SelfageError(f"--resume --run {name}: runs/{name} has no checkpoint yet; start it again with --force.")
     newest = newest_loadable(name, found)  # a bad newer checkpoint is skipped, and said
     checkpoint = newest.folder
-    recorded = newest.state.get("config") or (existing or {}).get("config")
+    recorded = newest.state.get("config") or recorded_config
     resumed = config.with_method_of(recorded) if recorded else config
-    fingerprint = (existing or {}).get("base_model_fingerprint")
+    fingerprint = existing.base_model_fingerprint if existing is not None else None
     resumed = _base_model_found(name, resumed, offered=config.base_model, fingerprint=fingerprint)
     resumed = resume_options.reconcile(name, resumed, config, given, checkpoint)
     return RunPlan(name, run_dir, resumed, checkpoint=checkpoint)
@@ -113,7 +115,7 @@ def _base_model_found(name: str, config: TrainConfig, *, offered: str, fingerpri
     )
 
 
-def _fresh_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, config: TrainConfig, force: bool) -> RunPlan:
+def _fresh_plan(name: str, run_dir: Path, existing: Run | None, config: TrainConfig, force: bool) -> RunPlan:
     """Start the run from scratch; a run that already holds that name is replaced only with --force."""
     taken = existing is not None or (run_dir.exists() and any(run_dir.iterdir()))
     if taken and not force:
@@ -129,19 +131,19 @@ def _fresh_plan(name: str, run_dir: Path, existing: dict[str, Any] | None, confi
 def remove_run(project: Project, plan: RunPlan) -> None:
     """--force: delete the old run's files and manifest entry (only once the new run can start)."""
     shutil.rmtree(plan.run_dir, ignore_errors=True)
-    with project.update() as manifest:
-        manifest["runs"] = [r for r in manifest.get("runs", []) if r.get("name") != plan.name]
+    with update_manifest(project) as manifest:
+        manifest.runs = [run for run in manifest.runs if run.name != plan.name]
 
 
-def _run_name(manifest: dict[str, Any], run_name: str | None, resume: bool) -> str:
+def _run_name(manifest: Manifest, run_name: str | None, resume: bool) -> str:
     """The run's name: --run (checked), the last unfinished run for --resume, else a timestamp."""
     if run_name:
         return check_run_name(run_name, "--run")
     if resume:
-        unfinished = [r for r in manifest.get("runs", []) if not r.get("finished")]
+        unfinished = [run for run in manifest.runs if not run.finished]
         if not unfinished:
             raise SelfageError("--resume: the project has no unfinished run; name one with --run NAME.")
-        return check_run_name(unfinished[-1].get("name"), "selfage.json names the unfinished run")
+        return check_run_name(unfinished[-1].name, "selfage.json names the unfinished run")
     return "run-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
@@ -166,10 +168,10 @@ def checked_run_dir(project: Project, name: str) -> Path:
     return run_dir  # as named, not resolved: --force deletes a link itself, never what it points to
 
 
-def _is_finished(entry: dict[str, Any] | None, run_dir: Path) -> bool:
+def _is_finished(entry: Run | None, run_dir: Path) -> bool:
     """Whether the run is finished, from its manifest entry or else its LoRA JSON."""
     if entry is not None:
-        return bool(entry.get("finished"))
+        return bool(entry.finished)
     meta = run_dir / META_NAME
     if meta.is_file():
         try:

@@ -28,9 +28,11 @@ import torch
 from selfage_cli import console
 from selfage_cli.base_model import check_regularisation_model, choose_base_model, remember_base_model
 from selfage_cli.errors import InterruptedRun, SelfageError
-from selfage_cli.manifest import WEIGHT_NAME
+from selfage_cli.manifest import WEIGHT_NAME, find
+from selfage_cli.manifest import load as load_manifest
+from selfage_cli.manifest import update as update_manifest
 from selfage_cli.processes import decided_by_main, is_main, met_by_all, process_state, speak_only_from_main
-from selfage_cli.project import Project, find
+from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 from selfage_cli.train.config import TrainConfig
 from selfage_cli.train.engine.data import TrainImage
@@ -124,7 +126,7 @@ def _skip_finished(summary: StageSummary, plan: RunPlan) -> StageSummary:
 # ---- what to train on, and with what -------------------------------------------------------------------
 def _training_images(project: Project, config: TrainConfig) -> tuple[list[TrainImage], list[TrainImage]]:
     """The reference and regularisation images to train on (and say which)."""
-    manifest = project.read()
+    manifest = load_manifest(project)
     check_regularisation_model(manifest, config.base_model)
     ref_images = select_references(project, manifest, config.num_refs, config.instance_prompt)
     reg_images = select_regularisation(project, manifest, config.class_prompt)
@@ -232,11 +234,11 @@ def _validation_grid(
     from selfage_cli.train.engine.validate import render_validation_grid
 
     grid = render_validation_grid(pipe, plan.config, ages, plan.run_dir / "validation.png", dtype=trainer.weight_dtype)
-    with project.update() as manifest:
-        run = find(manifest["runs"], plan.name, key="name")
+    with update_manifest(project) as manifest:
+        run = find(manifest.runs, plan.name, key="name")
         if run is not None:
-            run["validation_grid"] = project.relative(grid)
-            entry = run
+            run.validation_grid = project.relative(grid)
+            entry = run.to_dict()
     return grid, entry
 
 

@@ -115,14 +115,20 @@ def expected_age(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---- weights: where they are and how they load ---------------------------------------------------------
-def find_dex_weights(option: str | os.PathLike[str] | None, project: Any = None) -> Path | None:
-    """The DEX checkpoint path from ``--dex-weights``, ``$SELFAGE_DEX_WEIGHTS`` or the project's config.
+# A path the project remembers, and where it is written (for the message when it is not a file), e.g.
+# ``("the project's config (/p/selfage.json)", "/w/dex.pth")``: looked up by the stage side
+# (``manifest.configured_dex_weights``), so the engine never reads a project.
+ConfiguredWeights = tuple[str, str | None]
+
+
+def find_dex_weights(option: str | os.PathLike[str] | None, configured: ConfiguredWeights | None = None) -> Path | None:
+    """The DEX checkpoint path from ``--dex-weights`` (``option``), ``$SELFAGE_DEX_WEIGHTS`` or ``configured``.
 
     Returns None when none of them names one; raises :class:`SelfageError` when the one named is not a file.
     """
     candidates: list[tuple[str, Any]] = [("--dex-weights", option), (f"${DEX_ENV}", os.environ.get(DEX_ENV) or None)]
-    if project is not None and project.exists():
-        candidates.append((f"the project's config ({project.manifest_path})", project.config("dex_weights")))
+    if configured is not None:
+        candidates.append(configured)
     for origin, value in candidates:
         if not value:
             continue
@@ -133,9 +139,9 @@ def find_dex_weights(option: str | os.PathLike[str] | None, project: Any = None)
     return None
 
 
-def resolve_dex_weights(option: str | os.PathLike[str] | None, project: Any = None) -> Path:
+def resolve_dex_weights(option: str | os.PathLike[str] | None, configured: ConfiguredWeights | None = None) -> Path:
     """Like :func:`find_dex_weights`, but a missing path raises the error that says how to get one."""
-    path = find_dex_weights(option, project)
+    path = find_dex_weights(option, configured)
     if path is None:
         raise SelfageError(f"No DEX weights given: {MISSING_WEIGHTS_HELP}.")
     return path

@@ -17,11 +17,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
 from selfage_cli.errors import SelfageError
+
+if TYPE_CHECKING:
+    from selfage_cli.ages.engine.dex import ConfiguredWeights
 
 ESTIMATORS = ("dex", "builtin")
 CHOICES = ("auto", *ESTIMATORS)
@@ -63,8 +66,9 @@ def check_choice(choice: str, allowed: Sequence[str] = CHOICES) -> str:
     return value
 
 
-def choose(choice: str, dex_weights: str | os.PathLike[str] | None, project: Any = None) -> str:
-    """``"dex"`` or ``"builtin"`` for ``--age-estimator`` ``choice`` (``auto``: DEX when its weights are known).
+def choose(choice: str, dex_weights: str | os.PathLike[str] | None, configured: ConfiguredWeights | None = None) -> str:
+    """``"dex"`` or ``"builtin"`` for ``--age-estimator`` ``choice`` (``auto``: DEX when its weights are known:
+    ``dex_weights``, ``$SELFAGE_DEX_WEIGHTS`` or the project's ``configured`` path).
 
     ``dex`` without weights raises the error that says where to get them.
     """
@@ -72,27 +76,28 @@ def choose(choice: str, dex_weights: str | os.PathLike[str] | None, project: Any
 
     choice = check_choice(choice)
     if choice == "dex":
-        resolve_dex_weights(dex_weights, project)
+        resolve_dex_weights(dex_weights, configured)
         return "dex"
     if choice == "builtin":
         return "builtin"
-    return "dex" if find_dex_weights(dex_weights, project) is not None else "builtin"
+    return "dex" if find_dex_weights(dex_weights, configured) is not None else "builtin"
 
 
 def load(
     name: str,
     *,
     dex_weights: str | os.PathLike[str] | None = None,
-    project: Any = None,
+    configured: ConfiguredWeights | None = None,
     device: Any = "cpu",
     dex_preprocess: str = "antialias",
 ) -> AgeEstimator:
-    """The estimator ``name`` (``dex`` or ``builtin``), ready to run."""
+    """The estimator ``name`` (``dex`` or ``builtin``), ready to run (DEX's weights found as :func:`choose` finds
+    them)."""
     if name == "dex":
         from selfage_cli.ages.engine.dex import DexEstimator, load_dex, resolve_dex_weights
         from selfage_cli.models import resolve_device
 
-        path = resolve_dex_weights(dex_weights, project)
+        path = resolve_dex_weights(dex_weights, configured)
         if not hasattr(device, "type"):
             device = resolve_device(device)
         return DexEstimator(load_dex(path, device), path, dex_preprocess)
