@@ -66,9 +66,8 @@ def run_edit(
     summary = StageSummary("edit")
     config = replace(config)  # checked again (EditConfig.__post_init__): a caller may have changed a field
     paste_back.check_call(aligned, config.paste_back)
-    chosen_lora, base_model, files = decided_by_main(
-        state, lambda: _check_call(project, config, images, base_model, lora, no_lora, dex_weights, summary)
-    )
+    call = _EditCall(images, base_model, lora, no_lora, dex_weights)
+    chosen_lora, base_model, files = decided_by_main(state, lambda: _check_call(project, config, call, summary))
     if images and not files:
         return summary if is_main(state) else None
     ctx = _load_context(project, config, base_model, chosen_lora, dex_weights, device=device, dtype=dtype, state=state)
@@ -84,23 +83,27 @@ def run_edit(
     return summary
 
 
+@dataclass(frozen=True)
+class _EditCall:
+    """What a call asks for besides its :class:`EditConfig`, as :func:`run_edit` received it."""
+
+    images: list[Path]
+    base_model: str | None
+    lora: Path | None
+    no_lora: bool
+    dex_weights: Path | None
+
+
 def _check_call(
-    project: Project,
-    config: EditConfig,
-    images: list[Path],
-    base_model: str | None,
-    lora: Path | None,
-    no_lora: bool,
-    dex_weights: Path | None,
-    summary: StageSummary,
+    project: Project, config: EditConfig, call: _EditCall, summary: StageSummary
 ) -> tuple[ResolvedLora | None, str, list[Path]]:
     """The LoRA, the base model and the photo files of the call (missing ones fail in ``summary``);
     exit 2 before any model loads when a photo would have no source age."""
-    chosen_lora = _choose_lora(project, lora, no_lora)
-    base_model = base_model or _base_model_for(project, chosen_lora)
-    files = _expand_images(images, summary)
-    if not images or files:
-        _check_source_age_available(project, config, files, dex_weights)
+    chosen_lora = _choose_lora(project, call.lora, call.no_lora)
+    base_model = call.base_model or _base_model_for(project, chosen_lora)
+    files = _expand_images(call.images, summary)
+    if not call.images or files:
+        _check_source_age_available(project, config, files, call.dex_weights)
     return chosen_lora, base_model, files
 
 
