@@ -32,7 +32,7 @@ test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check selfage_cli tests benchmarks
