@@ -41,6 +41,7 @@ AgeEstimatorOpt = Annotated[
 
 
 def label_ages(
+    ctx: typer.Context,
     ages: Annotated[
         list[str] | None, typer.Argument(help="Optional NAME=AGE pairs (file name or stem).", show_default=False)
     ] = None,
@@ -112,7 +113,7 @@ def label_ages(
 
       selfage label-ages --reg ./reg_faces --age-estimator builtin -p proj
     """
-    common = Common(command="label-ages", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.ages.stage import run_label_ages as label
@@ -135,6 +136,7 @@ def label_ages(
 
 
 def make_reg(
+    ctx: typer.Context,
     count: Annotated[int, typer.Option("--count", help="Number of images to generate.")] = 200,
     age_range: Annotated[str, typer.Option("--age-range", help="LOW-HIGH ages, spread evenly.")] = "0-90",
     verify: Annotated[
@@ -170,16 +172,7 @@ def make_reg(
 
       selfage make-reg --count 40 --age-range 10-70 --base-model ./sd15 -p proj
     """
-    common = Common(
-        command="make-reg",
-        project=project,
-        base_model=base_model,
-        device=device,
-        dtype=dtype,
-        json=json_out,
-        quiet=quiet,
-        debug=debug,
-    )
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.ages.regularisation import run_make_reg as generate

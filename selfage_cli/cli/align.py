@@ -11,6 +11,7 @@ from selfage_cli.cli.common import Common, DebugOpt, JsonOpt, ProjectOpt, QuietO
 
 
 def align(
+    ctx: typer.Context,
     sources: Annotated[
         list[Path] | None, typer.Argument(help="Photos or folders (searched recursively).", show_default=False)
     ] = None,
@@ -61,7 +62,7 @@ def align(
 
       selfage align --check -p proj
     """
-    common = Common(command="align", project=project, json=json_out, quiet=quiet, debug=debug)
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.faces.stage import check_identity, run_align

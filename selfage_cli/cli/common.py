@@ -89,6 +89,21 @@ class Common:
     quiet: bool = False
     debug: bool = False
 
+    @classmethod
+    def of(cls, ctx: typer.Context) -> Common:
+        """The shared options of the command ``ctx`` runs, read from its parameters (those it has)."""
+        params = ctx.params
+        return cls(
+            command=str(ctx.info_name),
+            project=params.get("project"),
+            base_model=params.get("base_model"),
+            device=params.get("device", "auto"),
+            dtype=params.get("dtype", "auto"),
+            json=bool(params.get("json_out", False)),
+            quiet=bool(params.get("quiet", False)),
+            debug=bool(params.get("debug", False)),
+        )
+
     def open_project(self) -> Project:
         return resolve_project(self.project)
 

@@ -194,16 +194,7 @@ def edit(
 
       accelerate launch -m selfage_cli edit --ages 0,40,80 -p proj   # photos split across GPUs
     """
-    common = Common(
-        command="edit",
-        project=project,
-        base_model=base_model,
-        device=device,
-        dtype=dtype,
-        json=json_out,
-        quiet=quiet,
-        debug=debug,
-    )
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.ages.engine.sources import parse_age_list

@@ -11,6 +11,7 @@ from selfage_cli.cli.common import Common, DebugOpt, DeviceOpt, JsonOpt, Project
 
 
 def evaluate(
+    ctx: typer.Context,
     edits: Annotated[
         list[str] | None,
         typer.Argument(
@@ -64,7 +65,7 @@ def evaluate(
 
       selfage eval --age-estimator both --dex-weights dex_age_classifier.pth -p proj
     """
-    common = Common(command="eval", project=project, device=device, json=json_out, quiet=quiet, debug=debug)
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.eval.stage import run_evaluate

@@ -21,6 +21,7 @@ from selfage_cli.cli.common import (
 
 
 def demo(
+    ctx: typer.Context,
     folder: Annotated[Path, typer.Argument(help="Folder for the demo project (created).")] = Path("demo-project"),
     force: Annotated[bool, typer.Option("--force", help="Reuse a non-empty demo folder.")] = False,
     json_out: JsonOpt = False,
@@ -36,7 +37,7 @@ def demo(
 
       selfage demo ./demo-project
     """
-    common = Common(command="demo", json=json_out, quiet=quiet, debug=debug)
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.demo import run_demo
@@ -47,6 +48,7 @@ def demo(
 
 
 def doctor(
+    ctx: typer.Context,
     project: ProjectOpt = None,
     base_model: BaseModelOpt = None,
     dex_weights: Annotated[
@@ -72,9 +74,7 @@ def doctor(
 
       selfage doctor --base-model ./sd15 --dex-weights dex_age_classifier.pth
     """
-    common = Common(
-        command="doctor", project=project, base_model=base_model, device=device, json=json_out, quiet=quiet, debug=debug
-    )
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.doctor import diagnose
@@ -92,6 +92,7 @@ def doctor(
 
 
 def random_model(
+    ctx: typer.Context,
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline into.")],
     arch: Annotated[
         str,
@@ -120,7 +121,7 @@ def random_model(
 
       selfage random-model ./sd15-random --arch sd15 --device cuda
     """
-    common = Common(command="random-model", json=json_out, quiet=quiet, debug=debug)
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.models import save_random_model

@@ -217,16 +217,7 @@ def train(
 
       selfage train --resume --run my-run --steps 1200 -p proj   # extend a run to 1,200 steps
     """
-    common = Common(
-        command="train",
-        project=project,
-        base_model=base_model,
-        device=device,
-        dtype=dtype,
-        json=json_out,
-        quiet=quiet,
-        debug=debug,
-    )
+    common = Common.of(ctx)
 
     def action():
         from selfage_cli.train.config import TrainConfig
