@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from selfage_cli import console
 from selfage_cli.errors import SelfageError
-from selfage_cli.manifest import ALIGNED, set_config
+from selfage_cli.manifest import set_config
 from selfage_cli.project import Project
 from selfage_cli.summary import StageSummary
 
@@ -187,16 +187,18 @@ def run_demo(folder: Path, force: bool = False) -> StageSummary:
 
 def written_files(project: Project, model: Path) -> dict[str, Any]:
     """What the demo wrote, from the manifest (for --json)."""
-    manifest = project.read()
+    from selfage_cli.manifest import load as load_manifest
+
+    manifest = load_manifest(project)
     return {
         "project": str(project.root),
         "manifest": str(project.manifest_path),
         "model": str(model),
-        "aligned_references": [r[ALIGNED] for r in manifest["references"]],
-        "regularisation_images": len(manifest["regularisation"]["images"]),
-        "lora": [run["lora"] for run in manifest["runs"]],
-        "edits": [edit.get("outputs", {}) for edit in manifest["edits"]],
-        "strips": [edit.get("strip") for edit in manifest["edits"] if edit.get("strip")],
+        "aligned_references": [r.aligned for r in manifest.references],
+        "regularisation_images": len(manifest.regularisation.images),
+        "lora": [run.lora for run in manifest.runs],
+        "edits": [edit.outputs for edit in manifest.edits],
+        "strips": [edit.strip for edit in manifest.edits if edit.strip],
         "eval_report": str(project.root / "eval" / "report.md"),
     }
 
@@ -210,10 +212,12 @@ def report_lines(project: Project, model: Path, seconds: float) -> list[str]:
         f"  references:   {', '.join(written['aligned_references'])}",
         f"  LoRA:         {', '.join(written['lora'])}",
     ]
-    for edit in project.read()["edits"]:
-        lines.append(f"  edits:        {', '.join(edit.get('outputs', {}).values())}")
-        if edit.get("strip"):
-            lines.append(f"  strip:        {edit['strip']}")
+    from selfage_cli.manifest import load as load_manifest
+
+    for edit in load_manifest(project).edits:
+        lines.append(f"  edits:        {', '.join(edit.outputs.values())}")
+        if edit.strip:
+            lines.append(f"  strip:        {edit.strip}")
     lines.append(f"  eval report:  {written['eval_report']}")
     lines.append(f"[yellow]{DISCLAIMER}[/yellow]")
     lines.append(f"[yellow]{RECONSTRUCTION_NOTE}[/yellow]")
